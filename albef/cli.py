@@ -1,0 +1,54 @@
+"""The `albef` console command.
+
+Each group of subcommands lives beside the code it drives (``albef.model.cli``, ``albef.index.cli``, ...)
+and exposes ``register(subparsers)``. Registration must stay import-light: heavy imports (torch, faiss,
+onnxruntime) happen inside the handlers, so ``albef serve`` never loads torch and ``albef --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from albef import __version__
+
+# Order is the order of `albef --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "albef.model.cli",
+)
+
+
+class CLIError(Exception):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="albef", description="ALBEF image-text retrieval")
+    parser.add_argument("--version", action="version", version=f"albef-search {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from albef.log import setup_logging
+
+    setup_logging()
+    try:
+        rc = args.func(args)
+    except CLIError as exc:
+        print(f"albef {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

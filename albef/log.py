@@ -1,0 +1,49 @@
+"""Structured logging: one JSON object per line on stderr (``ALBEF_LOG_FORMAT=text`` for humans)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+_RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        # Fields passed with `extra={...}` become top-level keys.
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str | None = None) -> None:
+    """Configure the root logger once; later calls only change the level."""
+    level = (level or os.environ.get("ALBEF_LOG_LEVEL", "INFO")).upper()
+    root = logging.getLogger()
+    if not any(getattr(h, "_albef", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        if os.environ.get("ALBEF_LOG_FORMAT", "json").lower() == "text":
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        else:
+            handler.setFormatter(JSONFormatter())
+        handler._albef = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(name)
