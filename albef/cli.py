@@ -13,15 +13,15 @@ import sys
 from collections.abc import Sequence
 
 from albef import __version__
+from albef.errors import CLIError
+
+__all__ = ["CLIError", "main", "build_parser"]
 
 # Order is the order of `albef --help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "albef.model.cli",
+    "albef.model.data.cli",
 )
-
-
-class CLIError(Exception):
-    """A user error: printed as one line on stderr, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,5 @@
+import sys
+
+from albef.cli import main
+
+sys.exit(main())
