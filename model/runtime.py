@@ -1,0 +1,311 @@
+"""The torch-free runtime: a model bundle (see ``albef.model.export``) run with ONNX Runtime only.
+
+Preprocessing is PIL/numpy (:mod:`albef.model.image`), tokenization is ``tokenizers``
+(:mod:`albef.model.text`). Nothing here imports torch, so the index builder and the service can run
+without it. Every output is float32 numpy; float16 inputs are accepted and cast.
+
+Bundle layout (``manifest.json`` lists every file with its sha256)::
+
+    image_encoder.onnx   pixels [B,3,R,R]                       -> image_emb [B,D], image_tokens [B,N,W]
+    text_encoder.onnx    input_ids, attention_mask [B,L] int64  -> text_emb [B,D], text_tokens [B,L,H]
+    itm.onnx             text_tokens, text_mask, image_tokens   -> itm_logits [B,2]
+    image_kv.onnx        image_tokens [1,N,W]                   -> k0, v0, k1, v1, ... [1,heads,N,d]
+    itm_kv.onnx          text_tokens, text_mask, k0, v0, ...    -> itm_logits [K,2] (K/V batch 1 broadcasts)
+    <role>.int8.onnx     the same graphs with int8 dynamically quantised weights
+    tokenizer.json, vocab.txt, preprocess.json, manifest.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from albef.model.config import AlbefConfig
+from albef.model.image import ImageSource, preprocess
+from albef.model.text import AlbefTokenizer
+
+BUNDLE_FORMAT = "albef-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+VOCAB_FILE = "vocab.txt"
+PREPROCESS_FILE = "preprocess.json"
+ROLES = ("image_encoder", "text_encoder", "itm", "image_kv", "itm_kv")
+VARIANTS = ("fp32", "int8", "bf16")
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete, corrupt or lacks the requested variant."""
+
+
+def variant_file(role: str, variant: str) -> str:
+    """File name of one graph: ``itm.onnx`` for fp32, ``itm.int8.onnx`` for the int8 variant."""
+    return f"{role}.onnx" if variant == "fp32" else f"{role}.{variant}.onnx"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundle_id_from_files(files: dict[str, dict[str, Any]]) -> str:
+    """The bundle id: sha256 over ``name:sha256`` lines of every file, sorted by name."""
+    lines = "".join(f"{name}:{files[name]['sha256']}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    mpath = p / MANIFEST_FILE
+    if not p.is_dir():
+        raise BundleError(f"model bundle not found: {p}")
+    if not mpath.is_file():
+        raise BundleError(f"{p}: not a model bundle (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{mpath}: invalid JSON ({exc})") from exc
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{mpath}: not an {BUNDLE_FORMAT} manifest")
+    if int(manifest.get("format_version", 0)) > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{mpath}: bundle format {manifest.get('format_version')} is newer than this runtime")
+    return manifest
+
+
+def _as_f32(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype != np.float32:
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"expected floating-point features, got {a.dtype}")
+        a = a.astype(np.float32)
+    return np.ascontiguousarray(a)
+
+
+def _as_i64(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    if not np.issubdtype(a.dtype, np.integer) and a.dtype != np.bool_:
+        raise TypeError(f"expected integer ids/mask, got {a.dtype}")
+    return np.ascontiguousarray(a.astype(np.int64, copy=False))
+
+
+class Bundle:
+    """A loaded model bundle. Sessions are created lazily (once, under a lock); ``run`` is thread-safe."""
+
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        variant: str,
+        intra_op_threads: int | None,
+        inter_op_threads: int | None,
+    ) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.variant = variant
+        self.bundle_id: str = manifest["bundle_id"]
+        self.config = AlbefConfig.from_dict(manifest["model"])
+        self.embed_dim = int(self.config.embed_dim)
+        pre = json.loads((path / PREPROCESS_FILE).read_text())
+        self.image_res = int(pre["image_res"])
+        self.mean = tuple(float(x) for x in pre["mean"])
+        self.std = tuple(float(x) for x in pre["std"])
+        self.image_tokens_shape: tuple[int, int] = (
+            (self.image_res // self.config.vision.patch_size) ** 2 + 1,
+            int(self.config.vision.width),
+        )
+        self.text_width = int(self.config.text.hidden_size)
+        self.max_tokens = int(self.config.max_tokens)
+        self.num_kv = 2 * (self.config.text.num_hidden_layers - self.config.text.fusion_layer)
+        self.tokenizer = AlbefTokenizer.from_file(path / TOKENIZER_FILE, max_tokens=self.max_tokens)
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self._files = {role: manifest["variants"][variant]["files"][role] for role in ROLES}
+        self._sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        variant: str = "fp32",
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        verify: bool = False,
+        eager: bool = False,
+    ) -> Bundle:
+        """Open a bundle. ``verify`` re-hashes every file against the manifest (slow for big models);
+        ``eager`` creates all ONNX Runtime sessions now instead of on first use."""
+        p = Path(path)
+        manifest = read_manifest(p)
+        variants = manifest.get("variants", {})
+        if variant not in variants:
+            raise BundleError(f"{p}: no variant {variant!r} in this bundle (available: {', '.join(variants)})")
+        files = manifest.get("files", {})
+        needed = [*variants[variant]["files"].values(), TOKENIZER_FILE, PREPROCESS_FILE]
+        for name in needed:
+            f = p / name
+            if not f.is_file():
+                raise BundleError(f"{p}: missing file {name}")
+            if name in files and f.stat().st_size != files[name]["bytes"]:
+                raise BundleError(f"{p}: {name} has {f.stat().st_size} bytes, manifest says {files[name]['bytes']}")
+            if verify and name in files and sha256_file(f) != files[name]["sha256"]:
+                raise BundleError(f"{p}: {name} does not match its sha256 in the manifest")
+        if bundle_id_from_files(files) != manifest.get("bundle_id"):
+            raise BundleError(f"{p}: bundle_id does not match the files listed in the manifest")
+        bundle = cls(p, manifest, variant, intra_op_threads, inter_op_threads)
+        if eager:
+            for role in ROLES:
+                bundle.session(role)
+        return bundle
+
+    # -- sessions -------------------------------------------------------------------------------------
+    def session(self, role: str) -> Any:
+        """The ONNX Runtime session of one graph (created on first use)."""
+        sess = self._sessions.get(role)
+        if sess is not None:
+            return sess
+        with self._lock:
+            sess = self._sessions.get(role)
+            if sess is None:
+                import onnxruntime as ort
+
+                so = ort.SessionOptions()
+                if self.intra_op_threads is not None:
+                    so.intra_op_num_threads = int(self.intra_op_threads)
+                if self.inter_op_threads is not None:
+                    so.inter_op_num_threads = int(self.inter_op_threads)
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                sess = ort.InferenceSession(
+                    str(self.path / self._files[role]), so, providers=["CPUExecutionProvider"]
+                )
+                self._sessions[role] = sess
+        return sess
+
+    def _run(self, role: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        outs = self.session(role).run(None, feeds)
+        return [np.asarray(o, dtype=np.float32) for o in outs]
+
+    # -- images ---------------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Images (paths, bytes or PIL) -> float32 pixels ``[B, 3, R, R]``."""
+        return preprocess(images, self.image_res, self.mean, self.std)
+
+    def encode_pixels(self, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels ``[B,3,R,R]`` -> (L2-normalised embeddings ``[B,D]``, token features ``[B,N,W]``)."""
+        x = _as_f32(pixels)
+        r = self.image_res
+        if x.ndim != 4 or x.shape[1:] != (3, r, r):
+            raise ValueError(f"pixels must have shape [B, 3, {r}, {r}], got {list(x.shape)}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros((0, *self.image_tokens_shape), np.float32)
+        emb, tokens = self._run("image_encoder", {"pixels": x})
+        return emb, tokens
+
+    def encode_images(self, images: Sequence[ImageSource], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        embs, toks = [], []
+        for start in range(0, len(images), batch_size):
+            e, t = self.encode_pixels(self.preprocess(images[start : start + batch_size]))
+            embs.append(e)
+            toks.append(t)
+        if not embs:
+            return self.encode_pixels(np.zeros((0, 3, self.image_res, self.image_res), np.float32))
+        return np.concatenate(embs), np.concatenate(toks)
+
+    # -- texts ----------------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Captions -> (ids, mask) int64 ``[B, max_tokens]`` (cleaned with pre_caption, as the official code)."""
+        return self.tokenizer(list(texts) if not isinstance(texts, str) else texts)
+
+    def encode_ids(self, ids: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and mask ``[B, L]`` -> (L2-normalised embeddings ``[B,D]``, token features ``[B,L,H]``)."""
+        i, m = _as_i64(ids), _as_i64(mask)
+        if i.ndim != 2 or i.shape != m.shape:
+            raise ValueError(f"ids and mask must both be [B, L], got {list(i.shape)} and {list(m.shape)}")
+        if i.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros((0, i.shape[1], self.text_width), np.float32)
+        emb, tokens = self._run("text_encoder", {"input_ids": i, "attention_mask": m})
+        return emb, tokens
+
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 64
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Captions -> (embeddings ``[B,D]``, token features ``[B,L,H]``, mask ``[B,L]`` int64)."""
+        ids, mask = self.tokenize(texts)
+        embs, toks = [], []
+        for start in range(0, len(ids), batch_size):
+            e, t = self.encode_ids(ids[start : start + batch_size], mask[start : start + batch_size])
+            embs.append(e)
+            toks.append(t)
+        if not embs:
+            e, t = self.encode_ids(ids, mask)
+            return e, t, mask
+        return np.concatenate(embs), np.concatenate(toks), mask
+
+    # -- ITM ------------------------------------------------------------------------------------------
+    def _check_text(self, text_tokens: Any, text_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+        t, m = _as_f32(text_tokens), _as_i64(text_mask)
+        if t.ndim != 3 or t.shape[2] != self.text_width or m.shape != t.shape[:2]:
+            raise ValueError(
+                f"text_tokens must be [B, L, {self.text_width}] with a [B, L] mask, "
+                f"got {list(t.shape)} and {list(m.shape)}"
+            )
+        return t, m
+
+    def _check_image_tokens(self, image_tokens: Any) -> np.ndarray:
+        x = _as_f32(image_tokens)
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3 or tuple(x.shape[1:]) != self.image_tokens_shape:
+            raise ValueError(
+                f"image_tokens must be [B, {self.image_tokens_shape[0]}, {self.image_tokens_shape[1]}], "
+                f"got {list(x.shape)}"
+            )
+        return x
+
+    def itm_scores(self, text_tokens: Any, text_mask: Any, image_tokens: Any) -> np.ndarray:
+        """ITM logits ``[B, 2]`` of pairs (row i = text i with image i; an image batch of 1 broadcasts)."""
+        t, m = self._check_text(text_tokens, text_mask)
+        x = self._check_image_tokens(image_tokens)
+        if x.shape[0] not in (1, t.shape[0]):
+            raise ValueError(f"{t.shape[0]} texts but {x.shape[0]} images: pass one image or one per text")
+        if t.shape[0] == 0:
+            return np.zeros((0, 2), np.float32)
+        (logits,) = self._run("itm", {"text_tokens": t, "text_mask": m, "image_tokens": x})
+        return logits
+
+    def image_kv(self, image_tokens_1: Any) -> list[np.ndarray]:
+        """Cross-attention keys and values of every fusion layer for ONE image ``[1,N,W]``: [k0, v0, k1, ...]."""
+        x = self._check_image_tokens(image_tokens_1)
+        if x.shape[0] != 1:
+            raise ValueError(f"image_kv takes one image ([1, N, W]), got a batch of {x.shape[0]}")
+        return self._run("image_kv", {"image_tokens": x})
+
+    def itm_scores_for_image(self, image_tokens_1_or_kv: Any, text_tokens: Any, text_mask: Any) -> np.ndarray:
+        """ITM logits ``[K, 2]`` of one image against K candidate texts; the image's K/V are computed once
+        (pass them from :meth:`image_kv` to reuse them across calls)."""
+        if isinstance(image_tokens_1_or_kv, list | tuple):
+            kv = [_as_f32(a) for a in image_tokens_1_or_kv]
+            if len(kv) != self.num_kv:
+                raise ValueError(f"expected {self.num_kv} K/V arrays, got {len(kv)}")
+        else:
+            kv = self.image_kv(image_tokens_1_or_kv)
+        t, m = self._check_text(text_tokens, text_mask)
+        if t.shape[0] == 0:
+            return np.zeros((0, 2), np.float32)
+        feeds = {"text_tokens": t, "text_mask": m}
+        for i in range(self.num_kv // 2):
+            feeds[f"k{i}"], feeds[f"v{i}"] = kv[2 * i], kv[2 * i + 1]
+        (logits,) = self._run("itm_kv", feeds)
+        return logits
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, model={self.config.name!r}, variant={self.variant!r}, id={self.bundle_id[:12]})"
