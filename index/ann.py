@@ -1,0 +1,270 @@
+"""FAISS: choosing an index type under a memory budget, building it, measuring its recall, searching.
+
+The chooser follows autofaiss (criteo/autofaiss ``external/optimize.py``), scaled to this project:
+
+- fewer than ``flat_below`` vectors (default 50,000): ``Flat`` (exact inner product, IndexFlatIP);
+- else ``HNSW{M}`` with the largest M in 32, 24, 16, 12, 8 whose graph fits the budget;
+- else ``IVF{nlist},Flat`` if the raw vectors fit; nlist is a power of two near 4 sqrt(n);
+- else ``IVF{nlist},PQ{m}`` with the largest m (dividing d) whose codes fit.
+
+Ids: Flat and HNSW are wrapped in ``IndexIDMap2``; IVF indexes keep the ids in their inverted lists
+(``add_with_ids``/``remove_ids`` natively, no extra map). HNSW cannot remove vectors, so a delete rebuilds
+it from the stored embeddings.
+
+After a build, :func:`tune` measures ANN recall@10 against exact search on a sample of queries (by default
+the other modality's embeddings, i.e. real cross-modal queries), picks the smallest ``nprobe``/``efSearch``
+that reaches the target recall within the query-time limit, and returns the figures for the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines about CPU builds are noise
+import faiss  # noqa: E402
+from albef.index.errors import IndexError_  # noqa: E402
+
+FLAT_BELOW = 50_000
+IDMAP_BYTES = 40  # IndexIDMap2: int64 id + reverse hash map entry, per vector (estimate)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+# Flat search switches to BLAS only from this many queries at once; the faiss default (20) was raised in
+# recent wheels to 128000 (see shared docs/environment.md). Batched queries are much faster with BLAS.
+faiss.cvar.distance_compute_blas_threshold = 20
+
+
+def parse_size(text: str | int) -> int:
+    """'4G', '512M', '1.5g', '1000000' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"bad size {text!r} (examples: 4G, 512M, 100000000)")
+    mult = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass(frozen=True)
+class Choice:
+    factory: str
+    reason: str
+    est_bytes: int
+
+
+def nlist_for(n: int) -> int:
+    target = 4 * math.sqrt(max(n, 1))
+    return int(min(65536, max(16, 2 ** round(math.log2(target)))))
+
+
+def estimate_bytes(factory: str, n: int, d: int) -> int:
+    """Rough resident size of ``factory`` holding n vectors of dimension d."""
+    f = factory.replace(" ", "")
+    if f == "Flat":
+        return n * (4 * d + IDMAP_BYTES)
+    m = re.match(r"^HNSW(\d+)", f)
+    if m:
+        return int(n * (4 * d + 2 * int(m.group(1)) * 4 * 1.05 + IDMAP_BYTES))
+    m = re.match(r"^IVF(\d+),Flat$", f)
+    if m:
+        return n * (4 * d + 8) + int(m.group(1)) * 4 * d
+    m = re.match(r"^IVF(\d+),PQ(\d+)(?:x(\d+))?$", f)
+    if m:
+        nl, pq, bits = int(m.group(1)), int(m.group(2)), int(m.group(3) or 8)
+        return n * (pq * bits // 8 + 8) + nl * 4 * d + pq * (2**bits) * (d // pq) * 4
+    return n * (4 * d + IDMAP_BYTES)
+
+
+def choose(n: int, d: int, max_memory: int | str = "4G", flat_below: int = FLAT_BELOW) -> Choice:
+    budget = parse_size(max_memory)
+    if n < flat_below and estimate_bytes("Flat", n, d) <= budget:
+        return Choice("Flat", f"{n} < {flat_below} vectors: exact search", estimate_bytes("Flat", n, d))
+    for m in (32, 24, 16, 12, 8):
+        est = estimate_bytes(f"HNSW{m}", n, d)
+        if est <= budget:
+            return Choice(f"HNSW{m}", f"HNSW graph with M={m} fits {budget} bytes", est)
+    nlist = nlist_for(n)
+    est = estimate_bytes(f"IVF{nlist},Flat", n, d)
+    if est <= budget:
+        return Choice(f"IVF{nlist},Flat", "HNSW does not fit; raw vectors in IVF lists do", est)
+    for pq in (256, 128, 96, 64, 48, 32, 24, 16, 12, 8, 4):
+        if pq > d or d % pq:
+            continue
+        f = f"IVF{nlist},PQ{pq}"
+        est = estimate_bytes(f, n, d)
+        if est <= budget:
+            return Choice(f, f"raw vectors do not fit; PQ codes of {pq} bytes do", est)
+    raise IndexError_(f"{n} vectors of dimension {d} do not fit in {budget} bytes even as IVF-PQ4")
+
+
+def is_ivf(factory: str) -> bool:
+    return factory.replace(" ", "").startswith("IVF")
+
+
+def family(factory: str) -> str:
+    f = factory.replace(" ", "")
+    if f.startswith("HNSW"):
+        return "hnsw"
+    if f.startswith("IVF"):
+        return "ivf-pq" if ",PQ" in f else "ivf-flat"
+    return "flat" if f == "Flat" else "other"
+
+
+def supports_remove(factory: str) -> bool:
+    return family(factory) in ("flat", "ivf-flat", "ivf-pq")
+
+
+def build(vectors: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 1234) -> faiss.Index:
+    """A trained index of ``factory`` (inner product) holding ``vectors`` under ``ids``."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n, d = vectors.shape
+    try:
+        base = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise IndexError_(f"bad FAISS factory string {factory!r}: {str(exc).splitlines()[-1]}") from exc
+    if is_ivf(factory) or factory.startswith("IDMap"):
+        index = base
+    else:
+        index = faiss.IndexIDMap2(base)
+    if not index.is_trained:
+        nlist = faiss.extract_index_ivf(index).nlist if is_ivf(factory) else 0
+        if n < max(nlist, 1):
+            raise IndexError_(f"{factory!r} needs at least {nlist} training vectors, have {n}")
+        rng = np.random.default_rng(seed)
+        cap = min(n, max(64 * nlist, 20_000), 300_000)
+        sample = vectors[np.sort(rng.choice(n, cap, replace=False))] if cap < n else vectors
+        index.train(sample)
+    if n:
+        index.add_with_ids(vectors, ids)
+    return index
+
+
+def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+
+
+def remove(index: faiss.Index, ids: np.ndarray) -> int:
+    return int(index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64))))
+
+
+def set_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    ps = faiss.ParameterSpace()
+    for key, value in params.items():
+        ps.set_index_parameter(index, key, value)
+
+
+def write(index: faiss.Index, path: Path) -> None:
+    faiss.write_index(index, str(path))
+
+
+def read(path: Path) -> faiss.Index:
+    return faiss.read_index(str(path))
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores float32 [Q,k], ids int64 [Q,k]); ties ordered by id ascending, pads are (-inf, -1).
+
+    A few more than k are fetched so that items tied with the k-th one are all seen before the cut."""
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    nq = q.shape[0]
+    if k <= 0:
+        raise ValueError("k must be positive")
+    total = int(index.ntotal)
+    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_i = np.full((nq, k), -1, dtype=np.int64)
+    if total == 0 or nq == 0:
+        return out_s, out_i
+    kk = min(total, k + tie_margin)
+    scores, ids = index.search(q, kk)
+    valid = ids >= 0
+    s_key = np.where(valid, -scores, np.inf)
+    i_key = np.where(valid, ids, np.iinfo(np.int64).max)
+    order = np.lexsort((i_key, s_key), axis=-1)[:, :k]
+    sel_s = np.take_along_axis(np.where(valid, scores, -np.inf), order, axis=-1)
+    sel_i = np.take_along_axis(np.where(valid, ids, -1), order, axis=-1)
+    m = sel_s.shape[1]
+    out_s[:, :m] = sel_s
+    out_i[:, :m] = sel_i
+    return out_s, out_i
+
+
+def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Row positions of the exact top-k by inner product (brute force with BLAS)."""
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, rows = flat.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(vectors)))
+    return rows
+
+
+def recall_at(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
+    k = true_ids.shape[1]
+    hits = sum(len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) for a, b in zip(found_ids, true_ids, strict=True))
+    return hits / float(true_ids.shape[0] * k) if k else 1.0
+
+
+def tune(index: faiss.Index, factory: str, vectors: np.ndarray, ids: np.ndarray, *,
+         queries: np.ndarray | None = None, n_queries: int = 500, k: int = 10, target_recall: float = 0.95,
+         max_query_ms: float = 10.0, seed: int = 0) -> dict[str, Any]:
+    """Measure recall@k vs exact search and set the cheapest search parameter that reaches ``target_recall``
+    within ``max_query_ms`` per single query. Returns the manifest entry."""
+    n = len(ids)
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"factory": factory, "family": family(factory), "ntotal": int(index.ntotal), "k": k}
+    if n == 0:
+        out.update(params={}, recall_at_k=None, query_ms=None, tuning=[])
+        return out
+    if queries is None or len(queries) == 0:
+        queries, qsource = vectors, "own"
+    else:
+        qsource = "other-modality"
+    nq = min(n_queries, len(queries))
+    q = np.ascontiguousarray(queries[np.sort(rng.choice(len(queries), nq, replace=False))], dtype=np.float32)
+    kk = min(k, n)
+    true = ids[exact_topk(vectors, q, kk)]
+    out.update(n_queries=nq, query_source=qsource)
+    fam = family(factory)
+    if fam == "ivf-flat" or fam == "ivf-pq":
+        nlist = faiss.extract_index_ivf(index).nlist
+        grid = [("nprobe", p) for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if p <= nlist]
+    elif fam == "hnsw":
+        grid = [("efSearch", e) for e in (16, 32, 64, 128, 256, 512)]
+    else:
+        grid = [(None, None)]
+    tried: list[dict[str, Any]] = []
+    chosen: dict[str, Any] | None = None
+    for name, value in grid:
+        params = {name: value} if name else {}
+        set_params(index, params)
+        _, found = search(index, q, kk, tie_margin=0)
+        rec = recall_at(found, true)
+        ms = _latency_ms(index, q[: min(50, nq)], kk)
+        entry = {"params": params, "recall_at_k": round(rec, 4), "query_ms": round(ms, 3)}
+        tried.append(entry)
+        if ms > max_query_ms and tried[:-1]:
+            break  # slower settings would only be slower
+        if chosen is None or rec > chosen["recall_at_k"]:
+            chosen = entry
+        if rec >= target_recall:
+            chosen = entry
+            break
+    assert chosen is not None
+    set_params(index, chosen["params"])
+    out.update(params=chosen["params"], recall_at_k=chosen["recall_at_k"], query_ms=chosen["query_ms"],
+               target_recall=target_recall, tuning=tried)
+    return out
+
+
+def _latency_ms(index: faiss.Index, q: np.ndarray, k: int) -> float:
+    t0 = time.perf_counter()
+    for row in q:
+        index.search(row[None, :], k)
+    return (time.perf_counter() - t0) * 1000.0 / max(len(q), 1)

@@ -1,0 +1,221 @@
+"""``albef index build|add|delete|info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None:
+    g = p.add_argument_group("encoding")
+    g.add_argument("--variant", default="fp32", help="bundle variant to encode with (fp32, int8, ...)")
+    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    g.add_argument("--batch-size", type=int, default=16, help="images per encoder call (default 16)")
+    g.add_argument("--text-batch-size", type=int, default=64, help="texts per encoder call (default 64)")
+    g.add_argument("--shard-size", type=int, default=256, help="images per committed shard (default 256)")
+    g.add_argument("--text-shard-size", type=int, default=1024, help="texts per committed shard (default 1024)")
+    g.add_argument("--workers", type=int, default=4, help="image reading/decoding threads (default 4)")
+    g.add_argument("--image-root", type=Path, default=None,
+                   help="folder that relative image paths in JSON/CSV/JSONL sources are resolved against "
+                        "(default: the source file's folder)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted build/add")
+    g.add_argument("--restart", action="store_true", help="discard an interrupted build/add and start over")
+    g = p.add_argument_group("index")
+    if layout_options:
+        g.add_argument("--token-dtype", choices=("fp16", "int8"), default="fp16",
+                       help="storage of image token features for ITM re-ranking (default fp16)")
+        g.add_argument("--text-features", choices=("tokens", "ids"), default="tokens",
+                       help="store text token features (fast re-rank) or only token ids (small; re-encoded "
+                            "at query time). Default tokens")
+    g.add_argument("--factory", default=None, help='FAISS factory string, e.g. "IVF256,PQ32" or "HNSW32" '
+                                                   "(default: chosen under --max-memory)")
+    g.add_argument("--max-memory", default="4G", help="memory budget of each FAISS index (default 4G)")
+    g.add_argument("--flat-below", type=int, default=50_000, help="exact search below this many vectors")
+    g.add_argument("--target-recall", type=float, default=0.95, help="ANN recall@10 the search settings aim for")
+    g.add_argument("--keep-versions", type=int, default=5, help="index versions to keep (default 5)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    top = sub.add_parser("index", help="build and change retrieval indexes (FAISS + SQLite)")
+    isub = top.add_subparsers(dest="index_command", metavar="SUBCOMMAND")
+    isub.required = True
+
+    p = isub.add_parser("build", help="encode sources with a model bundle into a new index")
+    p.add_argument("sources", nargs="+", type=Path,
+                   help="image folders (with optional same-name .txt captions), ALBEF annotation .json, "
+                        ".csv/.tsv/.jsonl of image paths and/or captions, .txt of captions (one per line)")
+    p.add_argument("--model", required=True, type=Path, help="model bundle folder (from `albef export`)")
+    p.add_argument("--out", required=True, type=Path, help="index folder to create")
+    _encode_options(p, layout_options=True)
+    p.set_defaults(func=build_command)
+
+    p = isub.add_parser("add", help="encode more sources into a new version of an index")
+    p.add_argument("sources", nargs="+", type=Path)
+    p.add_argument("--index", required=True, type=Path, help="index folder")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model bundle folder (default: the bundle the index was built with)")
+    _encode_options(p, layout_options=False)
+    p.set_defaults(func=add_command)
+
+    p = isub.add_parser("delete", help="remove items by id (writes a new version)")
+    p.add_argument("--index", required=True, type=Path, help="index folder")
+    p.add_argument("--ids", required=True, help="comma-separated item ids, e.g. 1,2,3")
+    p.add_argument("--keep-versions", type=int, default=None, help="index versions to keep")
+    p.set_defaults(func=delete_command)
+
+    p = isub.add_parser("info", help="show an index version: counts, model bundle, FAISS type, recall, sizes")
+    p.add_argument("index_dir", type=Path)
+    p.add_argument("--version", default=None, help="version to show (default: current)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=info_command)
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from albef.index.builder import BuildOptions
+
+    return BuildOptions(
+        batch_size=args.batch_size, text_batch_size=args.text_batch_size, shard_size=args.shard_size,
+        text_shard_size=args.text_shard_size, workers=args.workers,
+        token_dtype=getattr(args, "token_dtype", "fp16"), text_features=getattr(args, "text_features", "tokens"),
+        factory=args.factory, max_memory=args.max_memory, flat_below=args.flat_below,
+        target_recall=args.target_recall, keep_versions=args.keep_versions,
+        image_root=str(args.image_root.resolve()) if args.image_root else None, progress=not args.no_progress,
+    )
+
+
+def _load_bundle(path: Path, args: argparse.Namespace) -> Any:
+    from albef.model.runtime import Bundle, BundleError
+
+    from albef.cli import CLIError
+
+    try:
+        return Bundle.load(path, variant=args.variant, intra_op_threads=args.threads)
+    except BundleError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def _run(fn: Any, *a: Any, **kw: Any) -> Any:
+    from albef.index.errors import IndexError_
+
+    from albef.cli import CLIError
+
+    try:
+        return fn(*a, **kw)
+    except IndexError_ as exc:
+        raise CLIError(str(exc)) from exc
+    except ValueError as exc:  # bad option values (sizes, factory strings)
+        raise CLIError(str(exc)) from exc
+
+
+def _summary(result: Any) -> str:
+    rep = result.report
+    m = result.manifest
+    parts = [f"version {result.version}: {m['counts']['image']} images, {m['counts']['text']} texts"]
+    if "images" in rep:
+        i, t = rep["images"], rep["texts"]
+        parts.append(f"this run indexed {i['indexed']} images ({i['failed']} failed, {i['duplicates']} duplicates) "
+                     f"and {t['indexed']} texts ({t['skipped']} skipped)")
+        if rep["throughput"]["items_per_s"]:
+            parts.append(f"{rep['throughput']['items_per_s']} items/s")
+    for kind in ("image", "text"):
+        a = m["ann"][kind]
+        if a.get("factory"):
+            parts.append(f"{kind} index {a['factory']} recall@10 {a['recall_at_k']}")
+    return "; ".join(parts) + f"\nreport: {Path(result.index_dir) / 'versions' / result.version / 'report.json'}"
+
+
+def build_command(args: argparse.Namespace) -> int:
+    from albef.index import builder
+
+    from albef.cli import CLIError
+
+    if args.resume and args.restart:
+        raise CLIError("--resume and --restart exclude each other")
+    bundle = _load_bundle(args.model, args)
+    opts = _run(_options, args)
+    result = _run(builder.build, args.out, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
+    print(_summary(result))  # noqa: T201
+    return 0
+
+
+def add_command(args: argparse.Namespace) -> int:
+    from albef.index import builder, layout
+
+    from albef.cli import CLIError
+
+    if args.resume and args.restart:
+        raise CLIError("--resume and --restart exclude each other")
+    model = args.model
+    if model is None:
+        try:
+            manifest = layout.read_manifest(layout.version_path(args.index))
+        except Exception as exc:
+            raise CLIError(f"no index in {args.index}: {exc}") from exc
+        model = Path(manifest["bundle"].get("path") or "")
+        if not model.is_dir():
+            raise CLIError(f"the index's model bundle {model} is gone; pass --model")
+    bundle = _load_bundle(model, args)
+    opts = _run(_options, args)
+    result = _run(builder.add, args.index, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
+    print(_summary(result))  # noqa: T201
+    return 0
+
+
+def delete_command(args: argparse.Namespace) -> int:
+    from albef.index import builder
+
+    from albef.cli import CLIError
+
+    try:
+        ids = [int(x) for x in args.ids.replace(" ", "").split(",") if x]
+    except ValueError as exc:
+        raise CLIError(f"--ids must be comma-separated integers, got {args.ids!r}") from exc
+    if not ids:
+        raise CLIError("--ids is empty")
+    result = _run(builder.delete, args.index, ids, keep_versions=args.keep_versions)
+    m = result.manifest
+    print(f"version {result.version}: deleted {len(set(ids))} items; "  # noqa: T201
+          f"{m['counts']['image']} images, {m['counts']['text']} texts remain")
+    return 0
+
+
+def info_command(args: argparse.Namespace) -> int:
+    from albef.index import layout
+
+    from albef.cli import CLIError
+
+    try:
+        vdir = layout.version_path(args.index_dir, args.version)
+    except Exception as exc:
+        raise CLIError(str(exc)) from exc
+    manifest = layout.read_manifest(vdir)
+    if args.json:
+        print(json.dumps(manifest, indent=2))  # noqa: T201
+        return 0
+    b = manifest["bundle"]
+    lines = [
+        f"index        {Path(args.index_dir).resolve()}",
+        f"version      {manifest['version']} ({manifest['operation']}, {manifest['created']}); "
+        f"current {layout.current_version(args.index_dir)}; versions {', '.join(layout.list_versions(args.index_dir))}",
+        f"bundle       {manifest['bundle_id'][:16]}... {b.get('name') or ''} (embed {b['embed_dim']}, "
+        f"image tokens {b['image_tokens_shape']}, text width {b['text_width']})",
+        f"items        {manifest['counts']['image']} images, {manifest['counts']['text']} texts "
+        f"(next id {manifest['next_id']})",
+        f"features     image tokens {manifest['features']['token_dtype']}, texts {manifest['features']['text_features']}",
+    ]
+    for kind in ("image", "text"):
+        a = manifest["ann"][kind]
+        if not a.get("factory"):
+            lines.append(f"{kind:<5} index  empty")
+            continue
+        lines.append(f"{kind:<5} index  {a['factory']} ({a['reason']}); params {a['params']}; "
+                     f"recall@{a['k']} {a['recall_at_k']} on {a.get('n_queries')} {a.get('query_source')} queries; "
+                     f"{a['query_ms']} ms/query; {a['file_bytes']:,} bytes")
+        bpi = manifest["bytes_per_item"][kind]
+        lines.append(f"{kind:<5} bytes  {bpi['total']:,} per item ("
+                     + ", ".join(f"{k} {v:,}" for k, v in bpi.items() if k != "total") + ")")
+    print("\n".join(lines))  # noqa: T201
+    return 0

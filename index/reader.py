@@ -1,0 +1,214 @@
+"""Read side of an index, for the service. Torch-free (numpy, faiss, sqlite3).
+
+Reader API::
+
+    reader = IndexReader.open(index_dir, bundle_id=None, version=None)   # current version by default
+    reader.version: str            # e.g. "000003"
+    reader.manifest: dict          # versions/<v>/manifest.json
+    reader.index_dir: Path
+    reader.count(kind) -> int                                  # kind: "image" | "text"
+    reader.search(kind, queries [Q,D] float32, k) -> (scores [Q,k] float32, ids [Q,k] int64)
+    reader.vector(kind, item_id) -> [D] float32                # the stored ITC embedding
+    reader.image_tokens(ids) -> [k,N,W] float32                # ITM re-rank features of images
+    reader.text_features(ids) -> ([k,L,H] float32, mask [k,L] int64)   # ITM re-rank features of texts
+    reader.text_token_ids(ids) -> (ids [k,L] int64, mask [k,L] int64)
+    reader.item(item_id) -> dict | None   # id, kind, path, caption, width, height, sha256, metadata,
+                                          # image_id (text: its paired image), source
+    reader.items(ids) -> list[dict]       # in the order of ids; unknown ids are left out
+    reader.image_path(item_id) -> Path | None   # only local image files that the index holds
+    reader.close()
+    current_version(index_dir) -> str | None    # cheap; poll it to hot-swap readers
+
+- ``search`` queries the FAISS index of ``kind`` ("image": text->image, the query is a text embedding;
+  "text": image->text). Ids are int64 and unique across both kinds. Rows are ordered by score descending,
+  then id ascending (deterministic ties); missing results are padded with score -inf and id -1.
+- ``open(bundle_id=...)`` raises :class:`IndexMismatchError` when the index was built with another model
+  bundle; :class:`IndexNotFoundError` when there is no index/version. Feature lookups raise ``KeyError`` for
+  ids that are not items of that kind.
+- An index built with ``text_features="ids"`` stores only token ids for texts; ``text_features`` then
+  re-encodes them with the ``encoder`` passed to ``open`` (anything with ``encode_ids(ids, mask)``, e.g.
+  ``albef.model.runtime.Bundle``).
+- A reader is bound to one immutable version and is thread-safe. To follow updates, poll
+  :func:`current_version` and open a new reader when it changes; the old one keeps working until closed
+  (files of pruned versions stay readable while open/mapped).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from albef.index import ann, layout, metadata
+from albef.index.errors import IndexFormatError, IndexMismatchError
+from albef.index.features import Segment
+from albef.index.layout import current_version
+
+__all__ = ["IndexReader", "current_version"]
+
+Kind = Literal["image", "text"]
+_KINDS = ("image", "text")
+
+
+class IndexReader:
+    def __init__(self, index_dir: Path, version: str, manifest: dict[str, Any], encoder: Any | None = None) -> None:
+        self.index_dir = index_dir
+        self.version = version
+        self.manifest = manifest
+        self.encoder = encoder
+        vdir = layout.versions_dir(index_dir) / version
+        self._lock = threading.Lock()
+        self._conn = metadata.connect_readonly(vdir / "meta.sqlite")
+        self._indexes: dict[str, Any] = {}
+        for kind in _KINDS:
+            entry = manifest["ann"].get(kind) or {}
+            if entry.get("file"):
+                idx = ann.read(vdir / entry["file"])
+                ann.set_params(idx, entry.get("params") or {})
+                self._indexes[kind] = idx
+        self._segments: dict[str, Segment] = {}
+        self.embed_dim = int(manifest["bundle"]["embed_dim"])
+        self.image_tokens_shape = tuple(manifest["bundle"]["image_tokens_shape"])
+        self.text_shape = (int(manifest["bundle"]["max_tokens"]), int(manifest["bundle"]["text_width"]))
+
+    @classmethod
+    def open(cls, index_dir: str | Path, *, bundle_id: str | None = None, version: str | None = None,
+             encoder: Any | None = None) -> IndexReader:
+        index_dir = Path(index_dir)
+        vdir = layout.version_path(index_dir, version)
+        manifest = layout.read_manifest(vdir)
+        if manifest.get("format") != "albef-index":
+            raise IndexFormatError(f"{vdir}: not an albef index manifest")
+        if bundle_id is not None and manifest.get("bundle_id") != bundle_id:
+            raise IndexMismatchError(
+                f"index {index_dir} (version {vdir.name}) was built with model bundle "
+                f"{str(manifest.get('bundle_id'))[:16]}..., not {bundle_id[:16]}...; rebuild the index with this bundle"
+            )
+        return cls(index_dir, vdir.name, manifest, encoder)
+
+    # -- counts and search -------------------------------------------------------------------------------
+    def count(self, kind: Kind) -> int:
+        _check_kind(kind)
+        return int(self.manifest["counts"][kind])
+
+    def search(self, kind: Kind, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        _check_kind(kind)
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.embed_dim:
+            raise ValueError(f"queries must be [Q, {self.embed_dim}], got {list(q.shape)}")
+        if int(k) < 1:
+            raise ValueError("k must be at least 1")
+        index = self._indexes.get(kind)
+        if index is None:
+            return (np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64))
+        return ann.search(index, q, int(k))
+
+    # -- per-item arrays -----------------------------------------------------------------------------------
+    def _segment(self, name: str) -> Segment:
+        seg = self._segments.get(name)
+        if seg is None:
+            with self._lock:
+                seg = self._segments.get(name)
+                if seg is None:
+                    seg = Segment(layout.segments_dir(self.index_dir) / name)
+                    self._segments[name] = seg
+        return seg
+
+    def _locate(self, kind: str, ids: Sequence[int]) -> list[tuple[str, int]]:
+        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
+        with self._lock:
+            locs = metadata.locations(self._conn, kind, ids)
+        missing = [i for i in ids if i not in locs]
+        if missing:
+            raise KeyError(f"not {kind} items of this index: {missing[:10]}")
+        return [locs[i] for i in ids]
+
+    def _gather(self, kind: str, ids: Sequence[int], fetch: Any) -> list[np.ndarray]:
+        """Rows of each id in the order given, grouped per segment for one fancy-index read each."""
+        locs = self._locate(kind, ids)
+        out: list[np.ndarray | None] = [None] * len(locs)
+        by_seg: dict[str, list[tuple[int, int]]] = {}
+        for pos, (seg, row) in enumerate(locs):
+            by_seg.setdefault(seg, []).append((pos, row))
+        for seg, pairs in by_seg.items():
+            rows = np.array([r for _, r in pairs], dtype=np.int64)
+            block = fetch(self._segment(seg), rows)
+            for j, (pos, _) in enumerate(pairs):
+                out[pos] = block[j]
+        return out  # type: ignore[return-value]
+
+    def vector(self, kind: Kind, item_id: int) -> np.ndarray:
+        _check_kind(kind)
+        (row,) = self._gather(kind, [item_id], lambda s, r: s.array(f"{kind}_emb")[r])
+        return np.array(row, dtype=np.float32)
+
+    def image_tokens(self, ids: Sequence[int]) -> np.ndarray:
+        n, w = self.image_tokens_shape
+        if len(ids) == 0:
+            return np.zeros((0, n, w), np.float32)
+        return np.stack(self._gather("image", ids, lambda s, r: s.image_tokens(r))).astype(np.float32, copy=False)
+
+    def text_token_ids(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        length = self.text_shape[0]
+        if len(ids) == 0:
+            return np.zeros((0, length), np.int64), np.zeros((0, length), np.int64)
+        tok = np.stack(self._gather("text", ids, lambda s, r: s.array("text_token_ids")[r])).astype(np.int64)
+        mask = np.stack(self._gather("text", ids, lambda s, r: s.array("text_mask")[r])).astype(np.int64)
+        return tok, mask
+
+    def text_features(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        length, width = self.text_shape
+        if len(ids) == 0:
+            return np.zeros((0, length, width), np.float32), np.zeros((0, length), np.int64)
+        if self.manifest["features"]["text_features"] == "tokens":
+            tok = np.stack(self._gather("text", ids, lambda s, r: s.array("text_tokens")[r])).astype(np.float32)
+            mask = np.stack(self._gather("text", ids, lambda s, r: s.array("text_mask")[r])).astype(np.int64)
+            return tok, mask
+        if self.encoder is None:
+            raise IndexFormatError("this index stores text token ids only; open it with encoder=<bundle> "
+                                   "to re-encode them for re-ranking")
+        tid, mask = self.text_token_ids(ids)
+        _, tok = self.encoder.encode_ids(tid, mask)
+        return np.asarray(tok, dtype=np.float32), mask
+
+    # -- metadata ---------------------------------------------------------------------------------------
+    def item(self, item_id: int) -> dict[str, Any] | None:
+        found = self.items([item_id])
+        return found[0] if found else None
+
+    def items(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        ids = [int(i) for i in ids]
+        with self._lock:
+            found = metadata.items(self._conn, ids)
+        return [found[i] for i in ids if i in found]
+
+    def image_path(self, item_id: int) -> Path | None:
+        it = self.item(item_id)
+        if it is None or it["kind"] != "image" or not it["path"] or "://" in it["path"]:
+            return None
+        return Path(it["path"])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+            self._indexes.clear()
+            self._segments.clear()
+
+    def __enter__(self) -> IndexReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        c = self.manifest["counts"]
+        return f"IndexReader({str(self.index_dir)!r}, version={self.version}, images={c['image']}, texts={c['text']})"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be 'image' or 'text', got {kind!r}")
