@@ -1,0 +1,156 @@
+"""One training step's objectives on an ALBEF model: the module that DDP wraps (spec 2.1-2.5).
+
+``AlbefObjective`` holds the online model, its momentum copies and the queues, and its ``forward`` returns
+the losses of one batch in the official order: EMA update -> momentum features -> ITC (with distillation)
+-> enqueue -> ITM with hard negatives -> MLM (pretraining only).
+
+Modes: ``retrieval`` (idx positives against batch and queue, same-idx pairs masked for the hard negatives,
+no temp clamp, no MLM) and ``pretrain`` (diagonal targets, diagonal masked, temp clamped to [0.001, 0.5],
+MLM when enabled).
+"""
+
+from __future__ import annotations
+
+import torch
+from albef.model.albef import ALBEF
+from albef.model.text import CLS_ID, MASK_ID, PAD_ID
+from albef.model.train import losses as L
+from albef.model.train.momentum import FeatureQueues, MomentumEncoders
+from torch import Tensor, nn
+
+MODES = ("retrieval", "pretrain")
+
+
+class AlbefObjective(nn.Module):
+    def __init__(
+        self,
+        model: ALBEF,
+        mode: str = "retrieval",
+        queue_size: int = 65536,
+        momentum: float = 0.995,
+        distill: bool = True,
+        itm: bool = True,
+        mlm: bool = False,
+        mlm_probability: float = 0.15,
+        clamp_temp: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if mlm and mode != "pretrain":
+            raise ValueError("MLM is a pretraining objective (mode: pretrain)")
+        if mlm and not model.with_mlm:
+            raise ValueError("MLM needs a model built with the MLM head (with_mlm=True)")
+        self.model = model
+        self.mode = mode
+        self.momentum = float(momentum)
+        self.distill = bool(distill)
+        self.use_itm = bool(itm)
+        self.use_mlm = bool(mlm)
+        self.mlm_probability = float(mlm_probability)
+        self.clamp_temp = (mode == "pretrain") if clamp_temp is None else bool(clamp_temp)
+        self.momentum_encoders = MomentumEncoders(model)
+        self.queues = FeatureQueues(model.config.embed_dim, queue_size)
+
+    def forward(self, image: Tensor, ids: Tensor, mask: Tensor, idx: Tensor, alpha: float) -> dict[str, Tensor]:
+        """Losses of one batch: ``loss_itc``, ``loss_itm``, ``loss_mlm`` (0 when off), ``loss`` (their sum),
+        plus detached diagnostics (``itm_acc``, ``n_neg``, the momentum features ``image_feat_m``/
+        ``text_feat_m`` that were enqueued)."""
+        m = self.model
+        B = image.shape[0]
+        alpha = alpha if self.distill else 0.0
+        if self.clamp_temp:
+            with torch.no_grad():
+                m.temp.clamp_(0.001, 0.5)
+        image_feat, image_tokens = m.encode_image(image)
+        text_feat, text_tokens = m.encode_text(ids, mask)
+
+        # ---- ITC: EMA update first, then the momentum features, then the loss, then the enqueue.
+        with torch.no_grad():
+            self.momentum_encoders.update(m, self.momentum)
+            image_feat_m, image_tokens_m = self.momentum_encoders.image_feat(image)
+            text_feat_m, _ = self.momentum_encoders.text_feat(ids, mask)
+            q = self.queues
+            image_feat_all = torch.cat([image_feat_m.t().float(), q.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.t().float(), q.text_queue.clone()], dim=1)
+            if self.mode == "retrieval":
+                idx_all = torch.cat([idx.view(1, -1), q.idx_queue.clone()], dim=1)
+                targets = L.idx_targets(idx, idx_all)
+            else:
+                targets = L.diagonal_targets(B, image_feat_all.shape[1], device=image.device)
+            sim_i2t_m = sim_t2i_m = None
+            if alpha > 0:
+                sim_i2t_m = image_feat_m.float() @ text_feat_all / m.temp
+                sim_t2i_m = text_feat_m.float() @ image_feat_all / m.temp
+        sim_i2t = image_feat.float() @ text_feat_all / m.temp
+        sim_t2i = text_feat.float() @ image_feat_all / m.temp
+        loss_itc = L.itc_loss(sim_i2t, sim_t2i, targets, sim_i2t_m, sim_t2i_m, alpha)
+        self.queues.enqueue(image_feat_m, text_feat_m, idx)
+
+        out: dict[str, Tensor] = {"loss_itc": loss_itc}
+        zero = loss_itc.new_zeros(())
+        # ---- ITM with in-batch hard negatives.
+        if self.use_itm:
+            loss_itm, itm_acc, n_neg = self._itm(sim_i2t[:, :B], sim_t2i[:, :B], text_tokens, mask, image_tokens,
+                                                 idx if self.mode == "retrieval" else None)
+            out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
+        else:
+            out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
+        # ---- MLM with distillation (pretraining).
+        out["loss_mlm"] = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha) if self.use_mlm else zero
+        out["loss"] = out["loss_itc"] + out["loss_itm"] + out["loss_mlm"]
+        out["image_feat_m"] = image_feat_m.detach()
+        out["text_feat_m"] = text_feat_m.detach()
+        return out
+
+    def _itm(
+        self,
+        sim_i2t: Tensor,
+        sim_t2i: Tensor,
+        text_tokens: Tensor,
+        mask: Tensor,
+        image_tokens: Tensor,
+        idx: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.model
+        B = text_tokens.shape[0]
+        pos_cls = m.fusion(text_tokens, mask, image_tokens)[:, 0, :]
+        with torch.no_grad():
+            positives = L.positive_mask(B, idx, device=text_tokens.device)
+            # A negative image for each text (t2i weights), a negative text for each image (i2t weights).
+            neg_image, valid_t = L.sample_hard_negatives(L.hard_negative_weights(sim_t2i, positives))
+            neg_text, valid_i = L.sample_hard_negatives(L.hard_negative_weights(sim_i2t, positives))
+        rows_t = valid_t.nonzero().squeeze(1)
+        rows_i = valid_i.nonzero().squeeze(1)
+        n_neg = int(rows_t.numel() + rows_i.numel())
+        logits_parts = [pos_cls]
+        if n_neg:
+            # Texts [text_i ; text_neg_i] with images [image_neg_i ; image_i], rows without a negative left out.
+            t_idx = torch.cat([rows_t, neg_text[rows_i]])
+            v_idx = torch.cat([neg_image[rows_t], rows_i])
+            neg_cls = m.fusion(text_tokens[t_idx], mask[t_idx], image_tokens[v_idx])[:, 0, :]
+            logits_parts.append(neg_cls)
+        logits = m.itm_head(torch.cat(logits_parts, dim=0))
+        labels = torch.cat(
+            [torch.ones(B, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]
+        ).to(logits.device)
+        loss = L.itm_loss(logits, labels)
+        acc = (logits.detach().argmax(dim=1) == labels).float().mean()
+        return loss, acc, torch.tensor(float(n_neg))
+
+    def _mlm(self, ids: Tensor, mask: Tensor, image_tokens: Tensor, image_tokens_m: Tensor, alpha: float) -> Tensor:
+        m = self.model
+        vocab = m.config.text.vocab_size
+        masked_ids, labels = L.mask_tokens(ids, vocab, self.mlm_probability, pad_id=PAD_ID, cls_id=CLS_ID,
+                                           mask_id=MASK_ID)
+        sel = labels != L.IGNORE_INDEX
+        # The vocabulary projection only at masked positions: the loss ignores the others (exact, cheaper).
+        hidden = m.text_encoder(masked_ids, mask, image_tokens=image_tokens, mode="multi_modal")
+        logits = m.text_encoder.cls(hidden[sel])
+        logits_m = None
+        if alpha > 0:
+            with torch.no_grad():
+                enc_m = self.momentum_encoders.text_encoder_m
+                hidden_m = enc_m(masked_ids, mask, image_tokens=image_tokens_m, mode="multi_modal")
+                logits_m = enc_m.cls(hidden_m[sel])
+        return L.mlm_loss(logits, labels[sel], logits_m, alpha)
