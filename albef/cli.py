@@ -21,6 +21,7 @@ __all__ = ["CLIError", "main", "build_parser"]
 COMMAND_MODULES: tuple[str, ...] = (
     "albef.model.cli",
     "albef.model.data.cli",
+    "albef.model.train.cli",
     "albef.model.export_cli",
     "albef.index.cli",
 )
