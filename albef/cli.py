@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "albef.model.cli",
     "albef.model.data.cli",
     "albef.model.train.cli",
+    "albef.model.train.eval_cli",
     "albef.model.export_cli",
     "albef.index.cli",
 )

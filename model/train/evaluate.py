@@ -1,0 +1,395 @@
+"""The official retrieval evaluation (spec 4.3 and 4.4): ITC shortlist, ITM re-ranking, recall at 1/5/10.
+
+``score_matrices`` follows ``Retrieval.py:evaluation`` in one process: plain cosine ``sims`` (no temperature),
+then for every image its top ``k_test`` texts by ITC and for every text its top ``k_test`` images are scored
+with the fusion encoder; the final score is the **raw class-1 ITM logit alone** (ITC not added, no softmax)
+and every entry outside the shortlist stays -100. ``itm_eval`` ranks each row and reports recall.
+
+Ordering and ties (also what the service should use to compare with eval): both the ITC shortlist and the
+final ranking sort by descending score with a *stable* sort, so equal scores keep ascending column order
+(lower text/image id first). The official code's ``np.argsort(score)[::-1]`` would put the higher id first
+on a tie; only exact ties differ, e.g. the -100 fill, which can only matter for R@5/R@10 when
+``k_test < 10``. :func:`rank_from_scores` is that ordering.
+
+Exact speed-ups, same numbers up to float rounding: the cross-attention keys/values of an image are computed
+once (``model.image_kv``) instead of once per candidate pair; they are cached for all images when they fit
+in ``kv_cache_bytes`` (then pairs of many queries share a batch), else computed per image for image->text
+and the plain ``itm_logits`` is used for text->image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+TEXT_CHUNK = 256  # texts per forward in the feature pass, as the official evaluation
+FILL = -100.0  # score of pairs outside the ITC shortlist
+RANKING = "descending score, stable: ties keep ascending id order"
+
+
+@dataclass
+class ScoreMatrices:
+    sims: np.ndarray  # [n_images, n_texts] ITC cosine (no temp)
+    i2t: np.ndarray  # [n_images, n_texts] ITM logit (class 1) on the top-k_test texts, -100 elsewhere
+    t2i: np.ndarray  # [n_texts, n_images] likewise
+    k_test: int
+
+
+def rank_from_scores(row: np.ndarray) -> np.ndarray:
+    """Column indices in ranking order: descending score, ties broken by ascending index (stable sort)."""
+    return np.argsort(-np.asarray(row), kind="stable")
+
+
+def _rank_rows(scores: np.ndarray, k: int | None = None) -> np.ndarray:
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return order if k is None else order[:, :k]
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+class _EvalMode:
+    """Eval mode, no grad and autocast off (float32) for the block; the caller's train/eval mode is restored
+    afterwards, so the trainer can evaluate mid-run."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        self.was_training = self.model.training
+        self.model.eval()
+        self.stack.enter_context(torch.no_grad())
+        for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            self.stack.enter_context(torch.autocast(device_type, enabled=False))
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.close()
+        self.model.train(self.was_training)
+
+
+def compute_features(
+    model: Any,
+    images: Sequence[Path],
+    texts: Sequence[str],
+    tokenizer: Any,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Tensor]:
+    """ITC embeddings and unimodal tokens of every image and text (spec 4.3 steps 1-2), float32 tensors.
+
+    Returns ``image_emb [N, D]``, ``image_tokens [N, T, W]``, ``text_emb [M, D]``, ``text_tokens [M, L, H]``,
+    ``text_mask [M, L]`` on ``device``.
+    """
+    from albef.model.image import preprocess
+    from tqdm import tqdm
+
+    model = _unwrap(model)
+    cfg = model.config
+    device = torch.device(device)
+    out: dict[str, list[Tensor]] = {
+        k: [] for k in ("text_emb", "text_tokens", "text_mask", "image_emb", "image_tokens")
+    }
+    with _EvalMode(model):
+        for start in tqdm(range(0, len(texts), TEXT_CHUNK), desc="text features", disable=not progress):
+            ids, mask = tokenizer(list(texts[start : start + TEXT_CHUNK]))
+            ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+            emb, tokens = model.encode_text(ids_t, mask_t)
+            out["text_emb"].append(emb.float())
+            out["text_tokens"].append(tokens.float())
+            out["text_mask"].append(mask_t)
+
+        def load(start: int) -> np.ndarray:
+            return preprocess(images[start : start + batch_size], cfg.vision.image_res, cfg.mean, cfg.std)
+
+        starts = list(range(0, len(images), batch_size))
+        # Decode/resize the next batch (PIL releases the GIL) while the model runs on this one.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, starts[0]) if starts else None
+            for n, _ in enumerate(tqdm(starts, desc="image features", disable=not progress)):
+                assert pending is not None
+                pixels = pending.result()
+                pending = pool.submit(load, starts[n + 1]) if n + 1 < len(starts) else None
+                emb, tokens = model.encode_image(torch.from_numpy(pixels).to(device))
+                out["image_emb"].append(emb.float())
+                out["image_tokens"].append(tokens.float())
+    feats = {}
+    for k, parts in out.items():
+        if parts:
+            feats[k] = torch.cat(parts)
+        else:  # an empty side: keep the feature shapes
+            feats[k] = torch.empty(0)
+    return feats
+
+
+def _kv_cache(
+    model: Any, image_tokens: Tensor, batch_size: int, budget: int
+) -> list[tuple[Tensor, Tensor]] | None:
+    """Cross-attention K/V of every image for every fusion layer, if they fit in ``budget`` bytes."""
+    n, t, _ = image_tokens.shape
+    tc = model.config.text
+    layers = tc.num_hidden_layers - tc.fusion_layer
+    need = 2 * layers * n * t * tc.hidden_size * image_tokens.element_size()
+    if need > budget:
+        log.info("image K/V cache too large, computing per pair", extra={"bytes": need, "budget": budget})
+        return None
+    parts: list[list[tuple[Tensor, Tensor]]] = []
+    for start in range(0, n, batch_size):
+        parts.append(model.image_kv(image_tokens[start : start + batch_size]))
+    return [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(layers)]
+
+
+def _pair_scores(
+    model: Any,
+    feats: dict[str, Tensor],
+    text_idx: np.ndarray,
+    image_idx: np.ndarray,
+    cache: list[tuple[Tensor, Tensor]] | None,
+    batch_size: int,
+    bar: Any,
+) -> np.ndarray:
+    """ITM class-1 logits of the pairs (text_idx[p], image_idx[p]), in batches of ``batch_size`` pairs."""
+    out = np.empty(len(text_idx), dtype=np.float32)
+    device = feats["text_tokens"].device
+    for start in range(0, len(text_idx), batch_size):
+        t = torch.from_numpy(text_idx[start : start + batch_size]).to(device)
+        i = torch.from_numpy(image_idx[start : start + batch_size]).to(device)
+        tokens, mask = feats["text_tokens"][t], feats["text_mask"][t]
+        if cache is not None:
+            logits = model.itm_logits_kv(tokens, mask, [(k[i], v[i]) for k, v in cache])
+        elif bool((i == i[0]).all()):  # one image: its K/V once, broadcast over the texts
+            logits = model.itm_logits_kv(tokens, mask, model.image_kv(feats["image_tokens"][i[:1]]))
+        else:
+            logits = model.itm_logits(tokens, mask, feats["image_tokens"][i])
+        out[start : start + len(t)] = logits[:, 1].float().cpu().numpy()
+        bar.update(len(t))
+    return out
+
+
+def score_matrices(
+    model: Any,
+    feats: dict[str, Tensor],
+    k_test: int,
+    batch_size: int = 64,
+    progress: bool = True,
+    kv_cache_bytes: int = 2 << 30,
+) -> ScoreMatrices:
+    """Spec 4.3 steps 3-6: ITC sims, then ITM logits on each query's top ``k_test`` ITC candidates."""
+    from tqdm import tqdm
+
+    if k_test < 1:
+        raise ValueError("k_test must be >= 1")
+    model = _unwrap(model)
+    image_emb, text_emb = feats["image_emb"], feats["text_emb"]
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    if n_img == 0 or n_txt == 0:
+        raise ValueError(f"nothing to evaluate: {n_img} images, {n_txt} texts")
+    with _EvalMode(model):
+        sims = (image_emb @ text_emb.T).float().cpu().numpy()
+        k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
+        cand_i2t = _rank_rows(sims, k_i2t)  # [n_img, k] text ids
+        cand_t2i = _rank_rows(sims.T, k_t2i)  # [n_txt, k] image ids
+        cache = _kv_cache(model, feats["image_tokens"], batch_size, kv_cache_bytes)
+        total = cand_i2t.size + cand_t2i.size
+        with tqdm(total=total, desc="ITM re-rank", unit="pair", disable=not progress) as bar:
+            # Image->text pairs are grouped by image, so without the cache each batch shares one image's K/V.
+            img_of_pair = np.repeat(np.arange(n_img), k_i2t)
+            txt_of_pair = cand_i2t.reshape(-1)
+            if cache is None:
+                scores = np.concatenate(
+                    [
+                        _pair_scores(model, feats, txt_of_pair[r * k_i2t : (r + 1) * k_i2t],
+                                     img_of_pair[r * k_i2t : (r + 1) * k_i2t], None, batch_size, bar)
+                        for r in range(n_img)
+                    ]
+                )  # fmt: skip
+            else:
+                scores = _pair_scores(model, feats, txt_of_pair, img_of_pair, cache, batch_size, bar)
+            i2t = np.full((n_img, n_txt), FILL, dtype=np.float32)
+            np.put_along_axis(i2t, cand_i2t, scores.reshape(n_img, k_i2t), axis=1)
+
+            txt_of_pair = np.repeat(np.arange(n_txt), k_t2i)
+            scores = _pair_scores(model, feats, txt_of_pair, cand_t2i.reshape(-1), cache, batch_size, bar)
+            t2i = np.full((n_txt, n_img), FILL, dtype=np.float32)
+            np.put_along_axis(t2i, cand_t2i, scores.reshape(n_txt, k_t2i), axis=1)
+    return ScoreMatrices(sims=sims, i2t=i2t, t2i=t2i, k_test=k_test)
+
+
+def restrict_k(scores: ScoreMatrices, k: int) -> ScoreMatrices:
+    """The matrices a run with a smaller ``k`` would give: each query keeps its ITM logits only on its top-k
+    ITC candidates. Exact, because the shortlist is a stable sort of the same ``sims`` (so top-k is a prefix
+    of top-K) and a pair's ITM logit does not depend on the other candidates."""
+    if k > scores.k_test:
+        raise ValueError(f"cannot derive k={k} from a run with k_test={scores.k_test}")
+
+    def cut(full: np.ndarray, sims: np.ndarray) -> np.ndarray:
+        cand = _rank_rows(sims, min(k, sims.shape[1]))
+        out = np.full_like(full, FILL)
+        np.put_along_axis(out, cand, np.take_along_axis(full, cand, axis=1), axis=1)
+        return out
+
+    return ScoreMatrices(scores.sims, cut(scores.i2t, scores.sims), cut(scores.t2i, scores.sims.T), k)
+
+
+def _ranks(scores: np.ndarray, gts: Sequence[Sequence[int]], chunk: int = 1024) -> np.ndarray:
+    """Per row, the best position of any ground-truth column in the row's ranking (1e20 if none)."""
+    ranks = np.full(scores.shape[0], 1e20)
+    for start in range(0, scores.shape[0], chunk):
+        order = _rank_rows(np.asarray(scores[start : start + chunk]))
+        pos = np.empty_like(order)
+        np.put_along_axis(pos, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
+        for r in range(order.shape[0]):
+            gt = gts[start + r]
+            if len(gt):
+                ranks[start + r] = pos[r, list(gt)].min()
+    return ranks
+
+
+def itm_eval(
+    scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: Sequence[int], img2txt: Sequence[Sequence[int]]
+) -> dict[str, float]:
+    """Spec 4.4: recall at 1/5/10 both ways (percent), their means and ``r_mean``."""
+    scores_i2t, scores_t2i = np.asarray(scores_i2t), np.asarray(scores_t2i)
+    if scores_i2t.shape != (len(img2txt), len(txt2img)) or scores_t2i.shape != (len(txt2img), len(img2txt)):
+        raise ValueError(
+            f"score shapes {scores_i2t.shape} / {scores_t2i.shape} do not match "
+            f"{len(img2txt)} images x {len(txt2img)} texts"
+        )
+    ranks_i = _ranks(scores_i2t, img2txt)
+    ranks_t = _ranks(scores_t2i, [[g] for g in txt2img])
+
+    def recall(ranks: np.ndarray, k: int) -> float:
+        return float(100.0 * np.mean(ranks < k))
+
+    tr = [recall(ranks_i, k) for k in (1, 5, 10)]
+    ir = [recall(ranks_t, k) for k in (1, 5, 10)]
+    out = {"txt_r1": tr[0], "txt_r5": tr[1], "txt_r10": tr[2], "txt_r_mean": sum(tr) / 3}
+    out |= {"img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": sum(ir) / 3}
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def default_ks(k_test: int) -> list[int]:
+    ks = [2**p for p in range(int(math.log2(k_test)) + 1)] if k_test >= 1 else []
+    return sorted(set(ks) | {k_test})
+
+
+def evaluate(
+    model: Any,
+    eval_set: Any,
+    tokenizer: Any,
+    k_test: int,
+    ks_for_plot: Sequence[int] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Features, score matrices, recall tables (ITC only and ITC+ITM) and the R@1-vs-K curve.
+
+    The ITM logits are computed once, for the largest K needed; every smaller K (``k_test`` included) is
+    derived with :func:`restrict_k`, which gives exactly what a separate run with that K would give.
+    """
+    if not eval_set.images or not eval_set.texts:
+        raise ValueError("the eval set has no images or no texts")
+    ks = sorted(set(ks_for_plot if ks_for_plot is not None else default_ks(k_test)) | {k_test})
+    if ks[0] < 1:
+        raise ValueError("every K must be >= 1")
+    t0 = time.perf_counter()
+    feats = compute_features(model, eval_set.images, eval_set.texts, tokenizer, batch_size, device, progress)
+    t1 = time.perf_counter()
+    full = score_matrices(model, feats, ks[-1], batch_size, progress)
+    t2 = time.perf_counter()
+    args = (eval_set.txt2img, eval_set.img2txt)
+    itc = itm_eval(full.sims, full.sims.T, *args)
+    curve: dict[str, list[float]] = {"k": [], "txt_r1": [], "img_r1": [], "r_mean": []}
+    itm = None
+    for k in ks:
+        res = itm_eval(*_pair(restrict_k(full, k)), *args)
+        curve["k"].append(k)
+        curve["txt_r1"].append(res["txt_r1"])
+        curve["img_r1"].append(res["img_r1"])
+        curve["r_mean"].append(res["r_mean"])
+        if k == k_test:
+            itm = res
+    n_img, n_txt = len(eval_set.images), len(eval_set.texts)
+    report = {
+        "itm": itm,
+        "itc": itc,
+        "k_test": k_test,
+        "r1_vs_k": curve | {"itc_txt_r1": itc["txt_r1"], "itc_img_r1": itc["img_r1"]},
+        "n_images": n_img,
+        "n_texts": n_txt,
+        "pairs_scored": n_img * min(ks[-1], n_txt) + n_txt * min(ks[-1], n_img),
+        "ranking": RANKING,
+        "timings": {
+            "features_s": round(t1 - t0, 3),
+            "itm_s": round(t2 - t1, 3),
+            "metrics_s": round(time.perf_counter() - t2, 3),
+            "total_s": round(time.perf_counter() - t0, 3),
+        },
+    }
+    log.info("evaluation done", extra={"k_test": k_test, "r_mean": itm["r_mean"] if itm else None})
+    return report
+
+
+def _pair(s: ScoreMatrices) -> tuple[np.ndarray, np.ndarray]:
+    return s.i2t, s.t2i
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The two recall tables (ITC only, ITC+ITM) as aligned text."""
+    cols = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+    lines = [f"{'':<22}" + "".join(f"{c:>9}" for c in cols)]
+    rows = (("ITC only", report["itc"]), (f"ITC+ITM (k={report['k_test']})", report["itm"]))
+    for name, res in rows:
+        lines.append(f"{name:<22}" + "".join(f"{res[c]:>9.2f}" for c in cols))
+    return "\n".join(lines)
+
+
+def plot_r1_vs_k(report: dict[str, Any], path: str | Path) -> None:
+    """PNG of R@1 (both directions) against K, ITC-only R@1 as dashed lines. Written atomically."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = report["r1_vs_k"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(curve["k"], curve["txt_r1"], "o-", color="tab:blue", label="image->text R@1 (ITC+ITM)")
+    ax.plot(curve["k"], curve["img_r1"], "s-", color="tab:orange", label="text->image R@1 (ITC+ITM)")
+    ax.axhline(curve["itc_txt_r1"], ls="--", color="tab:blue", alpha=0.6, label="image->text R@1 (ITC only)")
+    ax.axhline(
+        curve["itc_img_r1"], ls="--", color="tab:orange", alpha=0.6, label="text->image R@1 (ITC only)"
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (ITC candidates re-ranked by ITM)")
+    ax.set_ylabel("R@1 (%)")
+    ax.set_title(f"R@1 vs K ({report['n_images']} images, {report['n_texts']} texts)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
