@@ -144,6 +144,18 @@ def example_inputs(model: ALBEF, batch: int = 2, length: int | None = None, seed
 # -- export ----------------------------------------------------------------------------------------------
 def _export(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
             dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        # The legacy exporter is chosen on purpose (see module doc); timm's image-size assertion becomes a
+        # trace constant, which is right because the resolution is fixed per bundle.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        _export_quiet(module, args, path, inputs, outputs, dynamic_axes, opset)
+
+
+def _export_quiet(module: nn.Module, args: tuple[Tensor, ...], path: Path, inputs: list[str], outputs: list[str],
+                  dynamic_axes: dict[str, dict[int, str]], opset: int) -> None:
     torch.onnx.export(
         module,
         args,
@@ -205,29 +217,52 @@ def export_graphs(model: ALBEF, out: Path, opset: int = DEFAULT_OPSET) -> dict[s
             ),
         }
         files = {}
+        io = io_description(model)
         for role, (module, args, inputs, outputs, axes) in specs.items():
             name = variant_file(role, "fp32")
             # Adapters must be in eval mode: the exporter restores the wrapper's mode afterwards, recursively,
             # and a fresh nn.Module is in training mode (that would switch the model's dropout on).
             _export(module.eval(), args, out / name, inputs, outputs, axes, opset)
+            _set_static_output_dims(out / name, io[role]["outputs"])
             files[role] = name
     return files
 
 
-def quantize_int8(out: Path, files: dict[str, str]) -> dict[str, str]:
-    """int8 dynamic quantisation of every graph's MatMul/Gemm weights (per output channel)."""
+def _set_static_output_dims(path: Path, shapes: dict[str, list[Any]]) -> None:
+    """The tracer leaves some fixed output sizes symbolic (e.g. after normalize); write the known ones in."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        for dim, want in zip(dims, shapes.get(out.name, []), strict=False):
+            if isinstance(want, int):
+                dim.Clear()
+                dim.dim_value = want
+    onnx.save(model, str(path))
+
+
+def quantize_int8(out: Path, files: dict[str, str], per_channel: bool = False) -> dict[str, str]:
+    """int8 dynamic quantisation of every graph's MatMul/Gemm weights (symmetric, per tensor or per output
+    channel; ORT's per-channel path is a Python loop over channels, about 10x slower to export)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     q = {}
-    for role, name in files.items():
-        qname = variant_file(role, "int8")
-        tmp = out / (qname + ".part")
-        quantize_dynamic(
-            str(out / name), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
-            op_types_to_quantize=["MatMul", "Gemm"],
-        )
-        tmp.replace(out / qname)
-        q[role] = qname
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger about optional pre-processing
+    try:
+        for role, name in files.items():
+            qname = variant_file(role, "int8")
+            tmp = out / (qname + ".part")
+            quantize_dynamic(
+                str(out / name), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
+                op_types_to_quantize=["MatMul", "Gemm"],
+            )
+            tmp.replace(out / qname)
+            q[role] = qname
+    finally:
+        root.setLevel(level)
     return q
 
 
@@ -409,6 +444,7 @@ def export_bundle(
     overwrite: bool = False,
     evaluator: Evaluator | None = None,
     tolerance: float = FP32_TOLERANCE,
+    int8_per_channel: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Export ``model`` into a bundle at ``out_dir`` and return its manifest.
@@ -481,10 +517,13 @@ def export_bundle(
             bar.set_postfix_str(v)
             t0 = time.perf_counter()
             if v == "int8":
-                files = quantize_int8(tmp, files32)
+                files = quantize_int8(tmp, files32, int8_per_channel)
+                granularity = "per output channel" if int8_per_channel else "per tensor"
                 base["variants"]["int8"] = {
                     "files": files,
-                    "weights": "int8 (dynamic quantisation, per-channel, MatMul/Gemm only)",
+                    "weights": f"int8 symmetric {granularity}, MatMul/Gemm weights only; activations quantised "
+                    "dynamically (onnxruntime.quantization.quantize_dynamic)",
+                    "per_channel": int8_per_channel,
                 }
                 write_manifest(tmp, base)
                 with torch.no_grad():

@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: ALBEF_VOCAB or the bundled copy)")
     p.add_argument("--image-res", type=int, default=None, help="export at another resolution (pos_embed resized)")
+    p.add_argument("--int8-per-channel", action="store_true",
+                   help="int8 weights with one scale per output channel (slower export)")
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--eval-data", type=Path, default=None,
                    help="official val/test JSON: measure every variant's R@K with the runtime into the manifest")
@@ -61,6 +63,7 @@ def export_command(args: argparse.Namespace) -> int:
         manifest = export_bundle(
             model, args.out_dir, variants=variants, opset=args.opset, vocab=args.vocab,
             checkpoint=args.checkpoint, overwrite=args.force, evaluator=evaluator, tolerance=args.tolerance,
+            int8_per_channel=args.int8_per_channel,
         )
     except (ExportError, ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc

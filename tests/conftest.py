@@ -37,3 +37,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ckpt") / "albef-tiny-random"
     save_albef(model, out, source={"init": "random", "seed": 0})
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, vocab_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random albef-tiny exported once as a model bundle (fp32 + int8) for the ONNX runtime."""
+    from albef.model.export import export_bundle
+    from albef.model.factory import create_model
+
+    out = tmp_path_factory.mktemp("bundle") / "albef-tiny-random"
+    export_bundle(
+        create_model(None, tiny_checkpoint), out, variants=["fp32", "int8"], vocab=vocab_path,
+        checkpoint=tiny_checkpoint, progress=False,
+    )
+    return out
