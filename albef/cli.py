@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "albef.model.train.eval_cli",
     "albef.model.export_cli",
     "albef.index.cli",
+    "albef.service.cli",
 )
 
 

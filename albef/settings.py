@@ -1,0 +1,112 @@
+"""The one settings class of the project: environment variables with the ``ALBEF_`` prefix.
+
+Every field can be set as ``ALBEF_<FIELD NAME IN CAPITALS>`` (``ALBEF_INDEX_DIR=/data/index``,
+``ALBEF_BATCH_MAX_SIZE=16``); command-line flags of ``albef serve`` override the environment. Lists
+(``ALBEF_CORS_ORIGINS``) take a comma-separated string or a JSON list. Torch-free and import-light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of the search service (and of other parts that add fields here later)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALBEF_", extra="ignore", validate_default=True)
+
+    # -- what to serve ----------------------------------------------------------------------------------
+    index_dir: Path | None = Field(None, description="index folder (from `albef index build`)")
+    bundle: Path | None = Field(
+        None, description="model bundle folder (from `albef export`); default: the one the index manifest records"
+    )
+    variant: str = Field("fp32", description="bundle variant to run: fp32 or int8 (if exported)")
+
+    # -- server -----------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 = any free port)")
+    threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads per session (default: ONNX Runtime's choice)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+
+    # -- micro-batching and back-pressure ---------------------------------------------------------------
+    batch_max_size: int = Field(
+        16, ge=1, le=1024, description="most queries per encoder call (1 = no micro-batching)"
+    )
+    batch_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="how long a batch waits for more queries after its first one"
+    )
+    itm_max_pairs: int = Field(
+        256, ge=1, description="most (text, image) pairs per ITM call when re-rank requests are batched"
+    )
+    queue_max: int = Field(
+        64, ge=1, description="most queries waiting per stage; beyond it requests get 503 with Retry-After"
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 503 when a queue is full")
+
+    # -- request limits ---------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest image upload (bytes)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest image (width x height); Pillow's decompression-bomb limit"
+    )
+    max_text_chars: int = Field(1000, ge=1, description="longest query text (characters)")
+    max_k: int = Field(100, ge=1, description="largest k a request may ask for")
+    max_rerank_k: int = Field(256, ge=1, description="largest rerank_k a request may ask for")
+    default_k: int = Field(10, ge=1, description="k when a request does not say")
+    default_rerank_k: int = Field(32, ge=1, description="rerank_k when a request does not say")
+
+    # -- security ---------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None, description="if set, every route but /healthz and /readyz needs it (X-API-Key or Bearer)"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="allowed CORS origins (comma-separated); empty = CORS off"
+    )
+
+    # -- index updates ----------------------------------------------------------------------------------
+    reload_interval_s: float = Field(
+        2.0, ge=0, description="how often to poll the index's `current` pointer for a new version (0 = never)"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return value
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # ALBEF_API_KEY="" (e.g. an unset compose variable) means "no key", not "the empty key".
+        return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _check_defaults(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
+        if self.default_rerank_k > self.max_rerank_k:
+            raise ValueError(f"default_rerank_k ({self.default_rerank_k}) exceeds max_rerank_k ({self.max_rerank_k})")
+        return self
+
+    @property
+    def max_request_bytes(self) -> int:
+        """Largest request body: an upload as base64 JSON (4/3 larger) or multipart, plus room for fields."""
+        return self.max_upload_bytes * 4 // 3 + 64 * 1024
+
+
+def get_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with ``overrides`` (e.g. command-line flags) on top."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,83 @@
+"""``albef serve``: run the search service on uvicorn. Registration is import-light (no torch, ever)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the search REST service (FastAPI on uvicorn)",
+                       description="Serve an index over HTTP. Every option can also be set with an ALBEF_* "
+                                   "environment variable (see albef/settings.py); flags win.")
+    p.add_argument("--index", type=Path, default=None, help="index folder (ALBEF_INDEX_DIR)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model bundle (ALBEF_BUNDLE; default: the bundle the index manifest records)")
+    p.add_argument("--variant", default=None, help="bundle variant, fp32 or int8 (ALBEF_VARIANT)")
+    p.add_argument("--host", default=None, help="address to bind (ALBEF_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (ALBEF_PORT, default 8000)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (ALBEF_THREADS)")
+    p.set_defaults(func=serve_command)
+
+
+def _check(settings: object) -> None:
+    """Fail fast, with one line, on what cannot work; a folder without a version yet is waited for."""
+    from albef.cli import CLIError
+
+    index_dir = getattr(settings, "index_dir", None)
+    if index_dir is None:
+        raise CLIError("no index folder: pass --index or set ALBEF_INDEX_DIR")
+    if not Path(index_dir).is_dir():
+        raise CLIError(f"index folder not found: {index_dir}")
+    from albef.index import current_version
+
+    bundle = getattr(settings, "bundle", None)
+    if bundle is not None:
+        from albef.model.runtime import BundleError, read_manifest
+
+        try:
+            manifest = read_manifest(bundle)
+        except BundleError as exc:
+            raise CLIError(str(exc)) from exc
+        if current_version(index_dir) is not None:
+            from albef.index.layout import read_manifest as read_index_manifest
+            from albef.index.layout import version_path
+
+            built_with = read_index_manifest(version_path(Path(index_dir))).get("bundle_id")
+            if built_with != manifest.get("bundle_id"):
+                raise CLIError(f"the index in {index_dir} was built with model bundle {str(built_with)[:16]}..., "
+                               f"not {str(manifest.get('bundle_id'))[:16]}... ({bundle}); rebuild the index or "
+                               "serve it with its own bundle")
+    elif current_version(index_dir) is not None:
+        from albef.service.state import bundle_path_for
+
+        path = bundle_path_for(Path(index_dir), None)
+        if not (path / "manifest.json").is_file():
+            raise CLIError(f"the model bundle the index records ({path}) is not there; pass --model")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from albef.cli import CLIError
+    from albef.settings import get_settings
+
+    try:
+        settings = get_settings(index_dir=args.index, bundle=args.model, variant=args.variant, host=args.host,
+                                port=args.port, threads=args.threads)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "settings"
+        raise CLIError(f"invalid setting {field}: {err.get('msg')}") from exc
+    _check(settings)
+    from albef.service.app import create_app
+
+    logging.getLogger().setLevel(settings.log_level)
+    app = create_app(settings)
+    # log_config=None keeps our JSON logging; uvicorn's own loggers propagate to the root handler.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                timeout_graceful_shutdown=10)
+    return 0

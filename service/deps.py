@@ -1,0 +1,47 @@
+"""Dependencies of the routes, as ``Annotated`` aliases (the full-stack-fastapi-template pattern)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from albef.service.engine import SearchEngine
+from albef.service.errors import NotReadyError
+from albef.service.metrics import Metrics
+from albef.service.state import ServiceState
+from fastapi import Depends, Request
+
+from albef.settings import Settings
+
+__all__ = ["StateDep", "SettingsDep", "MetricsDep", "ReaderDep", "EngineDep"]
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.albef
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.albef.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.albef.metrics
+
+
+def lease_reader(state: Annotated[ServiceState, Depends(get_state)]) -> Iterator[Any]:
+    """The index reader for this request; a hot swap during the request does not affect it."""
+    with state.lease() as reader:
+        yield reader
+
+
+def get_engine(state: Annotated[ServiceState, Depends(get_state)]) -> SearchEngine:
+    if state.engine is None:
+        raise NotReadyError(f"not ready: {state.status}")
+    return state.engine
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ReaderDep = Annotated[Any, Depends(lease_reader)]
+EngineDep = Annotated[SearchEngine, Depends(get_engine)]

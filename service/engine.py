@@ -1,0 +1,317 @@
+"""Retrieve, then re-rank: the search logic of the service, independent of HTTP.
+
+One search (either direction) is three stages:
+
+1. **encode** the query: a text (tokenizer + text encoder), an image (safe decode + preprocess + image
+   encoder), or an indexed item (its stored ITC vector and stored token features; nothing is re-encoded);
+2. **ann**: FAISS search of the other modality's index for the top ``max(k, rerank_k)`` by ITC score
+   (``k`` without re-ranking), in ITC order: score descending, then id ascending;
+3. **rerank** (if asked): the first ``rerank_k`` candidates go through the ITM head with the query and are
+   ordered by the ITM logit of class 1 (the official ALBEF rule, spec 4.3: ITC is not added), ties by id
+   ascending. When ``k > rerank_k``, the results after the re-ranked ones are the next ITC candidates in ITC
+   order (they have no ITM score). Text->image scores (text, candidate image) pairs; image->text computes the
+   query image's cross-attention K/V once and scores every candidate text against them (exact).
+
+Model calls go through :class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run
+in worker threads. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from albef.service.batching import MicroBatcher
+from albef.service.errors import ApiError, QueueFullError
+from albef.service.images import decode_upload
+from albef.service.metrics import Metrics, StageTimer
+
+__all__ = ["Stages", "SearchEngine", "SearchResult", "order_candidates", "match_probability", "public_item"]
+
+Direction = Literal["t2i", "i2t"]  # t2i: text query -> images; i2t: image query -> texts
+
+
+def match_probability(logits: np.ndarray) -> np.ndarray:
+    """Softmax of the two ITM logits, class 1 (computed in float64: no overflow for large logits)."""
+    lg = np.asarray(logits, dtype=np.float64).reshape(-1, 2)
+    return 1.0 / (1.0 + np.exp(np.clip(lg[:, 0] - lg[:, 1], -700, 700)))
+
+
+def order_candidates(
+    ids: Sequence[int], itc: Sequence[float], itm: Sequence[float] | None, k: int, rerank_k: int
+) -> list[int]:
+    """Positions (into ``ids``) of the final top ``k``.
+
+    ``ids``/``itc`` are the ANN candidates; ``itm`` holds the class-1 ITM logits of the first
+    ``len(itm)`` (= min(rerank_k, len(ids))) of them in ITC order, or is None (no re-rank). Ordering:
+    re-ranked head by (ITM desc, id asc), then the rest by (ITC desc, id asc).
+    """
+    itc_order = sorted(range(len(ids)), key=lambda i: (-float(itc[i]), int(ids[i])))
+    if itm is None:
+        return itc_order[:k]
+    head = itc_order[: min(rerank_k, len(itc_order))]
+    if len(itm) != len(head):
+        raise ValueError(f"{len(itm)} ITM scores for {len(head)} re-ranked candidates")
+    score = {pos: float(s) for pos, s in zip(head, itm, strict=True)}
+    head_sorted = sorted(head, key=lambda i: (-score[i], int(ids[i])))
+    return (head_sorted + itc_order[len(head):])[:k]
+
+
+def public_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An index record as the API shows it: no local paths; images held as files get an ``image_url``."""
+    path = item.get("path")
+    out = {
+        "id": int(item["id"]), "kind": item["kind"], "caption": item.get("caption"),
+        "width": item.get("width"), "height": item.get("height"), "sha256": item.get("sha256"),
+        "image_id": item.get("image_id"), "metadata": item.get("metadata"), "image_url": None, "uri": None,
+    }
+    if item["kind"] == "image" and path:
+        if "://" in str(path):
+            out["uri"] = str(path)
+        else:
+            out["image_url"] = f"/v1/items/{int(item['id'])}/image"
+    return out
+
+
+class Stages:
+    """The model calls of a search, each behind its own micro-batcher (one worker thread each)."""
+
+    def __init__(self, bundle: Any, *, batch_max_size: int = 16, batch_max_wait_ms: float = 2.0,
+                 itm_max_pairs: int = 256, queue_max: int = 64, retry_after_s: int = 1,
+                 metrics: Metrics | None = None) -> None:
+        self.bundle = bundle
+        self.metrics = metrics
+        self.itm_max_pairs = int(itm_max_pairs)
+        on_batch = metrics.on_batch if metrics is not None else None
+        common = {"max_wait_ms": batch_max_wait_ms, "queue_max": queue_max, "retry_after_s": retry_after_s,
+                  "on_batch": on_batch}
+        self.text = MicroBatcher("encode_text", self._encode_texts, max_cost=batch_max_size, **common)
+        self.image = MicroBatcher("encode_image", self._encode_images, max_cost=batch_max_size, **common)
+        # ITM jobs weigh their number of pairs; with batching off (size 1) each job runs alone.
+        self.itm = MicroBatcher("rerank", self._itm_jobs, max_cost=itm_max_pairs if batch_max_size > 1 else 1,
+                                cost=lambda job: len(job[2]), **common)
+        self.batchers = (self.text, self.image, self.itm)
+        if metrics is not None:
+            for b in self.batchers:
+                metrics.watch_queue(b.name, lambda b=b: b.depth)
+
+    def close(self) -> None:
+        for b in self.batchers:
+            b.close()
+
+    async def _call(self, batcher: MicroBatcher, item: Any) -> Any:
+        try:
+            return await batcher(item)
+        except QueueFullError:
+            if self.metrics is not None:
+                self.metrics.rejections.labels(stage=batcher.name).inc()
+            raise
+
+    # -- public (awaitable) -------------------------------------------------------------------------------
+    async def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One text's ids/mask ``[L]`` -> (embedding ``[D]``, token features ``[L,H]``)."""
+        return await self._call(self.text, (ids, mask))
+
+    async def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One image's pixels ``[3,R,R]`` -> (embedding ``[D]``, token features ``[N,W]``)."""
+        return await self._call(self.image, pixels)
+
+    async def itm_t2i(self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:
+        """One text ``[L,H]``/``[L]`` against K images ``[K,N,W]`` -> logits ``[K,2]``."""
+        return await self._call(self.itm, ("t2i", (text_tokens, text_mask), image_tokens))
+
+    async def itm_i2t(self, image_tokens: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
+        """One image ``[N,W]`` against K texts ``[K,L,H]``/``[K,L]`` -> logits ``[K,2]`` (K/V computed once)."""
+        return await self._call(self.itm, ("i2t", image_tokens, (text_tokens, text_mask)))
+
+    # -- batch functions (worker threads) -----------------------------------------------------------------
+    def _encode_texts(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        emb, tok = self.bundle.encode_ids(np.stack([i for i, _ in items]), np.stack([m for _, m in items]))
+        return [(emb[j], tok[j]) for j in range(len(items))]
+
+    def _encode_images(self, items: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        emb, tok = self.bundle.encode_pixels(np.stack(items))
+        return [(emb[j], tok[j]) for j in range(len(items))]
+
+    def _itm_jobs(self, jobs: list[tuple[str, Any, Any]]) -> list[np.ndarray]:
+        out: list[np.ndarray | None] = [None] * len(jobs)
+        # Text->image jobs from several requests are concatenated into (text, image) pair batches.
+        t2i = [j for j, job in enumerate(jobs) if job[0] == "t2i"]
+        if t2i:
+            toks, masks, imgs = [], [], []
+            for j in t2i:
+                (tt, tm), it = jobs[j][1], jobs[j][2]
+                n = len(it)
+                toks.append(np.broadcast_to(tt, (n, *tt.shape)))
+                masks.append(np.broadcast_to(tm, (n, *tm.shape)))
+                imgs.append(np.asarray(it))
+            tt_all, tm_all, it_all = np.concatenate(toks), np.concatenate(masks), np.concatenate(imgs)
+            logits = []
+            for a in range(0, len(it_all), self.itm_max_pairs):
+                b = a + self.itm_max_pairs
+                logits.append(self.bundle.itm_scores(tt_all[a:b], tm_all[a:b], it_all[a:b]))
+            flat = np.concatenate(logits) if logits else np.zeros((0, 2), np.float32)
+            start = 0
+            for j in t2i:
+                n = len(jobs[j][2])
+                out[j] = flat[start : start + n]
+                start += n
+        # Image->text jobs: K/V of the query image once, broadcast over its candidate texts.
+        for j, job in enumerate(jobs):
+            if job[0] == "i2t":
+                it, (tt, tm) = job[1], job[2]
+                kv = self.bundle.image_kv(np.asarray(it)[None])
+                out[j] = self.bundle.itm_scores_for_image(kv, tt, tm)
+        return out  # type: ignore[return-value]
+
+
+@dataclass
+class SearchResult:
+    ids: list[int]
+    itc: list[float]
+    itm: list[float | None]
+    prob: list[float | None]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    query: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Query:
+    emb: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray | None = None  # text queries only
+
+
+class SearchEngine:
+    """Searches one index reader with one bundle. ``reader`` is passed per call (hot swaps)."""
+
+    def __init__(self, bundle: Any, stages: Stages, *, metrics: Metrics | None = None,
+                 max_upload_bytes: int = 10 << 20, max_image_pixels: int = 40_000_000) -> None:
+        self.bundle = bundle
+        self.stages = stages
+        self.metrics = metrics
+        self.max_upload_bytes = max_upload_bytes
+        self.max_image_pixels = max_image_pixels
+
+    # -- query encoders -----------------------------------------------------------------------------------
+    async def _text_query(self, text: str) -> _Query:
+        ids, mask = self.bundle.tokenize([text])  # microseconds; not worth a thread hop
+        emb, tok = await self.stages.encode_text(ids[0], mask[0])
+        return _Query(emb, tok, mask[0])
+
+    async def _image_query(self, data: bytes, timer: StageTimer) -> _Query:
+        def prepare() -> np.ndarray:
+            img = decode_upload(data, max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
+            return self.bundle.preprocess([img])[0]
+
+        with timer("decode"):
+            pixels = await asyncio.to_thread(prepare)
+        emb, tok = await self.stages.encode_image(pixels)
+        return _Query(emb, tok)
+
+    async def _item_query(self, reader: Any, item_id: int, kind: str, route_hint: str) -> _Query:
+        def lookup() -> _Query:
+            item = reader.item(item_id)
+            if item is None:
+                raise ApiError(404, "item_not_found", f"no item {item_id} in index version {reader.version}",
+                               field="item_id")
+            if item["kind"] != kind:
+                raise ApiError(422, "wrong_item_kind",
+                               f"item {item_id} is an {item['kind']}; {route_hint} needs an indexed {kind}",
+                               field="item_id")
+            emb = reader.vector(kind, item_id)
+            if kind == "text":
+                tok, mask = reader.text_features([item_id])
+                return _Query(emb, tok[0], mask[0])
+            return _Query(emb, reader.image_tokens([item_id])[0])
+
+        return await asyncio.to_thread(lookup)
+
+    # -- search -------------------------------------------------------------------------------------------
+    async def search(
+        self,
+        reader: Any,
+        direction: Direction,
+        *,
+        text: str | None = None,
+        image: bytes | None = None,
+        item_id: int | None = None,
+        k: int = 10,
+        rerank: bool = True,
+        rerank_k: int = 32,
+        exclude: Sequence[int] = (),
+    ) -> SearchResult:
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
+        timer = StageTimer(self.metrics, timings)
+        query_kind, target = ("text", "image") if direction == "t2i" else ("image", "text")
+        route_hint = "/v1/search/images" if direction == "t2i" else "/v1/search/texts"
+
+        t0 = time.perf_counter()
+        if item_id is not None:
+            q = await self._item_query(reader, int(item_id), query_kind, route_hint)
+            query = {"kind": query_kind, "item_id": int(item_id)}
+        elif direction == "t2i":
+            assert text is not None
+            with timer("encode_text"):
+                q = await self._text_query(text)
+            query = {"kind": "text", "text": text}
+        else:
+            assert image is not None
+            with timer("encode_image"):
+                q = await self._image_query(image, timer)
+            query = {"kind": "image", "bytes": len(image)}
+        timings["encode"] = (time.perf_counter() - t0) * 1000.0
+
+        excluded = {int(i) for i in exclude}
+        n_total = reader.count(target)
+        n = min(n_total, (max(k, rerank_k) if rerank else k) + len(excluded))
+        ids: list[int] = []
+        itc: list[float] = []
+        if n > 0:
+            t0 = time.perf_counter()
+            with timer("ann"):
+                scores, found = await asyncio.to_thread(reader.search, target, q.emb[None, :], n)
+            for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
+                if i >= 0 and i not in excluded:
+                    ids.append(int(i))
+                    itc.append(float(s))
+            timings["ann"] = (time.perf_counter() - t0) * 1000.0
+
+        itm: list[float] | None = None
+        logits = np.zeros((0, 2), np.float32)
+        if rerank and ids:
+            t0 = time.perf_counter()
+            itc_order = sorted(range(len(ids)), key=lambda i: (-itc[i], ids[i]))
+            head_ids = [ids[i] for i in itc_order[:rerank_k]]
+            with timer("features"):
+                feats = await asyncio.to_thread(
+                    reader.image_tokens if target == "image" else reader.text_features, head_ids
+                )
+            with timer("rerank"):
+                if direction == "t2i":
+                    logits = await self.stages.itm_t2i(q.tokens, q.mask, feats)
+                else:
+                    logits = await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
+            itm = [float(x) for x in logits[:, 1]]
+            # order_candidates expects ITM scores in ITC order of the head: reorder ids accordingly first.
+            ids = [ids[i] for i in itc_order]
+            itc = [itc[i] for i in itc_order]
+            timings["rerank"] = (time.perf_counter() - t0) * 1000.0
+        order = order_candidates(ids, itc, itm, k, rerank_k)
+        probs = match_probability(logits) if itm is not None else None
+        out = SearchResult(
+            ids=[ids[p] for p in order],
+            itc=[itc[p] for p in order],
+            itm=[itm[p] if itm is not None and p < len(itm) else None for p in order],
+            prob=[float(probs[p]) if probs is not None and p < len(probs) else None for p in order],
+            query=query,
+        )
+        timings["total"] = (time.perf_counter() - t_start) * 1000.0
+        out.timings_ms = {key: round(v, 3) for key, v in timings.items() if not math.isnan(v)}
+        return out

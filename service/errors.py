@@ -1,0 +1,122 @@
+"""Errors of the HTTP API and their handlers. Every error body is ``{"error": {"code", "message", ...}}``.
+
+Client errors are 4xx with a stable ``code``; validation errors (FastAPI's 422) are reshaped to name the
+field. Anything unexpected becomes a 500 with a generic message: no stack trace, exception text or file
+path ever reaches a response body (it is logged instead).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ApiError", "QueueFullError", "NotReadyError", "PayloadTooLargeError", "error_body", "install"]
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a machine-readable code and a message safe to show to clients."""
+
+    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+class QueueFullError(ApiError):
+    """A stage's queue is full: the client should retry later."""
+
+    def __init__(self, stage: str, retry_after_s: int = 1) -> None:
+        super().__init__(503, "overloaded", f"the {stage} queue is full; retry later",
+                         headers={"Retry-After": str(int(retry_after_s))})
+        self.stage = stage
+
+
+class NotReadyError(ApiError):
+    def __init__(self, message: str = "the model or the index is not loaded yet") -> None:
+        super().__init__(503, "not_ready", message, headers={"Retry-After": "5"})
+
+
+class PayloadTooLargeError(StarletteHTTPException):
+    """Raised while the body is read (it subclasses HTTPException so FastAPI's body parsing re-raises it)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body exceeds {limit} bytes")
+        self.limit = limit
+
+
+_STATUS_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
+    429: "too_many_requests", 503: "unavailable",
+}
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    err.update({k: v for k, v in extra.items() if v is not None})
+    return {"error": err}
+
+
+def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
+    # ("body", "k") -> "k"; ("query", "limit") -> "limit"; ("body",) -> "body"
+    parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] in ("body", "query", "path", "header", "form", "cookie"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Pydantic errors without their ``input``/``ctx`` (they may echo big or private payloads)."""
+    return [{"field": _loc_to_field(e.get("loc", ())), "message": str(e.get("msg", "invalid value")),
+             "type": str(e.get("type", ""))} for e in errors]
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(error_body(exc.code, exc.message, field=exc.field), status_code=exc.status,
+                        headers=exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    raw = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in raw):
+        # FastAPI puts the byte offset into loc; name the body instead.
+        return JSONResponse(error_body("validation_error", "body: invalid JSON", field="body"), status_code=422)
+    details = validation_details(raw)
+    first = details[0] if details else {"field": "body", "message": "invalid request"}
+    message = f"{first['field']}: {first['message']}"
+    return JSONResponse(error_body("validation_error", message, field=first["field"], details=details),
+                        status_code=422)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _STATUS_CODES.get(exc.status_code, "error" if exc.status_code >= 500 else "bad_request")
+    detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code == 404 and detail == "Not Found":
+        detail = f"no route {request.url.path}"
+    return JSONResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", extra={"path": request.url.path, "method": request.method})
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

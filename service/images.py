@@ -1,0 +1,62 @@
+"""Safe decoding of uploaded images and content types of stored ones.
+
+Uploads are untrusted: the size in bytes is capped before decoding, the pixel count is checked from the
+header before any pixel is decoded (so a small PNG that inflates to gigabytes is refused cheaply), and
+Pillow's own decompression-bomb guard stays on (``Image.MAX_IMAGE_PIXELS`` is set from the settings and
+``DecompressionBombWarning`` is turned into an error by :func:`configure_pillow`).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from albef.service.errors import ApiError
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["configure_pillow", "decode_upload", "sniff_content_type"]
+
+
+def configure_pillow(max_image_pixels: int) -> None:
+    """Set Pillow's decompression-bomb limit and make its warning an error (process-wide; done at start-up)."""
+    Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Bytes of an uploaded image -> RGB PIL image, or an :class:`ApiError` (413/422) that says why not."""
+    if not data:
+        raise ApiError(422, "invalid_image", "the image is empty", field="image")
+    if len(data) > max_bytes:
+        raise ApiError(413, "payload_too_large", f"the image has {len(data)} bytes; the limit is {max_bytes}",
+                       field="image")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ApiError(413, "image_too_large",
+                           f"the image has {width}x{height} pixels; the limit is {max_pixels} pixels", field="image")
+        img.load()
+        rgb = img.convert("RGB")
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(413, "image_too_large", f"the image exceeds the pixel limit ({max_pixels})",
+                       field="image") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        # Pillow reports truncated/corrupt files with several exception types; none of their texts is shown.
+        raise ApiError(422, "invalid_image", "the data is not a readable image", field="image") from exc
+    return rgb
+
+
+def sniff_content_type(path: Path) -> str | None:
+    """The MIME type of a stored image from its bytes (not its name), or None if Pillow cannot identify it."""
+    try:
+        with Image.open(path) as img:
+            fmt = img.format
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return None
+    if fmt is None:
+        return None
+    return Image.MIME.get(fmt.upper())

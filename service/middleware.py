@@ -1,0 +1,128 @@
+"""Pure ASGI middlewares: API key, request body limit, request metrics.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so that they add no task or stream copies per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any
+
+from albef.service.errors import PayloadTooLargeError, error_body
+from albef.service.metrics import Metrics
+
+Scope = dict[str, Any]
+ASGIApp = Any
+
+# Probes stay open so that orchestrators can check the service without the key.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+async def _send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return v
+    return None
+
+
+class ApiKeyMiddleware:
+    """Every path but the probes needs ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``.
+
+    Compared with hmac.compare_digest (constant time); CORS preflights (OPTIONS) pass so the CORS
+    middleware outside can answer them."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.key = api_key.encode()
+
+    def _authorised(self, scope: Scope) -> bool:
+        given = _header(scope, b"x-api-key")
+        if given is None:
+            auth = _header(scope, b"authorization")
+            if auth is not None and auth[:7].lower() == b"bearer ":
+                given = auth[7:].strip()
+        return given is not None and hmac.compare_digest(given, self.key)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS" \
+                or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        await _send_json(send, 401, error_body("unauthorized", "a valid API key is required (X-API-Key header "
+                                                               "or Authorization: Bearer)"),
+                         [(b"www-authenticate", b"Bearer")])
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over ``max_bytes``: at once from Content-Length, else while streaming (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = int(max_bytes)
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = _header(scope, b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_json(send, 400, error_body("bad_request", "invalid Content-Length header"))
+                return
+            if declared > self.max_bytes:
+                await _send_json(send, 413, error_body("payload_too_large",
+                                                       f"the request body exceeds {self.max_bytes} bytes"))
+                return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise PayloadTooLargeError(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class MetricsMiddleware:
+    """Counts requests by method, route template and status, and times them per route."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(method=scope["method"], route=template, status=str(status)).inc()
+            self.metrics.request_latency.labels(route=template).observe(time.perf_counter() - t0)

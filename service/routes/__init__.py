@@ -1,0 +1,1 @@
+"""One APIRouter per file: search, items, index, health, metrics."""

@@ -1,0 +1,15 @@
+"""``/metrics`` in the Prometheus text format."""
+
+from __future__ import annotations
+
+from albef.service.deps import MetricsDep
+from albef.service.metrics import CONTENT_TYPE_LATEST
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(m: MetricsDep) -> Response:
+    return Response(m.render(), media_type=CONTENT_TYPE_LATEST)

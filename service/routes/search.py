@@ -1,0 +1,150 @@
+"""``POST /v1/search/images`` (text -> images) and ``POST /v1/search/texts`` (image -> texts).
+
+``/v1/search/texts`` takes either JSON (``{"image_base64", ...}`` or ``{"item_id", ...}``) or a multipart
+form with the file in field ``image`` and the other fields as form fields. Both routes answer with the same
+:class:`SearchResponse`. Limits from the settings (``max_k``, ``max_rerank_k``, ``max_text_chars``, upload
+bytes, image pixels) are checked here and answered with 4xx naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from typing import Any
+
+from albef.service.deps import EngineDep, ReaderDep, SettingsDep
+from albef.service.engine import SearchResult, public_item
+from albef.service.errors import ApiError
+from albef.service.schemas import ErrorResponse, Hit, ImageSearchRequest, SearchResponse, TextSearchRequest
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from albef.settings import Settings
+
+router = APIRouter(prefix="/v1/search", tags=["search"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 503)
+}
+_FORM_FIELDS = ("k", "rerank", "rerank_k", "item_id", "exclude")
+
+
+def _limits(body: ImageSearchRequest | TextSearchRequest, settings: Settings) -> tuple[int, int]:
+    k = body.k if body.k is not None else settings.default_k
+    rerank_k = body.rerank_k if body.rerank_k is not None else settings.default_rerank_k
+    if k > settings.max_k:
+        raise ApiError(422, "validation_error", f"k: at most {settings.max_k}", field="k")
+    if rerank_k > settings.max_rerank_k:
+        raise ApiError(422, "validation_error", f"rerank_k: at most {settings.max_rerank_k}", field="rerank_k")
+    return k, rerank_k
+
+
+async def _respond(result: SearchResult, reader: Any, engine: Any, k: int, rerank: bool, rerank_k: int) -> SearchResponse:
+    items = {it["id"]: it for it in await asyncio.to_thread(reader.items, result.ids)}
+    hits = [
+        Hit(id=i, rank=r + 1, itc_score=s, itm_score=m, match_probability=p, metadata=public_item(items[i]))
+        for r, (i, s, m, p) in enumerate(zip(result.ids, result.itc, result.itm, result.prob, strict=True))
+        if i in items
+    ]
+    return SearchResponse(results=hits, timings_ms=result.timings_ms, k=k, rerank=rerank, rerank_k=rerank_k,
+                          query=result.query, index_version=reader.version, bundle_id=engine.bundle.bundle_id)
+
+
+@router.post("/images", response_model=SearchResponse, responses=_ERRORS, summary="text -> images")
+async def search_images(body: ImageSearchRequest, settings: SettingsDep, reader: ReaderDep,
+                        engine: EngineDep) -> SearchResponse:
+    k, rerank_k = _limits(body, settings)
+    if body.text is not None and len(body.text) > settings.max_text_chars:
+        raise ApiError(422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text")
+    result = await engine.search(reader, "t2i", text=body.text, item_id=body.item_id, k=k, rerank=body.rerank,
+                                 rerank_k=rerank_k, exclude=body.exclude)
+    return await _respond(result, reader, engine, k, body.rerank, rerank_k)
+
+
+def _validate(model: type[TextSearchRequest], data: Any) -> TextSearchRequest:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+
+
+async def _parse_texts_request(request: Request, settings: Settings) -> tuple[TextSearchRequest, bytes | None]:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 8, max_part_size=64 * 1024)
+        try:
+            unknown = sorted({key for key in form if key not in (*_FORM_FIELDS, "image")})
+            if unknown:
+                raise ApiError(422, "validation_error", f"{unknown[0]}: unknown form field", field=unknown[0])
+            upload = form.get("image")
+            data: bytes | None = None
+            if upload is not None:
+                if isinstance(upload, str):
+                    raise ApiError(422, "validation_error", "image: must be a file upload", field="image")
+                data = await upload.read(settings.max_upload_bytes + 1)
+            fields: dict[str, Any] = {key: form.get(key) for key in ("k", "rerank", "rerank_k", "item_id")
+                                      if form.get(key) not in (None, "")}
+            excl = [x for v in form.getlist("exclude") if isinstance(v, str) for x in v.split(",") if x.strip()]
+            if excl:
+                fields["exclude"] = excl
+            # The upload stands in for image_base64 when checking "exactly one query".
+            body = _validate(TextSearchRequest, {**fields, **({"image_base64": "-"} if data is not None else {})})
+            return body, data
+        finally:
+            await form.close()
+    if ctype in ("application/json", "") or ctype.endswith("+json"):
+        raw = await request.body()
+        try:
+            payload = json.loads(raw) if raw else None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(422, "validation_error", "body: invalid JSON", field="body") from exc
+        if not isinstance(payload, dict):
+            raise ApiError(422, "validation_error", "body: expected a JSON object", field="body")
+        body = _validate(TextSearchRequest, payload)
+        data = None
+        if body.image_base64 is not None:
+            b64 = body.image_base64
+            if len(b64) > settings.max_upload_bytes * 4 // 3 + 4:
+                raise ApiError(413, "payload_too_large", f"image_base64: the image exceeds "
+                               f"{settings.max_upload_bytes} bytes", field="image_base64")
+            if b64.startswith("data:") and "," in b64[:100]:
+                b64 = b64.split(",", 1)[1]  # a data: URL as browsers produce it
+            try:
+                data = base64.b64decode(b64, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ApiError(422, "invalid_image", "image_base64: not valid base64", field="image_base64") from exc
+        return body, data
+    raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+
+
+_TEXTS_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": TextSearchRequest.model_json_schema()},
+            "multipart/form-data": {"schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "string", "format": "binary"},
+                    "k": {"type": "integer", "minimum": 1}, "rerank": {"type": "boolean"},
+                    "rerank_k": {"type": "integer", "minimum": 1}, "item_id": {"type": "integer", "minimum": 0},
+                    "exclude": {"type": "array", "items": {"type": "integer"}},
+                },
+            }},
+        },
+    }
+}
+
+
+@router.post("/texts", response_model=SearchResponse, responses=_ERRORS, summary="image -> texts",
+             openapi_extra=_TEXTS_OPENAPI)
+async def search_texts(request: Request, settings: SettingsDep, reader: ReaderDep,
+                       engine: EngineDep) -> SearchResponse:
+    body, data = await _parse_texts_request(request, settings)
+    k, rerank_k = _limits(body, settings)
+    result = await engine.search(reader, "i2t", image=data, item_id=body.item_id, k=k, rerank=body.rerank,
+                                 rerank_k=rerank_k, exclude=body.exclude)
+    return await _respond(result, reader, engine, k, body.rerank, rerank_k)

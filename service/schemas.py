@@ -1,0 +1,117 @@
+"""Request and response models of the HTTP API (pydantic v2). Requests reject unknown fields.
+
+Static bounds live here; the limits that come from the settings (``max_k``, ``max_rerank_k``,
+``max_text_chars``) are checked by the routes, which answer 422 naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "ImageSearchRequest", "TextSearchRequest", "Hit", "Item", "SearchResponse", "Timings", "IndexInfo",
+    "ErrorResponse",
+]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    k: int | None = Field(None, ge=1, description="number of results (default ALBEF_DEFAULT_K)")
+    rerank: bool = Field(True, description="re-rank the top rerank_k ITC candidates with the ITM head")
+    rerank_k: int | None = Field(
+        None, ge=1, description="ITC candidates re-ranked by ITM (default ALBEF_DEFAULT_RERANK_K); when k > "
+        "rerank_k the results after the re-ranked ones follow in ITC order"
+    )
+    item_id: int | None = Field(None, ge=0, description="query with an indexed item (its stored vector and "
+                                "features) instead of new content")
+    exclude: list[int] = Field(default_factory=list, max_length=1000,
+                               description="item ids to leave out of the results (nothing is excluded by default)")
+
+
+class ImageSearchRequest(_Request):
+    """Text -> images: a query text, or ``item_id`` of an indexed text."""
+
+    text: str | None = Field(None, min_length=1, description="the query text")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> ImageSearchRequest:
+        if (self.text is None) == (self.item_id is None):
+            raise ValueError("give exactly one of 'text' and 'item_id'")
+        return self
+
+
+class TextSearchRequest(_Request):
+    """Image -> texts: an image (base64 in JSON, or a multipart upload), or ``item_id`` of an indexed image."""
+
+    image_base64: str | None = Field(None, min_length=1, description="the query image, base64-encoded")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> TextSearchRequest:
+        if (self.image_base64 is None) == (self.item_id is None):
+            raise ValueError("give exactly one of 'image_base64' (or a multipart 'image') and 'item_id'")
+        return self
+
+
+class Item(BaseModel):
+    """An indexed item. Local file paths are never exposed; images are fetched with ``image_url``."""
+
+    id: int
+    kind: Literal["image", "text"]
+    caption: str | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str
+    image_id: int | None = Field(None, description="for a text: the image it was indexed with, if any")
+    image_url: str | None = Field(None, description="for an image held as a local file: where to GET it")
+    uri: str | None = Field(None, description="for an image held by URI: that URI")
+    metadata: Any = Field(None, description="the user metadata stored with the item")
+
+
+class Hit(BaseModel):
+    id: int
+    rank: int = Field(description="1-based position in the results")
+    itc_score: float = Field(description="cosine similarity of the ITC embeddings")
+    itm_score: float | None = Field(None, description="ITM logit of class 'match' (None if not re-ranked)")
+    match_probability: float | None = Field(None, description="softmax of the two ITM logits, class 'match'")
+    metadata: Item
+
+
+class Timings(BaseModel):
+    encode: float = Field(description="query encoding (decode + encoder, or the stored-item lookup), ms")
+    ann: float = Field(description="FAISS search, ms")
+    rerank: float = Field(description="feature fetch + ITM head, ms")
+    total: float = Field(description="whole request, ms")
+
+
+class SearchResponse(BaseModel):
+    results: list[Hit]
+    timings_ms: Timings
+    k: int
+    rerank: bool
+    rerank_k: int
+    query: dict[str, Any] = Field(description="what was searched with (kind, item_id or text)")
+    index_version: str
+    bundle_id: str
+
+
+class IndexInfo(BaseModel):
+    version: str
+    counts: dict[str, int]
+    model: dict[str, Any]
+    factory: dict[str, str | None]
+    ann: dict[str, Any]
+    created: str | None = None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+    details: list[dict[str, str]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
