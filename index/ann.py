@@ -138,6 +138,11 @@ def build(vectors: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 123
         nlist = faiss.extract_index_ivf(index).nlist if is_ivf(factory) else 0
         if n < max(nlist, 1):
             raise IndexError_(f"{factory!r} needs at least {nlist} training vectors, have {n}")
+        if is_ivf(factory):
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+            if hasattr(ivf, "do_polysemous_training"):
+                # IVF-PQ trains polysemous codes by default: minutes of annealing we never use.
+                ivf.do_polysemous_training = False
         rng = np.random.default_rng(seed)
         cap = min(n, max(64 * nlist, 20_000), 300_000)
         sample = vectors[np.sort(rng.choice(n, cap, replace=False))] if cap < n else vectors
