@@ -379,6 +379,8 @@ def plot_r1_vs_k(report: dict[str, Any], path: str | Path) -> None:
         curve["itc_img_r1"], ls="--", color="tab:orange", alpha=0.6, label="text->image R@1 (ITC only)"
     )
     ax.set_xscale("log", base=2)
+    ax.set_xticks(curve["k"], [str(k) for k in curve["k"]])
+    ax.minorticks_off()
     ax.set_xlabel("K (ITC candidates re-ranked by ITM)")
     ax.set_ylabel("R@1 (%)")
     ax.set_title(f"R@1 vs K ({report['n_images']} images, {report['n_texts']} texts)")
