@@ -432,6 +432,8 @@ def generate(
         raise ValueError("n_images must be >= 1")
     if size < 32:
         raise ValueError("size must be >= 32 pixels")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (use overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -520,14 +522,25 @@ def _generate_into(root: Path, n_images: int, seed: int, size: int, progress: bo
 
 
 def _ambiguity(records: list[dict], scenes: list[Scene], split: str) -> float:
+    """Fraction of the split's captions that are not clearly false of some image of another group."""
     idx = [i for i, r in enumerate(records) if r["split"] == split]
+    # Only scenes holding every mentioned shape (with its colour, when named) can make a caption true.
+    by_kind: dict[tuple[str | None, str], set[int]] = {}
+    for i in idx:
+        for o in scenes[i].objects:
+            by_kind.setdefault((o.colour, o.shape), set()).add(i)
+            by_kind.setdefault((None, o.shape), set()).add(i)
     total = hits = 0
     for i in idx:
         for cap in records[i]["captions"]:
             clauses = parse_caption(cap)
+            descs = [d for c in clauses for d in (c.a, c.b) if d is not None]
+            candidates = set.intersection(*(by_kind.get((d.colour, d.shape), set()) for d in descs))
             total += 1
             hits += any(
-                caption_truth(clauses, scenes[j]) != FALSE for j in idx if scenes[j].group != scenes[i].group
+                caption_truth(clauses, scenes[j]) != FALSE
+                for j in sorted(candidates)
+                if scenes[j].group != scenes[i].group
             )
     return round(hits / total, 4) if total else 0.0
 
