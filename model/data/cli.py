@@ -39,10 +39,14 @@ def synth_command(args: argparse.Namespace) -> int:
         raise CLIError("--images must be >= 1")
     if args.size < 32:
         raise CLIError("--size must be >= 32")
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"{args.out} exists and is not a folder")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
+        raise CLIError(f"{args.out} exists and is not empty; pass --force to replace it")
     try:
         counts = generate(args.out, args.images, args.seed, args.size, overwrite=args.force)
-    except FileExistsError as exc:
-        raise CLIError(f"{exc}; pass --force to replace it") from exc
+    except FileExistsError as exc:  # created by someone else meanwhile
+        raise CLIError(str(exc)) from exc
     im, cap = counts["images"], counts["captions"]
     print(  # noqa: T201
         f"wrote {args.out}: {im['total']} images (train {im['train']} / val {im['val']} / test {im['test']}), "
