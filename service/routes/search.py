@@ -73,7 +73,7 @@ def _validate(model: type[TextSearchRequest], data: Any) -> TextSearchRequest:
 
 async def _parse_texts_request(request: Request, settings: Settings) -> tuple[TextSearchRequest, bytes | None]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
+    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 8, max_part_size=64 * 1024)
         try:
             unknown = sorted({key for key in form if key not in (*_FORM_FIELDS, "image")})
