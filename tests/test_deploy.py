@@ -278,7 +278,7 @@ def test_compose_services_are_wired_as_documented() -> None:
     limits = api["deploy"]["resources"]["limits"]
     assert limits["cpus"] and limits["memory"]
     assert all(k.startswith("ALBEF_") for k in api["environment"])
-    assert "API_KEY" not in json.dumps(api["environment"]).replace('"ALBEF_API_KEY": null', "")  # no key baked in
+    assert api["environment"]["ALBEF_API_KEY"] is None  # passed through from the host; no key is written here
     # The api reads (only) what the indexer writes, through the same named volume.
     api_mounts = {t: (s, ro) for s, t, ro in service_mounts(api)}
     for job in ("indexer", "indexer-update"):
@@ -305,17 +305,32 @@ def test_compose_services_are_wired_as_documented() -> None:
             assert dockerfile.endswith("Dockerfile.serve")
 
 
-def test_compose_environment_names_are_real_settings() -> None:
-    """Every ALBEF_* variable compose sets is a field of albef.settings.Settings (or a logging variable)."""
+def test_compose_environment_names_are_real_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ALBEF_* variable compose sets is a field of albef.settings.Settings (or a logging variable), and
+    the api's values (with the image's ENV under them) are valid settings."""
     from albef.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")
     assert prefix == "ALBEF_"
     known = {prefix + name.upper() for name in Settings.model_fields} | {"ALBEF_LOG_LEVEL", "ALBEF_LOG_FORMAT",
                                                                         "ALBEF_VOCAB"}
-    for name, svc in load_compose({})["services"].items():
+    services = load_compose({})["services"]
+    for name, svc in services.items():
         unknown = set(svc.get("environment") or {}) - known
         assert not unknown, f"{name}: {unknown} are no settings"
+    for key in [k for k in os.environ if k.startswith("ALBEF_")]:
+        monkeypatch.delenv(key)
+    for ins in stages(parse_dockerfile(DOCKERFILES["serve"]))[-1]:
+        if ins["instruction"] == "ENV":
+            for word in shlex.split(ins["value"]):
+                key, _, value = word.partition("=")
+                monkeypatch.setenv(key, value)
+    api_env = service_env(services["api"], {})
+    for key, value in api_env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert str(settings.index_dir) == api_env["ALBEF_INDEX_DIR"]
+    assert settings.host == "0.0.0.0" and settings.port == 8000 and settings.api_key is None
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------------
