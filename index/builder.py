@@ -224,8 +224,12 @@ def _make_plan(index_dir: Path, bundle: Encoder, sources: Sequence[str | Path], 
                 img_idx = by_path[rec.image] = len(images)
                 images.append({"path": rec.image, "caption": rec.captions[0] if rec.captions else None,
                                "metadata": rec.metadata, "source": rec.source})
-            elif images[img_idx]["caption"] is None and rec.captions:
-                images[img_idx]["caption"] = rec.captions[0]
+            else:  # the same file again (train-format JSON repeats it per caption): merge, first wins
+                img = images[img_idx]
+                if img["caption"] is None and rec.captions:
+                    img["caption"] = rec.captions[0]
+                if rec.metadata:
+                    img["metadata"] = {**rec.metadata, **(img["metadata"] or {})}
         for cap in rec.captions:
             clean = pre_caption(cap)
             if not clean:
