@@ -133,3 +133,32 @@ def test_adapters_reproduce_the_model(tiny_checkpoint: Path) -> None:
     # ragged masks were really exercised (padding differs per row)
     assert ex["attention_mask"].sum(1).unique().numel() == 3
     assert np.isfinite(plain.numpy()).all()
+
+
+def test_runtime_evaluation_equals_the_torch_evaluation(tiny_bundle: Path, tiny_checkpoint: Path, tokenizer,
+                                                        tmp_path: Path) -> None:
+    """The R@K figures written into manifests (make_evaluator, ONNX Runtime) are the official protocol:
+    the same score matrices as helper B's torch evaluation, hence the same recalls."""
+    from albef.model.data.annotations import load_eval_set
+    from albef.model.data.synth import generate
+    from albef.model.export import make_evaluator, runtime_score_matrices
+    from albef.model.factory import create_model
+    from albef.model.runtime import Bundle
+    from albef.model.train.evaluate import compute_features, itm_eval, score_matrices
+
+    generate(tmp_path / "synth", 40, seed=3, size=48, progress=False)
+    test_json = tmp_path / "synth" / "test.json"
+    es = load_eval_set(test_json)
+    assert len(es.images) >= 3 and len(es.texts) > len(es.images)
+    k = 3
+    sims, i2t, t2i = runtime_score_matrices(Bundle.load(tiny_bundle), es.images, es.texts, k)
+    model = create_model(None, tiny_checkpoint)
+    feats = compute_features(model, es.images, es.texts, tokenizer, progress=False)
+    ref = score_matrices(model, feats, k, progress=False)
+    assert np.abs(sims - ref.sims).max() < 1e-4
+    assert np.array_equal(i2t == -100, ref.i2t == -100) and np.array_equal(t2i == -100, ref.t2i == -100)
+    assert np.abs(i2t - ref.i2t).max() < 1e-4 and np.abs(t2i - ref.t2i).max() < 1e-4
+    report = make_evaluator(test_json, k_test=k)(tiny_bundle, "fp32")
+    expected = itm_eval(ref.i2t, ref.t2i, es.txt2img, es.img2txt)
+    assert report["itm"]["r_mean"] == pytest.approx(expected["r_mean"], abs=1e-3)
+    assert report["images"] == len(es.images) and report["k_test"] == k

@@ -1,0 +1,101 @@
+"""This machine's matrix-multiply peaks: torch fp32 and bf16 GEMM, and ONNX Runtime's int8 GEMM.
+
+The figures are the ceiling each inference path is compared against in bench_export.py.
+
+    python bench/gemm.py [--n 4096] [--threads 2] [--out bench/results/gemm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _median_time(fn: Any, reps: int, budget_s: float) -> float:
+    fn()  # warm-up (allocations, kernel selection)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (len(times) < 2 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def torch_gemm_gflops(dtype: str = "float32", n: int = 4096, threads: int = 2, reps: int = 5,
+                      budget_s: float = 20.0) -> float:
+    """GFLOP/s of an n x n x n matmul in torch (2 n^3 FLOP)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dt)
+    b = torch.randn(n, n, generator=g).to(dt)
+    with torch.inference_mode():
+        t = _median_time(lambda: torch.mm(a, b), reps, budget_s)
+    return 2.0 * n**3 / t / 1e9
+
+
+def ort_int8_gemm_gops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s: float = 20.0) -> float:
+    """GOP/s of ONNX Runtime's dynamically quantised int8 MatMul (the int8 variant's kernel), n^3."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(w, "W")],
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
+        import onnx
+
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
+        x = rng.standard_normal((n, n)).astype(np.float32)
+        t = _median_time(lambda: sess.run(None, {"X": x}), reps, budget_s)
+    return 2.0 * n**3 / t / 1e9
+
+
+def measure(n: int = 4096, threads: int = 2) -> dict[str, Any]:
+    return {
+        "n": n,
+        "threads": threads,
+        "torch_fp32_gflops": round(torch_gemm_gflops("float32", n, threads), 1),
+        "torch_bf16_gflops": round(torch_gemm_gflops("bfloat16", n, threads), 1),
+        "ort_int8_gops": round(ort_int8_gemm_gops(n, threads), 1),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/gemm.json"))
+    args = ap.parse_args()
+    res = measure(args.n, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
