@@ -604,8 +604,8 @@ def _publish_build(index_dir: Path, wdir: Path, plan: dict[str, Any], bundle: En
             "seconds": {"encode": round(timing["encode_s"], 3)},
             "throughput": {"items_encoded_this_run": enc_items,
                            "items_per_s": round(enc_items / timing["encode_s"], 2) if timing["encode_s"] > 0 else None},
-            "shards": {"image": plan["n_image_shards"], "text": plan["n_text_shards"],
-                       "committed_before_this_run": timing["done_before"]},
+            "shards": {"image": plan["n_image_shards"], "text": plan["n_text_shards"]},
+            "items_done_before_this_run": timing["done_before"],
             "segment": seg_info,
         }
         parent = base_manifest or {"segments": [], "features": {"token_dtype": opts.token_dtype,

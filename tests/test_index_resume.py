@@ -1,0 +1,114 @@
+"""Crash safety: a build killed with SIGKILL between shards resumes to exactly the uninterrupted result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from albef.index import builder
+from albef.index.builder import BuildOptions
+from albef.index.reader import IndexReader, current_version
+
+from albef.cli import main as cli_main
+from tests.index_fixtures import index_bundle, index_bundle_dir, make_folder  # noqa: F401 - fixtures
+
+N_IMAGES = 24
+ARGS = ["--shard-size", "3", "--text-shard-size", "4", "--batch-size", "2", "--workers", "2", "--threads", "1",
+        "--no-progress"]
+
+
+def snapshot(index_dir: Path) -> dict:
+    """Everything a reader can see: metadata rows, vectors and re-rank features of every item."""
+    with IndexReader.open(index_dir) as r:
+        items = r.items(range(r.manifest["next_id"]))
+        img = [it["id"] for it in items if it["kind"] == "image"]
+        txt = [it["id"] for it in items if it["kind"] == "text"]
+        return {
+            "items": items,
+            "image_vectors": np.stack([r.vector("image", i) for i in img]),
+            "text_vectors": np.stack([r.vector("text", i) for i in txt]),
+            "image_tokens": r.image_tokens(img),
+            "text_features": r.text_features(txt),
+            "search": r.search("image", np.stack([r.vector("text", i) for i in txt]), 5),
+            "counts": r.manifest["counts"],
+        }
+
+
+def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_bundle_dir: Path,  # noqa: F811
+                                                            tmp_path: Path) -> None:
+    src = make_folder(tmp_path / "src", N_IMAGES, seed0=200)
+    (src / "part0" / "zz-broken.png").write_bytes(b"garbage")
+    ref = tmp_path / "ref"
+    builder.build(ref, index_bundle, [src], BuildOptions(shard_size=3, text_shard_size=4, batch_size=2, workers=2,
+                                                         progress=False))
+    out = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "albef", "index", "build", "--model", str(index_bundle_dir), "--out", str(out),
+           *ARGS, str(src)]
+    env = {**os.environ, "ALBEF_INDEX_TEST_SHARD_SLEEP": "0.4"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = out / "work" / "pending" / "shards"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if shards.is_dir() and len(list(shards.glob("img-*.npz"))) >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    committed = sorted(p.name for p in shards.glob("*.npz"))
+    assert 3 <= len(committed) < 9 + 6 and current_version(out) is None  # nothing published
+    assert not list(shards.glob("*.tmp"))  # a half-written shard would be a *.tmp, never an *.npz
+    # without --resume the interrupted build is not silently discarded
+    assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, str(src)]) == 2
+    assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, "--resume",
+                     str(src)]) == 0
+    with IndexReader.open(out) as r:
+        report = r.manifest
+    rep = json.loads((out / "versions" / "000001" / "report.json").read_text())
+    assert rep["resumed"] is True and rep["items_done_before_this_run"] >= 9
+    assert rep["throughput"]["items_encoded_this_run"] < N_IMAGES + N_IMAGES
+    assert report["counts"] == {"image": N_IMAGES, "text": N_IMAGES}
+    a, b = snapshot(ref), snapshot(out)
+    assert a["items"] == b["items"]
+    assert [f["path"] for f in rep["failed"]] == [str((src / "part0" / "zz-broken.png").resolve())]
+    for key in ("image_vectors", "text_vectors", "image_tokens"):
+        assert np.array_equal(a[key], b[key]), key
+    for x, y in zip(a["text_features"] + a["search"], b["text_features"] + b["search"], strict=True):
+        assert np.array_equal(x, y)
+    assert not (out / "work" / "pending").exists()
+
+
+def test_crash_while_publishing_leaves_no_trace(index_bundle, tmp_path: Path,  # noqa: F811
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the segment is written but before the version is renamed: the pointer does not move,
+    temporary folders are removed, and the next attempt (resume) publishes normally."""
+    src = make_folder(tmp_path / "src", 4, seed0=300)
+    out = tmp_path / "idx"
+    opts = BuildOptions(shard_size=2, progress=False)
+    real = builder._publish_version
+
+    def boom(*a, **kw):  # noqa: ANN002, ANN003
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(builder, "_publish_version", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        builder.build(out, index_bundle, [src], opts)
+    assert current_version(out) is None
+    assert not (out / "versions").exists() or not list((out / "versions").iterdir())
+    monkeypatch.setattr(builder, "_publish_version", real)
+    res = builder.build(out, index_bundle, [src], opts, resume=True)
+    assert res.report["resumed"] is True and res.report["throughput"]["items_encoded_this_run"] == 0
+    assert sorted(p.name for p in (out / "segments").iterdir()) == ["seg-000001"]
+    with IndexReader.open(out) as r:
+        assert r.count("image") == 4
