@@ -12,6 +12,7 @@ import io
 import warnings
 from pathlib import Path
 
+from albef.model.image import to_rgb
 from albef.service.errors import ApiError
 from PIL import Image, UnidentifiedImageError
 
@@ -38,7 +39,8 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Imag
             raise ApiError(413, "image_too_large",
                            f"the image has {width}x{height} pixels; the limit is {max_pixels} pixels", field="image")
         img.load()
-        rgb = img.convert("RGB")
+        # to_rgb, as the index builder does: plain convert('RGB') clips 16-bit greyscale to white.
+        rgb = to_rgb(img)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
