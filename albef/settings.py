@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     threads: int | None = Field(
         None, ge=1, description="ONNX Runtime intra-op threads per session (default: ONNX Runtime's choice)"
     )
+    faiss_threads: int = Field(
+        1, ge=1, description="OpenMP threads of FAISS searches (1: requests are the parallelism; more threads "
+        "spin and steal cores from ONNX Runtime)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
 
     # -- micro-batching and back-pressure ---------------------------------------------------------------

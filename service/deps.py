@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from albef.service.engine import SearchEngine
@@ -16,25 +16,26 @@ from albef.settings import Settings
 __all__ = ["StateDep", "SettingsDep", "MetricsDep", "ReaderDep", "EngineDep"]
 
 
-def get_state(request: Request) -> ServiceState:
+# All async: they are trivial, and sync dependencies would each cost a thread-pool hop per request.
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.albef
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.albef.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.albef.metrics
 
 
-def lease_reader(state: Annotated[ServiceState, Depends(get_state)]) -> Iterator[Any]:
+async def lease_reader(state: Annotated[ServiceState, Depends(get_state)]) -> AsyncIterator[Any]:
     """The index reader for this request; a hot swap during the request does not affect it."""
     with state.lease() as reader:
         yield reader
 
 
-def get_engine(state: Annotated[ServiceState, Depends(get_state)]) -> SearchEngine:
+async def get_engine(state: Annotated[ServiceState, Depends(get_state)]) -> SearchEngine:
     if state.engine is None:
         raise NotReadyError(f"not ready: {state.status}")
     return state.engine

@@ -147,6 +147,9 @@ class ServiceState:
         from albef.model.runtime import Bundle
 
         s = self.settings
+        import faiss
+
+        faiss.omp_set_num_threads(s.faiss_threads)
         if self.bundle is None:
             path = bundle_path_for(index_dir, s.bundle)
             self.bundle = Bundle.load(path, variant=s.variant, intra_op_threads=s.threads, eager=True)
