@@ -30,15 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from albef.model.image import load_image, normalize
+from albef.model.train.settings import ALL_OPS
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-ALL_OPS = (
-    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
-)
 FILL = (128, 128, 128)
 
 

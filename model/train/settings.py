@@ -10,6 +10,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+# The official RandomAugment op list (kept here so this module stays torch-free).
+ALL_OPS = (
+    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
+    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+)
+
 DEFAULTS: dict[str, Any] = {
     "mode": "retrieval",  # retrieval | pretrain
     "seed": 42,
@@ -32,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "augment": {
         "crop_scale": [0.5, 1.0],
         "hflip": True,
-        "randaugment": {"n": 2, "m": 7},
+        "randaugment": {"n": 2, "m": 7, "ops": list(ALL_OPS)},
     },
     "train": {
         "batch_size": 32,  # per process
@@ -76,6 +82,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Mappings whose keys are not fixed by DEFAULTS (checked where they are used).
+FREE_FORM = {"data.synth"}
+
+
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema."""
 
@@ -86,7 +96,9 @@ def merge(base: dict[str, Any], update: dict[str, Any], path: str = "") -> dict[
         where = f"{path}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {where!r}")
-        if isinstance(base[key], dict) and isinstance(value, dict):
+        if where in FREE_FORM and isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = {**base[key], **copy.deepcopy(value)}
+        elif isinstance(base[key], dict) and isinstance(value, dict):
             out[key] = merge(base[key], value, where + ".")
         elif isinstance(base[key], dict) and value is not None and where != "data.synth":
             raise ConfigError(f"config key {where!r} must be a mapping")

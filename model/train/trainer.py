@@ -301,6 +301,9 @@ class Trainer:
             loader = torch.utils.data.DataLoader(
                 self.dataset, batch_sampler=list(sampler.batches(epoch, pos * accum)), collate_fn=collate,
                 num_workers=int(self.cfg["data"]["num_workers"]),
+                # Its own generator: creating an iterator draws a worker base seed, which must not come
+                # from the global RNG (a resumed run creates one more iterator than an uninterrupted one).
+                generator=torch.Generator().manual_seed(int(self.cfg["seed"]) + epoch),
             )
             batches = iter(loader)
             while pos < steps_per_epoch and self.step < total:
@@ -336,7 +339,7 @@ class Trainer:
                     now = time.perf_counter()
                     rate = steps_interval * B * accum * self.world / max(now - t_interval, 1e-9)
                     rec = acc.summary(self.world)
-                    rec.update(step=self.step, epoch=epoch, lr=lr, temp=float(self.model.temp),
+                    rec.update(step=self.step, epoch=epoch, lr=lr, temp=float(self.model.temp.detach()),
                                samples_per_s=round(rate, 2), bad_items=self.bad_items)
                     if self.rank == 0:
                         with metrics_path.open("a") as f:
@@ -426,7 +429,7 @@ def evaluate_checkpoint(
     tok = AlbefTokenizer.from_vocab(default_vocab_path())
     eval_set = load_eval_set(data_file, image_root)
     with torch.no_grad():
-        report = evaluate(model, eval_set, tok, k_test=k_test)
+        report = evaluate(model, eval_set, tok, k_test=k_test, batch_size=batch_size, progress=False)
     report["checkpoint"] = str(checkpoint)
     report["data"] = str(data_file)
     return report
