@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from albef.service import errors
+from albef.service import errors, web
 from albef.service.images import configure_pillow
 from albef.service.metrics import Metrics
 from albef.service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     errors.install(app)
     for module in (health, search, items, index, metrics):
         app.include_router(module.router)
+    # The web search page at "/" and "/static" (albef demo, issue 7): plain files; see service/web.py.
+    web.install(app)
 
     # add_middleware wraps: the last one added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

@@ -16,8 +16,10 @@ from albef.service.metrics import Metrics
 Scope = dict[str, Any]
 ASGIApp = Any
 
-# Probes stay open so that orchestrators can check the service without the key.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Probes stay open so that orchestrators can check the service without the key. The web page ("/" and
+# "/static/...", service/web.py) holds no data and must load so that the user can type the key into it.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
+OPEN_PREFIXES = ("/static/",)
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -54,8 +56,8 @@ class ApiKeyMiddleware:
         return given is not None and hmac.compare_digest(given, self.key)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS" \
-                or self._authorised(scope):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES) \
+                or scope["method"] == "OPTIONS" or self._authorised(scope):
             await self.app(scope, receive, send)
             return
         await _send_json(send, 401, error_body("unauthorized", "a valid API key is required (X-API-Key header "
