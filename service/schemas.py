@@ -25,8 +25,9 @@ class _Request(BaseModel):
         None, ge=1, description="ITC candidates re-ranked by ITM (default ALBEF_DEFAULT_RERANK_K); when k > "
         "rerank_k the results after the re-ranked ones follow in ITC order"
     )
-    item_id: int | None = Field(None, ge=0, description="query with an indexed item (its stored vector and "
-                                "features) instead of new content")
+    # le: ids are SQLite/FAISS int64; a larger number would overflow the lookup instead of being "not found".
+    item_id: int | None = Field(None, ge=0, le=2**63 - 1, description="query with an indexed item (its stored "
+                                "vector and features) instead of new content")
     exclude: list[int] = Field(default_factory=list, max_length=1000,
                                description="item ids to leave out of the results (nothing is excluded by default)")
 

@@ -14,11 +14,12 @@ import binascii
 import json
 from typing import Any
 
+from albef.model.text import pre_caption
 from albef.service.deps import EngineDep, ReaderDep, SettingsDep
 from albef.service.engine import SearchResult, public_item
 from albef.service.errors import ApiError
 from albef.service.schemas import ErrorResponse, Hit, ImageSearchRequest, SearchResponse, TextSearchRequest
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -53,12 +54,23 @@ async def _respond(result: SearchResult, reader: Any, engine: Any, k: int, reran
                           query=result.query, index_version=reader.version, bundle_id=engine.bundle.bundle_id)
 
 
-@router.post("/images", response_model=SearchResponse, responses=_ERRORS, summary="text -> images")
+def _require_json(request: Request) -> None:
+    """415 for a body that is not JSON (FastAPI would otherwise report it as a confusing validation error)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "send the search as application/json")
+
+
+@router.post("/images", response_model=SearchResponse, responses=_ERRORS, summary="text -> images",
+             dependencies=[Depends(_require_json)])
 async def search_images(body: ImageSearchRequest, settings: SettingsDep, reader: ReaderDep,
                         engine: EngineDep) -> SearchResponse:
     k, rerank_k = _limits(body, settings)
     if body.text is not None and len(body.text) > settings.max_text_chars:
         raise ApiError(422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text")
+    if body.text is not None and not pre_caption(body.text).strip():
+        # Blank or punctuation-only text tokenizes to [CLS] alone: any "results" would be meaningless.
+        raise ApiError(422, "empty_text", "text: has no words (only white space or punctuation)", field="text")
     result = await engine.search(reader, "t2i", text=body.text, item_id=body.item_id, k=k, rerank=body.rerank,
                                  rerank_k=rerank_k, exclude=body.exclude)
     return await _respond(result, reader, engine, k, body.rerank, rerank_k)
