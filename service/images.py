@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import IO
 
 from albef.model.image import to_rgb
 from albef.service.errors import ApiError
@@ -52,7 +53,7 @@ def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Imag
     return rgb
 
 
-def sniff_content_type(path: Path) -> str | None:
+def sniff_content_type(path: Path | IO[bytes]) -> str | None:
     """The MIME type of a stored image from its bytes (not its name), or None if Pillow cannot identify it."""
     try:
         with Image.open(path) as img:

@@ -1,13 +1,20 @@
 """``GET /v1/items/{id}`` (an indexed item) and ``GET /v1/items/{id}/image`` (its stored image file).
 
 The image route serves only files that the index itself records for an image item: the client sends an
-integer id, never a path, so nothing from the request is ever joined into a file system path. The content
-type comes from the file's bytes (Pillow), and ``nosniff`` stops browsers from guessing otherwise.
+integer id, never a path, so nothing from the request is ever joined into a file system path. The file is
+read without following a final symlink and served only if its sha256 is the one indexed (a file swapped or
+re-linked after indexing, e.g. to something outside the image folder, is refused); the bytes that were
+checked are the bytes sent. The content type comes from those bytes (Pillow), and ``nosniff`` stops
+browsers from guessing otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
+import os
+import stat
 from typing import Any
 
 from albef.service.deps import ReaderDep
@@ -16,24 +23,35 @@ from albef.service.errors import ApiError
 from albef.service.images import sniff_content_type
 from albef.service.schemas import ErrorResponse, Item
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
+
+_MAX_ID = 2**63 - 1  # ids are int64; larger numbers are simply not items (and would overflow SQLite)
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
 
 
 @router.get("/{item_id}", response_model=Item, responses={404: {"model": ErrorResponse}})
 async def get_item(item_id: int, reader: ReaderDep) -> Any:
-    item = await asyncio.to_thread(reader.item, item_id) if item_id >= 0 else None
+    item = await asyncio.to_thread(reader.item, item_id) if 0 <= item_id <= _MAX_ID else None
     if item is None:
         raise ApiError(404, "item_not_found", f"no item {item_id} in index version {reader.version}")
     return public_item(item)
 
 
-@router.get("/{item_id}/image", response_class=FileResponse,
+def _read_no_follow(path: Any) -> bytes:
+    """The bytes of a regular file; OSError for a final symlink, a folder, a FIFO/device (never blocks)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        return fh.read()
+
+
+@router.get("/{item_id}/image", response_class=Response,
             responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}})
-async def get_item_image(item_id: int, reader: ReaderDep) -> FileResponse:
-    def locate() -> tuple[Any, str | None]:
-        item = reader.item(item_id) if item_id >= 0 else None
+async def get_item_image(item_id: int, reader: ReaderDep) -> Response:
+    def locate() -> tuple[bytes, str | None]:
+        item = reader.item(item_id) if 0 <= item_id <= _MAX_ID else None
         if item is None:
             raise ApiError(404, "item_not_found", f"no item {item_id} in index version {reader.version}")
         if item["kind"] != "image":
@@ -41,12 +59,17 @@ async def get_item_image(item_id: int, reader: ReaderDep) -> FileResponse:
         path = reader.image_path(item_id)
         if path is None:
             raise ApiError(404, "image_not_stored", f"item {item_id} is not held as a local file")
-        if not path.is_file():
-            raise ApiError(404, "image_missing", f"the image file of item {item_id} is no longer available")
-        return path, sniff_content_type(path)
+        try:
+            data = _read_no_follow(path)
+        except OSError:  # gone, not a regular file, or a symlink (ELOOP)
+            raise ApiError(404, "image_missing", f"the image file of item {item_id} is no longer available") \
+                from None
+        if hashlib.sha256(data).hexdigest() != item.get("sha256"):
+            raise ApiError(404, "image_changed", f"the file of item {item_id} no longer holds the indexed image")
+        return data, sniff_content_type(io.BytesIO(data))
 
-    path, content_type = await asyncio.to_thread(locate)
+    data, content_type = await asyncio.to_thread(locate)
     if content_type is None:
         raise ApiError(404, "image_unreadable", f"the stored file of item {item_id} is not a readable image")
-    return FileResponse(path, media_type=content_type, headers={"X-Content-Type-Options": "nosniff",
-                                                                 "Cache-Control": "private, max-age=3600"})
+    return Response(data, media_type=content_type, headers={"X-Content-Type-Options": "nosniff",
+                                                            "Cache-Control": "private, max-age=3600"})
