@@ -17,7 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ApiError", "QueueFullError", "NotReadyError", "PayloadTooLargeError", "error_body", "install"]
+__all__ = [
+    "ApiError", "QueueFullError", "NotReadyError", "PayloadTooLargeError", "error_body", "install", "document_errors",
+]
 
 
 class ApiError(Exception):
@@ -120,3 +122,51 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    document_errors(app)
+
+
+_OPEN_PATHS = ("/healthz", "/readyz")
+_ERROR_DESCRIPTIONS = {
+    400: "malformed request (e.g. an unparsable body)", 401: "API key missing or wrong (when ALBEF_API_KEY is set)",
+    404: "not found", 413: "body, upload or image too large", 415: "unsupported content type",
+    422: "invalid input (the field is named)", 503: "not ready, or overloaded (Retry-After)",
+}
+
+
+def document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say what the API really answers on errors: every 4xx/503 has the
+    ``{"error": {"code", "message"}}`` body (FastAPI would document 422 as its own HTTPValidationError),
+    and the statuses that the middlewares and the body parser can produce are declared on every operation
+    they apply to, so that schema-conformance checks (schemathesis) hold."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        for path, ops in spec.get("paths", {}).items():
+            for op in ops.values():
+                responses = op.setdefault("responses", {})
+                codes: set[int] = {int(c) for c in responses if str(c).isdigit() and int(c) >= 400}
+                if path not in _OPEN_PATHS:
+                    codes.add(401)
+                if path.startswith("/v1/"):
+                    codes.add(503)
+                if "requestBody" in op:
+                    codes.update((400, 413, 415, 422))
+                if any(p.get("in") == "path" for p in op.get("parameters", [])):
+                    codes.update((404, 422))
+                for code in sorted(codes):
+                    entry = responses.setdefault(str(code), {})
+                    entry["description"] = entry.get("description") or _ERROR_DESCRIPTIONS.get(code, "error")
+                    if entry["description"] in ("Validation Error", "Successful Response"):
+                        entry["description"] = _ERROR_DESCRIPTIONS.get(code, "error")
+                    entry["content"] = ref
+        schemas = spec.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
