@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 # Flat search switches to BLAS only from this many queries at once; the faiss default (20) was raised in
 # recent wheels to 128000 (see shared docs/environment.md). Batched queries are much faster with BLAS.
 faiss.cvar.distance_compute_blas_threshold = 20
+# Threads for searches of at most SMALL_QUERY_BATCH queries (service requests); larger batches use all.
+SMALL_QUERY_BATCH = 8
+SMALL_QUERY_THREADS = int(os.environ.get("ALBEF_FAISS_QUERY_THREADS", "1"))
+_DEFAULT_THREADS = faiss.omp_get_max_threads()
 
 
 def parse_size(text: str | int) -> int:
@@ -144,7 +149,7 @@ def build(vectors: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 123
                 # IVF-PQ trains polysemous codes by default: minutes of annealing we never use.
                 ivf.do_polysemous_training = False
         rng = np.random.default_rng(seed)
-        cap = min(n, max(64 * nlist, 20_000), 300_000)
+        cap = min(n, max(40 * nlist, 20_000), 163_840)  # faiss asks for >= 39 per list; more costs minutes
         sample = vectors[np.sort(rng.choice(n, cap, replace=False))] if cap < n else vectors
         index.train(sample)
     if n:
@@ -189,7 +194,16 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16
     if total == 0 or nq == 0:
         return out_s, out_i
     kk = min(total, k + tie_margin)
-    scores, ids = index.search(q, kk)
+    if nq <= SMALL_QUERY_BATCH:
+        # OpenMP over a handful of queries costs more than it gains when the cores are busy (measured: a
+        # single Flat query 5x slower with 2 threads on 2 loaded cores). The setting is per calling thread.
+        faiss.omp_set_num_threads(SMALL_QUERY_THREADS)
+        try:
+            scores, ids = index.search(q, kk)
+        finally:
+            faiss.omp_set_num_threads(_DEFAULT_THREADS)
+    else:
+        scores, ids = index.search(q, kk)
     valid = ids >= 0
     s_key = np.where(valid, -scores, np.inf)
     i_key = np.where(valid, ids, np.iinfo(np.int64).max)
