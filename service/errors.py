@@ -109,6 +109,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route {request.url.path}"
+    if exc.status_code == 400 and detail == "There was an error parsing the body":  # FastAPI's body parser
+        detail = "body: could not be parsed (not valid UTF-8 JSON, or a malformed form)"
     return JSONResponse(error_body(code, detail), status_code=exc.status_code, headers=exc.headers)
 
 
