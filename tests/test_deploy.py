@@ -221,6 +221,27 @@ def build_context() -> set[str]:
     return {p.replace(os.sep, "/") for p in exclude_paths(str(ROOT), dockerignore_patterns())}
 
 
+@pytest.fixture(scope="module")
+def built_wheel(build_context: set[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Any, str]:
+    """The wheel both builder stages build, from exactly the files `docker build` would send:
+    (file names, METADATA, entry_points.txt)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    ctx = tmp / "ctx"
+    for rel in build_context:
+        if (ROOT / rel).is_file():
+            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, ctx / rel)
+    out = tmp / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--wheel-dir", str(out), str(ctx)], check=True, capture_output=True)
+    (wheel,) = out.glob("albef_search-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        meta = Parser().parsestr(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
+        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    return names, meta, entry_points
+
+
 # --- albef CLI helpers ----------------------------------------------------------------------------------
 
 
@@ -270,7 +291,7 @@ def test_compose_file_validates_against_the_compose_specification() -> None:
 def test_compose_services_are_wired_as_documented() -> None:
     compose = load_compose({})
     services = compose["services"]
-    assert {"api", "indexer", "indexer-update", "trainer", "trainer-gpu", "exporter"} <= set(services)
+    assert {"api", "indexer", "indexer-update", "trainer", "trainer-gpu", "exporter", "demo"} <= set(services)
     api = services["api"]
     assert "profiles" not in api  # `docker compose up` starts the api
     assert api["restart"] in ("always", "unless-stopped", "on-failure")
@@ -297,6 +318,11 @@ def test_compose_services_are_wired_as_documented() -> None:
     assert "devices" not in services["trainer"].get("deploy", {}).get("resources", {}).get("reservations", {})
     devices = services["trainer-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and services["trainer-gpu"]["profiles"] == ["train-gpu"]
+    # The demo: its own profile and cache volume, the training image (it exports the shipped model).
+    demo = services["demo"]
+    assert demo["profiles"] == ["demo"] and demo["build"]["dockerfile"].endswith("Dockerfile.train")
+    cache = demo["command"][demo["command"].index("--cache") + 1]
+    assert any(t == cache and not ro for _, t, ro in service_mounts(demo))
     # Images come from the two Dockerfiles.
     for name, svc in services.items():
         dockerfile = svc["build"]["dockerfile"]
@@ -391,7 +417,7 @@ def test_healthcheck_uses_readyz_without_curl() -> None:
     assert compose_hc == ["CMD", *argv]
 
 
-def test_serving_image_requirements_exclude_torch(build_context: set[str], tmp_path: Path) -> None:
+def test_serving_image_requirements_exclude_torch(built_wheel: tuple[list[str], Any, str]) -> None:
     parser = parse_dockerfile(DOCKERFILES["serve"])
     st = stages(parser)
     # The builder wheels the project itself, without extras.
@@ -405,20 +431,7 @@ def test_serving_image_requirements_exclude_torch(build_context: set[str], tmp_p
     assert len(project) == 1 and project[0].extras == set()
     assert not {canonicalize_name(r.name) for r in reqs} & TORCH_STACK
 
-    # Build the wheel from exactly what `docker build` would send, and read its metadata.
-    ctx = tmp_path / "ctx"
-    for rel in build_context:
-        if (ROOT / rel).is_file():
-            (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, ctx / rel)
-    out = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--wheel-dir", str(out), str(ctx)], check=True, capture_output=True)
-    (wheel,) = out.glob("albef_search-*.whl")
-    with zipfile.ZipFile(wheel) as zf:
-        names = zf.namelist()
-        meta = Parser().parsestr(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
-        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    names, meta, entry_points = built_wheel
     assert "albef = albef.cli:main" in entry_points
     for pkg in ("albef/cli.py", "albef/model/runtime.py", "albef/index/reader.py", "albef/service/__init__.py",
                 "albef/model/configs/albef-tiny.json"):
