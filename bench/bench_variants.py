@@ -1,0 +1,83 @@
+"""Retrieval quality of each exported variant on the synthetic benchmark (official protocol, ONNX Runtime).
+
+Exports CHECKPOINT with fp32, int8 (per-tensor) and the bf16 probe, evaluating every shipped variant with
+the runtime (``albef export --eval-data`` does the same); then re-quantises a copy per output channel
+and evaluates that too, to decide which int8 granularity to ship. Writes bench/results/export_variants.json.
+
+    python bench/bench_variants.py --checkpoint model/weights/albef-tiny-synth \
+        --data runs/synth3000/test.json --k-test 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True, help="official val/test JSON (e.g. synth test.json)")
+    ap.add_argument("--image-root", type=Path, default=None)
+    ap.add_argument("--k-test", type=int, default=16)
+    ap.add_argument("--bundle", type=Path, default=Path("runs/bundle-tiny-synth"))
+    ap.add_argument("--out", type=Path, default=Path("bench/results/export_variants.json"))
+    args = ap.parse_args()
+
+    from albef.model.export import export_bundle, make_evaluator, quantize_int8, write_manifest
+    from albef.model.factory import create_model
+
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    model = create_model(None, args.checkpoint)
+    evaluator = make_evaluator(args.data, args.image_root, args.k_test)
+    manifest = export_bundle(
+        model, args.bundle, variants=["fp32", "int8", "bf16"], checkpoint=args.checkpoint, overwrite=True,
+        evaluator=evaluator,
+    )
+    variants: dict[str, Any] = {
+        v: {"eval": info.get("eval"), "validation": info.get("validation"), "weights": info.get("weights")}
+        for v, info in manifest["variants"].items()
+    }
+    # int8 per output channel, on a copy of the same fp32 graphs
+    with tempfile.TemporaryDirectory(dir=args.bundle.parent) as tmp:
+        copy = Path(tmp) / "bundle"
+        shutil.copytree(args.bundle, copy)
+        files32 = manifest["variants"]["fp32"]["files"]
+        quantize_int8(copy, files32, per_channel=True)
+        base = {k: v for k, v in manifest.items() if k not in ("files", "bundle_id")}
+        write_manifest(copy, base)
+        variants["int8_per_channel"] = {"eval": evaluator(copy, "int8"), "weights": "int8 per output channel"}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "bundle": str(args.bundle),
+        "bundle_id": manifest["bundle_id"],
+        "data": str(args.data),
+        "k_test": args.k_test,
+        "variants": variants,
+        "variants_not_shipped": manifest.get("variants_not_shipped"),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.perf_counter() - started, 1),
+        "command": " ".join(["python", *sys.argv]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_name(args.out.name + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
+    tmp_out.replace(args.out)
+    for name, info in variants.items():
+        e = info["eval"]
+        print(f"{name:18s} ITM txt_r1 {e['itm']['txt_r1']:6.2f} img_r1 {e['itm']['img_r1']:6.2f} "
+              f"r_mean {e['itm']['r_mean']:6.2f} | ITC txt_r1 {e['itc']['txt_r1']:6.2f} img_r1 {e['itc']['img_r1']:6.2f}")
+    print(f"wrote {args.out} in {result['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
