@@ -13,7 +13,7 @@ it from the stored embeddings.
 
 After a build, :func:`tune` measures ANN recall@10 against exact search on a sample of queries (by default
 the other modality's embeddings, i.e. real cross-modal queries), picks the smallest ``nprobe``/``efSearch``
-that reaches the target recall within the query-time limit, and returns the figures for the manifest.
+that reaches the target recall, and returns the figures for the manifest.
 """
 
 from __future__ import annotations
@@ -232,9 +232,11 @@ def recall_at(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
 
 def tune(index: faiss.Index, factory: str, vectors: np.ndarray, ids: np.ndarray, *,
          queries: np.ndarray | None = None, n_queries: int = 500, k: int = 10, target_recall: float = 0.95,
-         max_query_ms: float = 10.0, seed: int = 0) -> dict[str, Any]:
-    """Measure recall@k vs exact search and set the cheapest search parameter that reaches ``target_recall``
-    within ``max_query_ms`` per single query. Returns the manifest entry."""
+         seed: int = 0) -> dict[str, Any]:
+    """Measure recall@k vs exact search and set the cheapest search parameter (smallest nprobe/efSearch) that
+    reaches ``target_recall``, else the one with the best recall. Latency per single query is recorded for
+    every setting tried but does not steer the choice: on shared CPUs it is too noisy. Returns the manifest
+    entry."""
     n = len(ids)
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"factory": factory, "family": family(factory), "ntotal": int(index.ntotal), "k": k}
@@ -260,20 +262,17 @@ def tune(index: faiss.Index, factory: str, vectors: np.ndarray, ids: np.ndarray,
         grid = [(None, None)]
     tried: list[dict[str, Any]] = []
     chosen: dict[str, Any] | None = None
-    for name, value in grid:
+    for name, value in grid:  # cheapest first
         params = {name: value} if name else {}
         set_params(index, params)
         _, found = search(index, q, kk, tie_margin=0)
         rec = recall_at(found, true)
-        ms = _latency_ms(index, q[: min(50, nq)], kk)
-        entry = {"params": params, "recall_at_k": round(rec, 4), "query_ms": round(ms, 3)}
+        entry = {"params": params, "recall_at_k": round(rec, 4),
+                 "query_ms": round(_latency_ms(index, q[: min(30, nq)], kk), 3)}
         tried.append(entry)
-        if ms > max_query_ms and tried[:-1]:
-            break  # slower settings would only be slower
         if chosen is None or rec > chosen["recall_at_k"]:
             chosen = entry
         if rec >= target_recall:
-            chosen = entry
             break
     assert chosen is not None
     set_params(index, chosen["params"])

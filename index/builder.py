@@ -77,7 +77,6 @@ class BuildOptions:
     max_memory: str = "4G"
     flat_below: int = ann.FLAT_BELOW
     target_recall: float = 0.95
-    max_query_ms: float = 10.0
     keep_versions: int = 5
     image_root: str | None = None
     progress: bool = True
@@ -248,7 +247,8 @@ def _make_plan(index_dir: Path, bundle: Encoder, sources: Sequence[str | Path], 
             texts.append({"caption": cap, "sha256": sha, "image": img_idx, "metadata": rec.metadata,
                           "source": rec.source})
     if not images and not texts:
-        raise SourceError("the sources hold no images and no new captions")
+        raise SourceError("nothing to index: the sources hold no images, and no captions that are not indexed "
+                          "already")
     return {
         "format": 1, "base_version": base, "bundle_id": bundle.bundle_id,
         "sources": [str(Path(s).resolve()) for s in sources], "options": opts.plan_key(),
@@ -660,7 +660,7 @@ def _publish_version(index_dir: Path, tmp: Path, version: str, conn: Any, parent
         bundle_info = {"embed_dim": bundle.embed_dim, "image_res": bundle.image_res,
                        "image_tokens_shape": list(bundle.image_tokens_shape), "text_width": bundle.text_width,
                        "max_tokens": bundle.max_tokens, "name": getattr(getattr(bundle, "config", None), "name", None),
-                       "path": str(getattr(bundle, "path", ""))}
+                       "path": str(Path(bundle.path).resolve()) if getattr(bundle, "path", None) else None}
         bundle_id = bundle.bundle_id
     else:
         bundle_info, bundle_id = parent["bundle"], parent["bundle_id"]
@@ -724,7 +724,7 @@ def _update_ann(kind: str, tmp: Path, base_dir: Path | None, prev: dict[str, Any
         index = ann.build(vectors, ids, factory)
         how = "rebuilt" if prev_file is not None else "built"
     entry = ann.tune(index, factory, vectors, ids, queries=other if len(other) else None,
-                     target_recall=opts.target_recall, max_query_ms=opts.max_query_ms)
+                     target_recall=opts.target_recall)
     path = tmp / f"{kind}.faiss"
     ann.write(index, path)
     entry.update(file=path.name, file_bytes=path.stat().st_size, reason=reason, est_bytes=est, pinned=pinned,

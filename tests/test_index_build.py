@@ -282,6 +282,9 @@ def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path,
     assert manifest["bytes_per_item"]["image"]["tokens"] > 0 and manifest["counts"]["image"] == 6
     assert cli_main(["index", "delete", "--index", str(out), "--ids", "1,2"]) == 0
     assert "deleted 2 items" in capsys.readouterr().out
+    # add without --model uses the bundle the index records
+    assert cli_main(["index", "add", "--index", str(out), "--no-progress", str(sources["csv"])]) == 0
+    assert "version 000003: 5 images, 9 texts" in capsys.readouterr().out
     for argv, msg in [
         (["index", "delete", "--index", str(out), "--ids", "a,b"], "comma-separated integers"),
         (["index", "delete", "--index", str(out), "--ids", "1"], "unknown ids"),
