@@ -256,7 +256,6 @@ def prepare(cache_dir: str | Path | None = None, *, checkpoint: str | Path | Non
             result.rebuilt["bundle"] = False
         else:
             say(f"1/{STEPS} exporting model {ckpt.name} to ONNX ...")
-            stamp.pop("index", None)  # an index of the old bundle is stale
             bundle_id = _export(ckpt, result.bundle, progress)
             stamp["bundle"] = {"key": key, "bundle_id": bundle_id}
             _write_stamp(cache, stamp)
@@ -272,7 +271,6 @@ def prepare(cache_dir: str | Path | None = None, *, checkpoint: str | Path | Non
             result.rebuilt["data"] = False
         else:
             say(f"2/{STEPS} generating the synthetic gallery ({synth['images']} scenes, seed {synth['seed']}) ...")
-            stamp.pop("index", None)
             _generate(result.data, synth, progress)
             stamp["data"] = {"key": dkey}
             _write_stamp(cache, stamp)

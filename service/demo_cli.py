@@ -102,5 +102,9 @@ def _serve(result: DemoResult, host: str, sock: socket.socket) -> int:
     logging.getLogger().setLevel(settings.log_level)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False,
                                            timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled; stopping the demo is a normal exit
+        pass
+    _say("stopped")
     return 0
