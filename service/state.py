@@ -41,8 +41,11 @@ class ReaderHandle:
         self._retired = False
         self._lock = threading.Lock()
 
-    def acquire(self) -> Any:
+    def acquire(self) -> Any | None:
+        """The reader with one more lease, or None if it was already retired and closed (a swap won the race)."""
         with self._lock:
+            if self._retired and self._refs == 0:
+                return None
             self._refs += 1
         return self.reader
 
@@ -110,10 +113,13 @@ class ServiceState:
     @contextlib.contextmanager
     def lease(self) -> Iterator[Any]:
         """The current reader, kept open for the duration of the block even if a swap happens meanwhile."""
-        handle = self._handle
-        if handle is None or self.engine is None:
-            raise NotReadyError(f"not ready: {self.status}")
-        reader = handle.acquire()
+        while True:
+            handle = self._handle
+            if handle is None or self.engine is None:
+                raise NotReadyError(f"not ready: {self.status}")
+            reader = handle.acquire()
+            if reader is not None:
+                break
         try:
             yield reader
         finally:

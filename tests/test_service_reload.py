@@ -93,3 +93,22 @@ def test_waits_for_an_index_then_follows_new_versions(service_index: Path, tiny_
         m = c.get("/metrics").text
         assert 'albef_index_reloads_total{result="ok"} 2.0' in m
         assert 'albef_index_info{bundle=' in m and 'version="000003"' in m
+
+
+def test_reader_handle_closes_after_the_last_lease(service_index: Path) -> None:
+    from albef.index import IndexReader
+    from albef.service.state import ReaderHandle
+
+    h = ReaderHandle(IndexReader.open(service_index))
+    a, b = h.acquire(), h.acquire()
+    assert a is b is not None
+    h.retire()
+    h.release()
+    assert a.item(0) is not None  # one lease left: still open
+    h.release()
+    with pytest.raises(sqlite3.ProgrammingError):
+        a.item(0)
+    assert h.acquire() is None  # a request that raced the swap retries with the new handle
+    h2 = ReaderHandle(IndexReader.open(service_index))
+    h2.retire()  # no lease: closed at once
+    assert h2.acquire() is None
