@@ -39,12 +39,19 @@ def _say(line: str) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
+    import logging
+    import os
     import time
 
     from albef.service.demo import DEMO_SYNTH, DemoError, prepare
 
     from albef.cli import CLIError
 
+    # The numbered progress lines and tqdm bars are the demo's output; JSON info logs would drown them
+    # (ALBEF_LOG_LEVEL=INFO brings them back).
+    quiet = "ALBEF_LOG_LEVEL" not in os.environ
+    if quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     if not 0 <= args.port <= 65535:
         raise CLIError(f"--port must be between 0 and 65535, got {args.port}")
     synth = dict(DEMO_SYNTH)
@@ -74,10 +81,10 @@ def demo_command(args: argparse.Namespace) -> int:
         _say(f"serve it with: albef serve --index {result.index} --model {result.bundle}")
         return 0
     assert sock is not None
-    return _serve(result, args.host, sock)
+    return _serve(result, args.host, sock, quiet)
 
 
-def _serve(result: DemoResult, host: str, sock: socket.socket) -> int:
+def _serve(result: DemoResult, host: str, sock: socket.socket, quiet: bool) -> int:
     import logging
 
     import uvicorn
@@ -99,7 +106,7 @@ def _serve(result: DemoResult, host: str, sock: socket.socket) -> int:
     _say(f"4/4 serving the search page at http://{shown}:{port}/  (Ctrl+C to stop)")
     if settings.api_key is not None:
         _say("    ALBEF_API_KEY is set: enter the key in the page's 'API key' field")
-    logging.getLogger().setLevel(settings.log_level)
+    logging.getLogger().setLevel(logging.WARNING if quiet else settings.log_level)
     server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False,
                                            timeout_graceful_shutdown=5))
     try:

@@ -17,6 +17,7 @@
 
   let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
   let lastQuery = null;      // what to re-run when the options change: {kind: "text"|"image"|"item", ...}
+  let lastOptions = "";      // the options it ran with (JSON)
   let sequence = 0;          // only the latest request may render
   let blobUrls = [];         // object URLs of the current results (images fetched with the key)
   let previewUrl = null;
@@ -135,6 +136,7 @@
     lastQuery = query;
     const seq = ++sequence;
     const opts = options();
+    lastOptions = JSON.stringify(opts);
     el.results.classList.add("loading");
     el.results.setAttribute("aria-busy", "true");
     setStatus("Searching…");
@@ -385,12 +387,15 @@
   });
 
   // Changing an option re-runs the last query, so rerank on/off can be compared at once.
+  function rerunIfChanged() {
+    if (lastQuery && JSON.stringify(options()) !== lastOptions) run(lastQuery);
+  }
   for (const input of [el.k, el.rerank, el.rerankK]) {
-    input.addEventListener("change", () => { if (lastQuery) run(lastQuery); });
+    input.addEventListener("change", rerunIfChanged);
     input.addEventListener("keydown", (ev) => {
       if (ev.key === "Enter") {
         ev.preventDefault();
-        if (lastQuery) run(lastQuery);
+        if (lastQuery) rerunIfChanged();
         else searchText(el.query.value);
       }
     });
