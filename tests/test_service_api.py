@@ -278,10 +278,19 @@ def test_request_errors(client: httpx.Client, items) -> None:
                  422, "invalid_image", "image")
     assert_error(client.post("/v1/search/texts", files={"image": ("a.png", b"", "image/png")}),
                  422, "invalid_image", "image")
+    assert_error(client.post("/v1/search/texts", content=b"--x\r\nbad",
+                             headers={"content-type": "multipart/form-data; boundary=x"}), 422, "validation_error")
+    assert_error(client.post("/v1/search/texts", content=b"garbage", headers={"content-type": "multipart/form-data"}),
+                 400, "bad_request")
+    two = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
+    assert_error(client.post("/v1/search/texts", files=two), 400, "bad_request")
     assert_error(client.get("/v1/search/images"), 405, "method_not_allowed")
     assert_error(client.get("/v1/nothing"), 404, "not_found")
 
 
+# Pillow's DecompressionBombWarning is an error in the service (configure_pillow); pytest resets warning filters
+# per test, so the test sets the same filter (it is process-wide, the server thread sees it).
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
 def test_upload_and_pixel_limits(client: httpx.Client) -> None:
     # bytes: an incompressible PNG just over the upload limit (multipart passes the body limit, not the image one)
     rng = np.random.default_rng(0)
