@@ -1,0 +1,160 @@
+"""A closed-loop HTTP load generator for the search service, meant to run as its own process.
+
+``concurrency`` clients (asyncio tasks sharing one httpx connection pool) each send a request, wait for the
+answer, and send the next, until ``requests`` have been sent or ``duration`` seconds have passed, whichever
+comes first. Queries are text->image searches of synthetic-style captions (seeded), optionally mixed with
+image->text uploads of small generated images. The summary (JSON, to stdout or ``--out``) counts answers by
+status, transport errors, 503s without ``Retry-After``, and latency percentiles of the 200s and the 503s.
+
+    python bench/loadgen.py --url http://127.0.0.1:8000 --concurrency 16 --duration 10 --requests 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+COLOURS = ("red", "green", "blue", "yellow", "purple")
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large", "")
+RELATIONS = ("above", "below", "left of", "right of")
+
+
+def captions(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a = f"a {rng.choice(SIZES)} {rng.choice(COLOURS)} {rng.choice(SHAPES)}".replace("  ", " ")
+        b = f"a {rng.choice(COLOURS)} {rng.choice(SHAPES)}"
+        out.append(f"{a} {rng.choice(RELATIONS)} {b}")
+    return out
+
+
+def small_pngs(n: int, seed: int) -> list[bytes]:
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        img = Image.new("RGB", (64, 64), tuple(rng.randrange(256) for _ in range(3)))
+        x, y = rng.randrange(40), rng.randrange(40)
+        ImageDraw.Draw(img).ellipse((x, y, x + 20, y + 20), fill=tuple(rng.randrange(256) for _ in range(3)))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    i = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return round(s[i], 3)
+
+
+async def run_load(url: str, *, concurrency: int, requests: int, duration: float, k: int = 10,
+                   rerank_k: int = 32, image_share: float = 0.0, api_key: str | None = None, seed: int = 0,
+                   timeout: float = 60.0) -> dict[str, Any]:
+    texts = captions(64, seed)
+    images = small_pngs(8, seed) if image_share > 0 else []
+    headers = {"X-API-Key": api_key} if api_key else {}
+    status: Counter[str] = Counter()
+    codes: Counter[str] = Counter()
+    lat_ok: list[float] = []
+    lat_503: list[float] = []
+    missing_retry_after = 0
+    transport: Counter[str] = Counter()
+    sent = 0
+    t_start = time.perf_counter()
+    deadline = t_start + duration
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client_loop(cid: int, client: httpx.AsyncClient) -> None:
+        nonlocal sent, missing_retry_after
+        rng = random.Random(seed * 1000 + cid)
+        while sent < requests and time.perf_counter() < deadline:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                if images and rng.random() < image_share:
+                    r = await client.post("/v1/search/texts", files={"image": ("q.png", rng.choice(images), "image/png")},
+                                          data={"k": str(k), "rerank_k": str(rerank_k)})
+                else:
+                    r = await client.post("/v1/search/images", json={"text": rng.choice(texts), "k": k,
+                                                                     "rerank_k": rerank_k})
+            except httpx.HTTPError as exc:
+                transport[type(exc).__name__] += 1
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            status[str(r.status_code)] += 1
+            if r.status_code == 200:
+                lat_ok.append(ms)
+            else:
+                try:
+                    codes[r.json()["error"]["code"]] += 1
+                except (ValueError, KeyError, TypeError):
+                    codes["<not the error shape>"] += 1
+                if r.status_code == 503:
+                    lat_503.append(ms)
+                    if "retry-after" not in r.headers:
+                        missing_retry_after += 1
+
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
+        await asyncio.gather(*(client_loop(i, client) for i in range(concurrency)))
+    elapsed = time.perf_counter() - t_start
+    n_ok = status.get("200", 0)
+    return {
+        "url": url, "concurrency": concurrency, "duration_s": round(elapsed, 3), "requests": sent,
+        "by_status": dict(sorted(status.items())), "error_codes": dict(sorted(codes.items())),
+        "transport_errors": dict(transport), "server_errors_other_than_503": sum(
+            v for s, v in status.items() if s.startswith("5") and s != "503"),
+        "missing_retry_after": missing_retry_after,
+        "throughput_ok_rps": round(n_ok / elapsed, 2) if elapsed > 0 else None,
+        "latency_ms": {"p50": percentile(lat_ok, 50), "p90": percentile(lat_ok, 90), "p99": percentile(lat_ok, 99),
+                       "max": round(max(lat_ok), 3) if lat_ok else None},
+        "latency_503_ms": {"p50": percentile(lat_503, 50), "p99": percentile(lat_503, 99)},
+        "k": k, "rerank_k": rerank_k, "image_share": image_share,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--requests", type=int, default=1000, help="stop after this many requests")
+    p.add_argument("--duration", type=float, default=10.0, help="stop after this many seconds")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--rerank-k", type=int, default=32)
+    p.add_argument("--image-share", type=float, default=0.0, help="share of image->text uploads (0..1)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="write the JSON summary here (default: stdout)")
+    a = p.parse_args(argv)
+    if a.concurrency < 1 or a.requests < 1 or a.duration <= 0:
+        p.error("--concurrency and --requests must be >= 1, --duration > 0")
+    summary = asyncio.run(run_load(a.url, concurrency=a.concurrency, requests=a.requests, duration=a.duration,
+                                   k=a.k, rerank_k=a.rerank_k, image_share=a.image_share, api_key=a.api_key,
+                                   seed=a.seed))
+    text = json.dumps(summary, indent=2)
+    if a.out:
+        tmp = a.out.with_name(a.out.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(a.out)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
