@@ -541,13 +541,13 @@ class ComposeRunner:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.compose = load_compose({})  # compose's defaults: no variables set
-        image_env = {}
-        for ins in stages(parse_dockerfile(DOCKERFILES["serve"]))[-1]:
-            if ins["instruction"] == "ENV":
-                for word in shlex.split(ins["value"]):
-                    key, _, value = word.partition("=")
-                    image_env[key] = value
-        self.image_env = {k: v for k, v in image_env.items() if k.startswith("ALBEF_")}
+        self.image_env = {}  # ALBEF_* set by ENV in each image's final stage
+        for which, path in DOCKERFILES.items():
+            env = {}
+            for ins in stages(parse_dockerfile(path))[-1]:
+                if ins["instruction"] == "ENV":
+                    env.update(word.partition("=")[::2] for word in shlex.split(ins["value"]))
+            self.image_env[which] = {k: v for k, v in env.items() if k.startswith("ALBEF_")}
         blocker = root / "no-torch"
         blocker.mkdir()
         (blocker / "sitecustomize.py").write_text(_NO_TORCH.format(BLOCKED=sorted(TORCH_STACK)))
@@ -563,21 +563,22 @@ class ComposeRunner:
     def mapping(self, service: str) -> dict[str, Path]:
         return {target: self.folder(source) for source, target, _ in service_mounts(self.compose["services"][service])}
 
-    def command(self, service: str, *, serving: bool, overrides: Mapping[str, str] = ()) -> tuple[list[str], dict]:
+    def command(self, service: str, overrides: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+        """argv and environment of a service's process. Services of the serving image run without torch."""
         svc = self.compose["services"][service]
+        which = "serve" if svc["build"]["dockerfile"].endswith("Dockerfile.serve") else "train"
         mapping = self.mapping(service)
         host = {k: v for k, v in os.environ.items() if not k.startswith("ALBEF_")}
-        env = dict(host)
-        env.update(self.image_env if serving else {})
+        env = {**host, **self.image_env[which]}
         env.update({k: map_paths(v, mapping) for k, v in service_env(svc, host).items()})
-        env.update(overrides)
-        if serving:
+        env.update(overrides or {})
+        if which == "serve":
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.blocker), env.get("PYTHONPATH")]))
         argv = [ALBEF, *(map_paths(str(a), mapping) for a in svc["command"])]
         return argv, env
 
-    def run(self, service: str, *, serving: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-        argv, env = self.command(service, serving=serving)
+    def run(self, service: str, *, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        argv, env = self.command(service)
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, cwd=self.root)
         assert proc.returncode == 0, f"{service}: {' '.join(argv)}\n{proc.stderr[-3000:]}"
         return proc
@@ -614,8 +615,9 @@ def test_compose_services_run_index_serve_query_and_hot_swap(tiny_bundle: Path, 
 
     # api: on loopback (compose binds 0.0.0.0 inside its own network namespace) and a free port.
     port = _free_port()
-    argv, env = runner.command("api", serving=True, overrides={"ALBEF_HOST": "127.0.0.1", "ALBEF_PORT": str(port),
-                                                               "ALBEF_RELOAD_INTERVAL_S": "0.5"})
+    argv, env = runner.command("api", {"ALBEF_HOST": "127.0.0.1", "ALBEF_PORT": str(port),
+                                       "ALBEF_RELOAD_INTERVAL_S": "0.5"})
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(runner.blocker)  # the api runs without torch
     hc = services["api"]["healthcheck"]["test"][1:]
     assert _healthcheck(hc, env) != 0  # nothing listens yet: unhealthy
     api = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
