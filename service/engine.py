@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -197,6 +198,11 @@ class SearchEngine:
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
         self.max_image_pixels = max_image_pixels
+        # Uploads are decoded in worker threads before they reach the image encoder's bounded queue; bound the
+        # decodes waiting or running too, so that an upload flood is answered with 503 like the other stages
+        # instead of queueing without limit in the thread pool.
+        img = stages.image
+        self._decode_slots = threading.BoundedSemaphore(img.queue_max + img.max_cost)
 
     # -- query encoders -----------------------------------------------------------------------------------
     async def _text_query(self, text: str) -> _Query:
@@ -209,8 +215,15 @@ class SearchEngine:
             img = decode_upload(data, max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
             return self.bundle.preprocess([img])[0]
 
-        with timer("decode"):
-            pixels = await asyncio.to_thread(prepare)
+        if not self._decode_slots.acquire(blocking=False):
+            if self.metrics is not None:
+                self.metrics.rejections.labels(stage="decode").inc()
+            raise QueueFullError("decode", self.stages.image.retry_after_s)
+        try:
+            with timer("decode"):
+                pixels = await asyncio.to_thread(prepare)
+        finally:
+            self._decode_slots.release()
         emb, tok = await self.stages.encode_image(pixels)
         return _Query(emb, tok)
 
