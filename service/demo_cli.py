@@ -76,7 +76,8 @@ def demo_command(args: argparse.Namespace) -> int:
         if sock is not None:
             sock.close()
         raise CLIError(str(exc)) from exc
-    _say(f"ready in {time.perf_counter() - t0:.1f} s (cache: {result.cache_dir})")
+    steps = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.seconds.items())
+    _say(f"ready in {time.perf_counter() - t0:.1f} s ({steps}; cache: {result.cache_dir})")
     if args.no_serve:
         _say(f"serve it with: albef serve --index {result.index} --model {result.bundle}")
         return 0
