@@ -7,11 +7,13 @@ Import into a test module with ``from tests.service_fixtures import ...`` (fixtu
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +22,17 @@ import pytest
 
 SYNTH_IMAGES = 400  # the synthetic generator keeps 10% for test: 40 images, about 160 captions
 SYNTH_SEED = 0
+# The tiny model trained on the synthetic benchmark (helper A); the agreement tests use it when it is there.
+TRAINED_CHECKPOINT = Path(__file__).resolve().parents[1] / "model" / "weights" / "albef-tiny-synth"
 
 
 @pytest.fixture(scope="session")
 def service_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``albef data synth`` output (64 px images); the index is built from its test split."""
+    """``albef data synth`` output (128 px, as the benchmark); the index is built from its test split."""
     from albef.model.data.synth import generate
 
     out = tmp_path_factory.mktemp("service-synth") / "synth"
-    generate(out, SYNTH_IMAGES, SYNTH_SEED, size=64, progress=False)
+    generate(out, SYNTH_IMAGES, SYNTH_SEED, size=128, progress=False)
     return out
 
 
@@ -42,6 +46,35 @@ def service_index(service_synth: Path, tiny_bundle: Path, tmp_path_factory: pyte
     out = tmp_path_factory.mktemp("service-index") / "index"
     build(out, Bundle.load(tiny_bundle), [service_synth / "test.json"], BuildOptions(progress=False, workers=2))
     return out
+
+
+@dataclass
+class ModelSetup:
+    checkpoint: Path  # for the torch model of the official evaluation
+    bundle: Path  # the same weights exported for the service
+    index: Path  # the synthetic test split indexed with that bundle
+    trained: bool
+
+
+@pytest.fixture(scope="session")
+def agreement_setup(request: pytest.FixtureRequest, service_synth: Path,
+                    tmp_path_factory: pytest.TempPathFactory) -> ModelSetup:
+    """The shipped trained tiny checkpoint exported and indexed once, if it is in the tree
+    (``ALBEF_TEST_CHECKPOINT`` may name another); else the shared random tiny model and ``service_index``."""
+    ckpt = Path(os.environ.get("ALBEF_TEST_CHECKPOINT", TRAINED_CHECKPOINT))
+    if not (ckpt / "config.json").is_file():
+        return ModelSetup(request.getfixturevalue("tiny_checkpoint"), request.getfixturevalue("tiny_bundle"),
+                          request.getfixturevalue("service_index"), trained=False)
+    from albef.index.builder import BuildOptions, build
+    from albef.model.export import export_bundle
+    from albef.model.factory import create_model
+    from albef.model.runtime import Bundle
+
+    root = tmp_path_factory.mktemp("agreement")
+    export_bundle(create_model(None, ckpt), root / "bundle", variants=["fp32"], checkpoint=ckpt, progress=False)
+    build(root / "index", Bundle.load(root / "bundle"), [service_synth / "test.json"],
+          BuildOptions(progress=False, workers=2))
+    return ModelSetup(ckpt, root / "bundle", root / "index", trained=True)
 
 
 def copy_index(src: Path, dst: Path) -> Path:

@@ -22,22 +22,36 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service_fixtures import index_items, live_server, service_index, service_synth, settings
+from tests.service_fixtures import (
+    ModelSetup,
+    agreement_setup,
+    index_items,
+    live_server,
+    service_index,
+    service_synth,
+    settings,
+)
 
-__all__ = ["service_index", "service_synth"]
+__all__ = ["agreement_setup", "service_index", "service_synth"]
 
 K = 16  # k = rerank_k = k_test
 
 
 @pytest.fixture(scope="module")
-def client(service_index: Path):
-    with live_server(settings(service_index, max_rerank_k=64)) as srv, srv.client() as c:
+def setup(agreement_setup: ModelSetup) -> ModelSetup:
+    print(f"agreement model: {'trained ' + str(agreement_setup.checkpoint) if agreement_setup.trained else 'random'}")
+    return agreement_setup
+
+
+@pytest.fixture(scope="module")
+def client(setup: ModelSetup):
+    with live_server(settings(setup.index, max_rerank_k=64)) as srv, srv.client() as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def data(service_index: Path) -> dict[str, Any]:
-    images, texts = index_items(service_index)
+def data(setup: ModelSetup) -> dict[str, Any]:
+    images, texts = index_items(setup.index)
     return {"images": images, "texts": texts, "image_ids": [it["id"] for it in images],
             "text_ids": [it["id"] for it in texts]}
 
@@ -93,14 +107,14 @@ def answers(client: httpx.Client, data: dict[str, Any]) -> dict[str, dict[str, l
     return out
 
 
-def test_service_equals_offline_runtime_scoring(answers: dict[str, Any], data: dict[str, Any], tiny_bundle: Path,
-                                                service_index: Path) -> None:
+def test_service_equals_offline_runtime_scoring(answers: dict[str, Any], data: dict[str, Any],
+                                                setup: ModelSetup) -> None:
     from albef.index import IndexReader
     from albef.model.runtime import Bundle
 
-    bundle = Bundle.load(tiny_bundle, intra_op_threads=1)
+    bundle = Bundle.load(setup.bundle, intra_op_threads=1)
     got = answers["content"]
-    with IndexReader.open(service_index) as reader:
+    with IndexReader.open(setup.index) as reader:
         img_vecs = np.stack([reader.vector("image", i) for i in data["image_ids"]])
         txt_vecs = np.stack([reader.vector("text", i) for i in data["text_ids"]])
 
@@ -136,10 +150,17 @@ def test_service_equals_offline_runtime_scoring(answers: dict[str, Any], data: d
 
 
 @pytest.fixture(scope="module")
-def torch_model(tiny_checkpoint: Path):
+def torch_model(setup: ModelSetup):
+    import torch
     from albef.model.factory import create_model
 
-    return create_model(None, tiny_checkpoint)
+    # One thread: on a shared 2-core machine OpenMP's spinning threads made the eval 6x slower (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield create_model(None, setup.checkpoint)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _eval_rankings(scores: Any, data: dict[str, Any]) -> dict[str, list[tuple[list[int], dict[int, float]]]]:
@@ -168,12 +189,12 @@ def _compare_all(got: dict[str, list], ref: dict[str, Any], tol: float) -> dict[
 
 
 def test_service_equals_eval_on_the_same_features(answers: dict[str, Any], data: dict[str, Any], torch_model: Any,
-                                                  service_index: Path) -> None:
+                                                  setup: ModelSetup) -> None:
     import torch
     from albef.index import IndexReader
     from albef.model.train.evaluate import score_matrices
 
-    with IndexReader.open(service_index) as reader:
+    with IndexReader.open(setup.index) as reader:
         tt, tm = reader.text_features(data["text_ids"])
         feats = {
             "image_emb": torch.from_numpy(np.stack([reader.vector("image", i) for i in data["image_ids"]])),

@@ -205,7 +205,7 @@ def test_search_texts_upload_base64_dataurl_and_item(client: httpx.Client, items
 def test_items_and_image_files(client: httpx.Client, items) -> None:
     image, text = items[0][0], items[1][0]
     got = client.get(f"/v1/items/{image['id']}").json()
-    assert got["kind"] == "image" and got["width"] == 64 and got["height"] == 64 and got["sha256"] == image["sha256"]
+    assert got["kind"] == "image" and got["width"] == 128 and got["height"] == 128 and got["sha256"] == image["sha256"]
     assert got["image_url"] == f"/v1/items/{image['id']}/image" and "path" not in got
     r = client.get(got["image_url"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
