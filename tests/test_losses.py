@@ -283,3 +283,21 @@ def test_pretrain_mode_clamps_temp_and_runs_mlm():
         retr.model.temp.fill_(0.9)
     retr(image, ids, mask, torch.arange(4), alpha=0.4)
     assert retr.model.temp.item() == pytest.approx(0.9)
+
+
+def test_scratch_warmup_is_two_sided_in_batch_itc_and_leaves_the_queue_alone():
+    obj = _tiny_objective(queue_size=8)
+    obj.eval()
+    image, ids, mask = _batch()
+    idx = torch.tensor([0, 0, 1, 2])
+    before = obj.queues.image_queue.clone()
+    out = obj(image, ids, mask, idx, alpha=0.4, warmup=True)
+    v, _ = obj.model.encode_image(image)
+    w, _ = obj.model.encode_text(ids, mask)
+    s = v @ w.T / obj.model.temp
+    expected = L.itc_loss(s, s.T, L.idx_targets(idx, idx))
+    assert out["loss_itc"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["loss_itm"].item() == 0.0 and out["loss"].item() == pytest.approx(out["loss_itc"].item())
+    assert torch.equal(obj.queues.image_queue, before) and int(obj.queues.queue_ptr) == 0
+    out["loss"].backward()  # both towers receive gradients (no stop-gradient on the keys)
+    assert obj.model.text_proj.weight.grad.abs().sum() > 0 and obj.model.vision_proj.weight.grad.abs().sum() > 0

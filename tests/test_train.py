@@ -172,3 +172,19 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
                  "train.queue_size=16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "queue_size 16 must be divisible by the global batch 3" in err
+
+
+def test_scratch_warmup_then_albef_objectives(synth_data: Path, tmp_path: Path):
+    from albef.model.factory import create_model
+    from albef.model.train.trainer import Trainer
+
+    cfg = _cfg(synth_data, **{"train.max_steps": "3", "train.grad_accum": "1", "train.scratch_warmup_steps": "2",
+                              "train.temp_after_warmup": "0.2", "model.temp": "0.6"})
+    Trainer(cfg, tmp_path / "run", progress=False).run()
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_itm"] for r in rows[:2]] == [0.0, 0.0] and rows[2]["loss_itm"] > 0
+    assert rows[0]["temp"] == pytest.approx(0.6, abs=0.01)
+    model = create_model(None, tmp_path / "run" / "final")
+    assert model.temp.item() == pytest.approx(0.2, abs=0.01)  # reset when the warm-up ended, then one step
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "state.pt", weights_only=False)
+    assert int(state["queues"]["queue_ptr"]) == 4  # only the step after the warm-up enqueued (batch 4)

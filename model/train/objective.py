@@ -52,10 +52,20 @@ class AlbefObjective(nn.Module):
         self.momentum_encoders = MomentumEncoders(model)
         self.queues = FeatureQueues(model.config.embed_dim, queue_size)
 
-    def forward(self, image: Tensor, ids: Tensor, mask: Tensor, idx: Tensor, alpha: float) -> dict[str, Tensor]:
+    def forward(
+        self, image: Tensor, ids: Tensor, mask: Tensor, idx: Tensor, alpha: float, warmup: bool = False
+    ) -> dict[str, Tensor]:
         """Losses of one batch: ``loss_itc``, ``loss_itm``, ``loss_mlm`` (0 when off), ``loss`` (their sum),
         plus detached diagnostics (``itm_acc``, ``n_neg``, the momentum features ``image_feat_m``/
-        ``text_feat_m`` that were enqueued)."""
+        ``text_feat_m`` that were enqueued).
+
+        ``warmup`` (training from scratch only, never in the official recipes): ITC contrasts the online
+        features of the batch with each other, gradients through both sides, no momentum/queue/distillation.
+        A random initialisation maps every input to nearly the same [CLS] feature; with momentum keys (no
+        gradient) the ALBEF ITC then sits at ``log N`` for a long time, while the two-sided loss leaves that
+        plateau within tens of steps. The trainer copies the online weights into the momentum encoders when
+        the warm-up ends, so the exact ALBEF objective starts from informative keys.
+        """
         m = self.model
         B = image.shape[0]
         alpha = alpha if self.distill else 0.0
@@ -64,6 +74,8 @@ class AlbefObjective(nn.Module):
                 m.temp.clamp_(0.001, 0.5)
         image_feat, image_tokens = m.encode_image(image)
         text_feat, text_tokens = m.encode_text(ids, mask)
+        if warmup:
+            return self._warmup(image_feat, text_feat, idx)
 
         # ---- ITC: EMA update first, then the momentum features, then the loss, then the enqueue.
         with torch.no_grad():
@@ -101,6 +113,21 @@ class AlbefObjective(nn.Module):
         out["loss"] = out["loss_itc"] + out["loss_itm"] + out["loss_mlm"]
         out["image_feat_m"] = image_feat_m.detach()
         out["text_feat_m"] = text_feat_m.detach()
+        return out
+
+    def _warmup(self, image_feat: Tensor, text_feat: Tensor, idx: Tensor) -> dict[str, Tensor]:
+        B = image_feat.shape[0]
+        positives_idx = idx if self.mode == "retrieval" else None
+        sim_i2t = image_feat.float() @ text_feat.float().t() / self.model.temp
+        targets = L.idx_targets(idx, idx) if positives_idx is not None else L.diagonal_targets(B, B, image_feat.device)
+        loss_itc = L.itc_loss(sim_i2t, sim_i2t.t(), targets)
+        zero = loss_itc.new_zeros(())
+        out: dict[str, Tensor] = {"loss_itc": loss_itc, "loss_mlm": zero}
+        # No ITM yet: its hard negatives come from ITC similarities that mean nothing before the plateau is left.
+        out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
+        out["loss"] = out["loss_itc"]
+        out["image_feat_m"] = image_feat.detach()
+        out["text_feat_m"] = text_feat.detach()
         return out
 
     def _itm(

@@ -23,6 +23,8 @@ DEFAULTS: dict[str, Any] = {
         "config": "albef-tiny",  # built-in name or JSON path
         "image_res": None,  # override the config's resolution
         "init": None,  # official .pth or our checkpoint folder; null = random initialisation
+        "temp": None,  # initial ITC temperature (null = the model config's, 0.07)
+        "random_init": "torch",  # random initialisation: torch (module defaults) | bert (normal 0.02)
     },
     "data": {
         "train": [],  # annotation files/folders (see albef.model.data.annotations.load_pairs)
@@ -50,6 +52,10 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 0.4,
         "distill": True,
         "alpha_warmup": True,  # linear ramp of alpha over the first epoch
+        # From scratch only: this many first steps use the two-sided in-batch ITC (see
+        # AlbefObjective.forward), then the momentum encoders are reset to the online weights.
+        "scratch_warmup_steps": 0,
+        "temp_after_warmup": None,  # set temp to this value when the warm-up ends (null = keep the learned one)
         "itm": True,
         "mlm": False,
         "mlm_probability": 0.15,

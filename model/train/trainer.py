@@ -146,8 +146,11 @@ class Trainer:
         t = self.cfg["train"]
         torch.manual_seed(int(self.cfg["seed"]))  # identical initial weights (and queues) on every rank
         model = create_model(m["config"], m["init"], m["image_res"], with_mlm=bool(t["mlm"]))
-        if m["init"] is None:
+        if m["init"] is None and m["random_init"] == "bert":
             init_weights(model)
+        if m["temp"] is not None:
+            with torch.no_grad():
+                model.temp.fill_(float(m["temp"]))
         from albef.model.train.objective import AlbefObjective
 
         self.model = model
@@ -279,12 +282,14 @@ class Trainer:
         if self.world > 1:
             net = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=not t["itm"],
+                broadcast_buffers=False,
+                find_unused_parameters=not t["itm"] or int(t["scratch_warmup_steps"] or 0) > 0,
             )
         metrics_path = self.out / "metrics.jsonl"
         if self.rank == 0:
             _truncate_metrics(metrics_path, self.step if resumed else 0)
         bf16 = bool(t["bf16"])
+        warmup_steps = int(t["scratch_warmup_steps"] or 0)
         stop_after = self.cfg["debug"].get("stop_after")
         pbar = None
         if self.rank == 0 and self.progress:
@@ -307,6 +312,13 @@ class Trainer:
             )
             batches = iter(loader)
             while pos < steps_per_epoch and self.step < total:
+                warm = self.step < warmup_steps
+                if self.step == warmup_steps and warmup_steps > 0:
+                    # End of the from-scratch warm-up: momentum keys start from the online weights.
+                    self.objective.momentum_encoders.copy_from(self.model)
+                    if t["temp_after_warmup"] is not None:
+                        with torch.no_grad():
+                            self.model.temp.fill_(float(t["temp_after_warmup"]))
                 for j in range(accum):
                     batch = next(batches)
                     micro = pos * accum + j
@@ -317,7 +329,7 @@ class Trainer:
                     sync = contextlib.nullcontext() if (self.world == 1 or j == accum - 1) else net.no_sync()
                     with sync:
                         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                            out = net(image, ids, mask, idx, alpha)
+                            out = net(image, ids, mask, idx, alpha, warm)
                         (out["loss"] / accum).backward()
                     acc.add(out, alpha)
                     if batch["bad"]:
