@@ -99,6 +99,7 @@ class ServiceState:
         self._handle: ReaderHandle | None = None
         self.status = "starting"  # why we are not ready (for /readyz)
         self._load_lock = threading.Lock()
+        self._refused_version: str | None = None
 
     # -- readiness and leases -----------------------------------------------------------------------------
     @property
@@ -192,12 +193,13 @@ class ServiceState:
         index_dir = self.settings.index_dir
         assert index_dir is not None and self.bundle is not None
         version = current_version(index_dir)
-        if version is None or version == self.reader.version:
-            return None
+        if version is None or version == self.reader.version or version == self._refused_version:
+            return None  # a refused version is not retried (nor logged again) until the pointer moves on
         try:
             reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, version=version,
                                       encoder=self.bundle)
         except Exception:  # noqa: BLE001 - keep serving the old version
+            self._refused_version = version
             self.metrics.reloads.labels(result="error").inc()
             log.exception("index reload failed; still serving the old version",
                           extra={"version": version, "serving": self.reader.version})

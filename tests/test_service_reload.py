@@ -112,3 +112,32 @@ def test_reader_handle_closes_after_the_last_lease(service_index: Path) -> None:
     h2 = ReaderHandle(IndexReader.open(service_index))
     h2.retire()  # no lease: closed at once
     assert h2.acquire() is None
+
+
+def test_a_version_of_another_bundle_is_refused_and_the_old_one_kept(service_index: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from albef.index.layout import set_current
+
+    index_dir = copy_index(service_index, tmp_path / "index")
+    with live_server(settings(index_dir, reload_interval_s=0.1)) as srv, srv.client() as c:
+        # A version whose manifest names another bundle (as if built by another model) becomes current.
+        v2 = index_dir / "versions" / "000002"
+        shutil.copytree(index_dir / "versions" / "000001", v2)
+        manifest = json.loads((v2 / "manifest.json").read_text())
+        manifest["bundle_id"] = "0" * 64
+        manifest["version"] = "000002"
+        (v2 / "manifest.json").write_text(json.dumps(manifest))
+        set_current(index_dir, "000002")
+        deadline = time.monotonic() + 30
+        while "albef_index_reloads_total{result=\"error\"}" not in (m := c.get("/metrics").text):
+            assert time.monotonic() < deadline, "the refused reload was not counted"
+            time.sleep(0.05)
+        ready = c.get("/readyz").json()
+        assert ready["index_version"] == "000001"  # still serving the version of its own bundle
+        r = c.post("/v1/search/images", json={"text": "a red circle", "k": 2})
+        assert r.status_code == 200 and r.json()["index_version"] == "000001"
+        assert 'albef_index_reloads_total{result="ok"}' not in m
+        time.sleep(0.5)  # several polls later: the refused version is not retried
+        assert 'albef_index_reloads_total{result="error"} 1.0' in c.get("/metrics").text
