@@ -56,6 +56,12 @@ def _check(settings: object) -> None:
             raise CLIError(f"the model bundle the index records ({path}) is not there; pass --model")
 
 
+def _drop_colour(record: object) -> bool:
+    """uvicorn adds an ANSI-coloured copy of its messages; our JSON logs keep only the plain one."""
+    record.__dict__.pop("color_message", None)
+    return True
+
+
 def serve_command(args: argparse.Namespace) -> int:
     import logging
 
@@ -76,6 +82,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from albef.service.app import create_app
 
     logging.getLogger().setLevel(settings.log_level)
+    logging.getLogger("uvicorn.error").addFilter(_drop_colour)
     app = create_app(settings)
     # log_config=None keeps our JSON logging; uvicorn's own loggers propagate to the root handler.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
