@@ -33,6 +33,7 @@ class AlbefObjective(nn.Module):
         mlm: bool = False,
         mlm_probability: float = 0.15,
         clamp_temp: bool | None = None,
+        itm_in_warmup: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -49,6 +50,7 @@ class AlbefObjective(nn.Module):
         self.use_mlm = bool(mlm)
         self.mlm_probability = float(mlm_probability)
         self.clamp_temp = (mode == "pretrain") if clamp_temp is None else bool(clamp_temp)
+        self.itm_in_warmup = bool(itm_in_warmup)
         self.momentum_encoders = MomentumEncoders(model)
         self.queues = FeatureQueues(model.config.embed_dim, queue_size)
 
@@ -75,7 +77,7 @@ class AlbefObjective(nn.Module):
         image_feat, image_tokens = m.encode_image(image)
         text_feat, text_tokens = m.encode_text(ids, mask)
         if warmup:
-            return self._warmup(image_feat, text_feat, idx)
+            return self._warmup(image_feat, text_feat, idx, (text_tokens, mask, image_tokens))
 
         # ---- ITC: EMA update first, then the momentum features, then the loss, then the enqueue.
         with torch.no_grad():
@@ -115,7 +117,9 @@ class AlbefObjective(nn.Module):
         out["text_feat_m"] = text_feat_m.detach()
         return out
 
-    def _warmup(self, image_feat: Tensor, text_feat: Tensor, idx: Tensor) -> dict[str, Tensor]:
+    def _warmup(
+        self, image_feat: Tensor, text_feat: Tensor, idx: Tensor, tokens: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         B = image_feat.shape[0]
         positives_idx = idx if self.mode == "retrieval" else None
         sim_i2t = image_feat.float() @ text_feat.float().t() / self.model.temp
@@ -123,9 +127,13 @@ class AlbefObjective(nn.Module):
         loss_itc = L.itc_loss(sim_i2t, sim_i2t.t(), targets)
         zero = loss_itc.new_zeros(())
         out: dict[str, Tensor] = {"loss_itc": loss_itc, "loss_mlm": zero}
-        # No ITM yet: its hard negatives come from ITC similarities that mean nothing before the plateau is left.
-        out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
-        out["loss"] = out["loss_itc"]
+        if self.itm_in_warmup and self.use_itm and tokens is not None:
+            text_tokens, mask, image_tokens = tokens
+            loss_itm, itm_acc, n_neg = self._itm(sim_i2t, sim_i2t.t(), text_tokens, mask, image_tokens, positives_idx)
+            out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
+        else:  # by default no ITM yet: its negatives come from ITC similarities that mean little so far
+            out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
+        out["loss"] = out["loss_itc"] + out["loss_itm"]
         out["image_feat_m"] = image_feat.detach()
         out["text_feat_m"] = text_feat.detach()
         return out

@@ -19,18 +19,20 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_mult: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Decay / no-decay groups; ``lr_mult`` maps name prefixes to a learning-rate factor (default 1)."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if len(p.shape) == 1 or name.endswith(".bias"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        decay = not (len(p.shape) == 1 or name.endswith(".bias"))
+        mult = next((m for prefix, m in (lr_mult or {}).items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((decay, float(mult)), []).append(p)
+    order = sorted(groups, key=lambda k: (not k[0], k[1]))
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_mult": k[1]} for k in order
     ]
 
 
@@ -40,9 +42,10 @@ def create_optimizer(
     weight_decay: float = 0.02,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    lr_mult: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
     # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop on this small model.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(param_groups(model, weight_decay, lr_mult), lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, warmup_lr: float) -> float:
@@ -80,7 +83,7 @@ class CosineWarmup:
     def _apply(self) -> None:
         lr = self.current()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
 
     def step(self) -> None:
         self.step_count += 1

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
         # From scratch only: this many first steps use the two-sided in-batch ITC (see
         # AlbefObjective.forward), then the momentum encoders are reset to the online weights.
         "scratch_warmup_steps": 0,
+        "itm_in_warmup": False,  # also train ITM (online in-batch negatives) during the warm-up
         "temp_after_warmup": None,  # set temp to this value when the warm-up ends (null = keep the learned one)
         "itm": True,
         "mlm": False,
@@ -73,6 +74,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_lr": None,  # null = lr
         "betas": [0.9, 0.999],
         "eps": 1e-8,
+        "fusion_lr_mult": 1.0,  # learning-rate factor for the fusion layers and the ITM head
     },
     "checkpoint": {"every": 500, "keep": 2},
     "log": {"every": 10},

@@ -156,7 +156,7 @@ class Trainer:
         self.model = model
         self.objective = AlbefObjective(
             model, self.cfg["mode"], t["queue_size"], t["momentum"], t["distill"], t["itm"], t["mlm"],
-            t["mlm_probability"], t["clamp_temp"],
+            t["mlm_probability"], t["clamp_temp"], t["itm_in_warmup"],
         ).to(self.device)
         self.objective.train()
 
@@ -270,8 +270,13 @@ class Trainer:
             raise ValueError(f"an epoch has {micro_per_epoch} micro-batches, fewer than grad_accum {accum}")
         total = int(t["max_steps"] or int(t["epochs"]) * steps_per_epoch)
         o = self.cfg["optim"]
+        fusion = self.model.config.text
+        mult = float(o["fusion_lr_mult"])
+        lr_mult = {f"text_encoder.encoder.layer.{i}.": mult for i in range(fusion.fusion_layer,
+                                                                           fusion.num_hidden_layers)}
+        lr_mult["itm_head."] = mult
         self.optimizer = create_optimizer(self.model, float(o["lr"]), float(o["weight_decay"]),
-                                          tuple(o["betas"]), float(o["eps"]))
+                                          tuple(o["betas"]), float(o["eps"]), lr_mult if mult != 1.0 else None)
         self.scheduler = CosineWarmup(self.optimizer, total, float(o["lr"]), float(o["min_lr"]),
                                       int(o["warmup_steps"]), o["warmup_lr"])
         self.step, self.bad_items = 0, 0
@@ -283,7 +288,8 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
-                find_unused_parameters=not t["itm"] or int(t["scratch_warmup_steps"] or 0) > 0,
+                find_unused_parameters=not t["itm"] or (int(t["scratch_warmup_steps"] or 0) > 0
+                                                         and not t["itm_in_warmup"]),
             )
         metrics_path = self.out / "metrics.jsonl"
         if self.rank == 0:
