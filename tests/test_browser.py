@@ -23,7 +23,7 @@ from tests.service_fixtures import live_server, settings
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-QUERY = "a small red circle left of a large blue square"
+QUERY = "a small blue circle above a large red circle"  # a caption of the gallery (and an example chip)
 API_KEY = "s3cret-demo-key"
 # The page's defaults (index.html): k=12, rerank on, rerank_k=32.
 PAGE_OPTIONS = {"k": 12, "rerank": True, "rerank_k": 32}
@@ -127,7 +127,9 @@ def assert_timings_shown(tab: Page) -> None:
     assert tab.page.is_visible("#timings")
 
 
-def test_text_query_shows_image_results_with_scores(tab: Page, server: Any) -> None:
+def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prepared_demo: PreparedDemo) -> None:  # noqa: F811
+    test_split = json.loads((prepared_demo.result.data / "test.json").read_text())
+    assert any(QUERY in e["caption"] for e in test_split)  # the query describes an image of the gallery
     page = tab.open()
     with server.client() as api:
         index = api.get("/v1/index").json()
