@@ -301,3 +301,13 @@ def test_scratch_warmup_is_two_sided_in_batch_itc_and_leaves_the_queue_alone():
     assert torch.equal(obj.queues.image_queue, before) and int(obj.queues.queue_ptr) == 0
     out["loss"].backward()  # both towers receive gradients (no stop-gradient on the keys)
     assert obj.model.text_proj.weight.grad.abs().sum() > 0 and obj.model.vision_proj.weight.grad.abs().sum() > 0
+
+
+def test_lr_factor_for_fusion_groups_follows_the_schedule():
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "itm_head": torch.nn.Linear(2, 2)})
+    opt = create_optimizer(model, lr=1e-3, lr_mult={"itm_head.": 3.0})
+    sched = CosineWarmup(opt, 10, 1e-3, 0.0, 0, None)
+    lrs = {(g["weight_decay"] > 0, g["lr_mult"]): g["lr"] for g in opt.param_groups}
+    assert lrs == {(True, 1.0): 1e-3, (False, 1.0): 1e-3, (True, 3.0): 3e-3, (False, 3.0): 3e-3}
+    sched.step()
+    assert opt.param_groups[-1]["lr"] == pytest.approx(3 * cosine_lr(1, 10, 1e-3, 0.0, 0, 1e-3))
