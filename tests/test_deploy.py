@@ -467,6 +467,17 @@ def test_serving_image_requirements_exclude_torch(built_wheel: tuple[list[str], 
     assert not [n for n in seen if n.startswith("nvidia-")]
 
 
+def test_wheel_ships_what_the_compose_defaults_use(built_wheel: tuple[list[str], Any, str]) -> None:
+    """In the images the package is a wheel, not a checkout: the trainer's default recipe, the demo's shipped
+    checkpoint and the web page must be package data."""
+    names = set(built_wheel[0])
+    services = load_compose({})["services"]
+    recipe = services["trainer"]["command"][services["trainer"]["command"].index("--config") + 1]
+    assert f"albef/model/train/recipes/{recipe}.yaml" in names
+    for rel in ("model/weights/albef-tiny-synth/config.json", "model/weights/albef-tiny-synth/model.safetensors",
+                "service/static/index.html"):
+        assert f"albef/{rel}" in names, f"{rel} is not in the wheel"
+
 def test_training_image_pins_torch_as_pyproject_does() -> None:
     parser = parse_dockerfile(DOCKERFILES["train"])
     args = {}
