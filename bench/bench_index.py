@@ -375,8 +375,11 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     results["machine"]["load_avg_end"] = load_avg()
     results["total_s"] = round(time.perf_counter() - t_start, 1)
-    results["command"] = "python bench/bench_index.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out",) and v not in (None, False))
+    results.setdefault("commands", [])
+    results["commands"] = [*results["commands"][-4:], "python bench/bench_index.py " + " ".join(
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items() if k != "out" and v not in (None, False))]
+    results.pop("command", None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")
     tmp_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
