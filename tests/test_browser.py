@@ -23,7 +23,7 @@ from tests.service_fixtures import live_server, settings
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
-QUERY = "a small blue circle above a large red circle"  # a caption of the gallery (and an example chip)
+QUERY = "a small blue circle above a large red circle"  # a caption of the gallery
 API_KEY = "s3cret-demo-key"
 # The page's defaults (index.html): k=12, rerank on, rerank_k=32.
 PAGE_OPTIONS = {"k": 12, "rerank": True, "rerank_k": 32}
