@@ -85,9 +85,11 @@ class BertSelfAttention(nn.Module):
 
 
 class BertSelfOutput(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    """The post-LN close of every BERT sub-block: ``LayerNorm(dropout(dense(x)) + residual)``."""
+
+    def __init__(self, cfg: TextConfig, in_features: int | None = None) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = nn.Linear(in_features or cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -120,15 +122,11 @@ class BertIntermediate(nn.Module):
         return F.gelu(self.dense(x))  # exact erf GELU, as config_bert.json's "gelu"
 
 
-class BertOutput(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+class BertOutput(BertSelfOutput):
+    """The FFN's close: the same arithmetic from the intermediate width."""
 
-    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__(cfg, cfg.intermediate_size)
 
 
 class BertLayer(nn.Module):
