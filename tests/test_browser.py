@@ -70,6 +70,9 @@ class Page:
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        # Listening from the start turns on file-chooser interception before any click can open a picker.
+        self.choosers: list[Any] = []
+        self.page.on("filechooser", lambda fc: self.choosers.append(fc))
         self.base_url = base_url
 
     def open(self) -> Any:
@@ -178,9 +181,13 @@ def test_image_upload_and_drop_show_captions(tab: Page, server: Any, gallery: li
     # The drop zone is a focusable button: Enter opens the file picker.
     assert page.evaluate("() => document.getElementById('dropzone').tagName") == "BUTTON"
     page.focus("#dropzone")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(str(upload))
+    page.keyboard.press("Enter")
+    for _ in range(100):
+        if tab.choosers:
+            break
+        page.wait_for_timeout(100)
+    assert len(tab.choosers) == 1, "Enter on the drop zone did not open the file picker"
+    tab.choosers[0].set_files(str(upload))
     page.wait_for_function(f"() => document.getElementById('results-title').textContent.includes({json.dumps(upload.name)})")
     page.wait_for_selector("#results.texts article")
     page.wait_for_function(ALL_IMAGES_LOADED)  # each caption shows the image it was indexed with
