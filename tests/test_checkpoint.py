@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from albef.model.checkpoint import CheckpointError, load_strict, official_to_albef
 from albef.model.config import get_config
 from albef.model.factory import create_model
 from albef.model.vit import interpolate_pos_embed
+
+from albef.cli import main as albef_main
 from tests.official_layout import official_state
 
 
@@ -103,11 +103,8 @@ def test_convert_then_reload_is_bit_identical(tmp_path: Path, tokenizer) -> None
     pth = tmp_path / "ALBEF_tiny.pth"
     torch.save(raw, pth)
     out = tmp_path / "converted"
-    proc = subprocess.run(
-        [sys.executable, "-m", "albef.cli", "convert", str(pth), str(out), "--config", "albef-tiny"],
-        capture_output=True, text=True, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    # In-process: the same entry point as the console script, without a second torch import.
+    assert albef_main(["convert", str(pth), str(out), "--config", "albef-tiny"]) == 0
     direct = create_model("albef-tiny", pth)
     reloaded = create_model(None, out)
     pixels = torch.randn(2, 3, 96, 96)
@@ -121,40 +118,28 @@ def test_convert_then_reload_is_bit_identical(tmp_path: Path, tokenizer) -> None
         assert torch.equal(x, y)
 
 
-def test_cli_reports_bad_checkpoint(tmp_path: Path) -> None:
+def test_cli_reports_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = get_config("albef-tiny")
     state = official_state(cfg, "flat")
     del state["vision_proj.weight"]
     pth = tmp_path / "broken.pth"
     torch.save(state, pth)
-    proc = subprocess.run(
-        [sys.executable, "-m", "albef.cli", "convert", str(pth), str(tmp_path / "o"), "--config", "albef-tiny"],
-        capture_output=True, text=True, check=False,
-    )
-    assert proc.returncode == 2
-    assert "missing keys (1): vision_proj.weight" in proc.stderr
+    assert albef_main(["convert", str(pth), str(tmp_path / "o"), "--config", "albef-tiny"]) == 2
+    assert "missing keys (1): vision_proj.weight" in capsys.readouterr().err
     assert not (tmp_path / "o" / "model.safetensors").exists()
-    missing = subprocess.run(
-        [sys.executable, "-m", "albef.cli", "convert", str(tmp_path / "nope.pth"), str(tmp_path / "o")],
-        capture_output=True, text=True, check=False,
-    )
-    assert missing.returncode == 2 and "not found" in missing.stderr
+    assert albef_main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "o")]) == 2
+    assert "not found" in capsys.readouterr().err
 
 
-def test_info_summarises_a_checkpoint(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "albef.cli", "info", str(tiny_checkpoint)], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "albef-tiny" in proc.stdout and "visual_encoder" in proc.stdout
+def test_info_summarises_a_checkpoint(
+    tmp_path: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert albef_main(["info", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "albef-tiny" in out and "visual_encoder" in out
     pth = tmp_path / "p.pth"
     torch.save(official_state(get_config("albef-tiny"), "pretrain"), pth)
-    proc = subprocess.run(
-        [sys.executable, "-m", "albef.cli", "info", str(pth), "--json"], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    import json
-
-    info = json.loads(proc.stdout)
+    assert albef_main(["info", str(pth), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "official-pretrain" and info["has_momentum"] and info["has_queues"]
     assert info["pos_embed"] == [1, 17, 128]
