@@ -28,7 +28,6 @@ def tokenizer(vocab_path: Path):
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised albef-tiny (seed 0) saved in our format."""
     import torch
-
     from albef.model.checkpoint import save_albef
     from albef.model.factory import create_model
 

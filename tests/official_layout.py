@@ -6,7 +6,6 @@ Every tensor gets a distinct fill so a test can check that each key landed in th
 from __future__ import annotations
 
 import torch
-
 from albef.model.config import AlbefConfig
 
 

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from albef.model.factory import create_model
 
 CAPTIONS = ["a small red circle left of a large blue square", "two dogs", "a b c d e f g h", "x"]
