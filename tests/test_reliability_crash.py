@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 
 from albef.cli import main as cli_main
-from tests.index_fixtures import make_folder
+from tests.index_fixtures import assert_same_snapshot, make_folder, snapshot
 from tests.reliability_fixtures import REPO, ServerProcess, answer, reference_answers, same_answer
 from tests.service_fixtures import copy_index, index_items, service_index, service_synth
 
@@ -36,33 +35,6 @@ __all__ = ["service_index", "service_synth"]  # fixtures used by name
 N_NEW = 10
 OPTS = ["--shard-size", "2", "--text-shard-size", "3", "--batch-size", "2", "--workers", "1", "--threads", "1",
         "--no-progress"]
-
-
-def snapshot(index_dir: Path) -> dict:
-    """What a reader of the current version sees: version, counts, every item, vectors, features, a search."""
-    from albef.index import IndexReader
-
-    with IndexReader.open(index_dir) as r:
-        items = r.items(range(r.manifest["next_id"]))
-        img = [it["id"] for it in items if it["kind"] == "image"]
-        txt = [it["id"] for it in items if it["kind"] == "text"]
-        return {
-            "version": r.version, "counts": r.manifest["counts"], "items": items,
-            "image_vectors": np.stack([r.vector("image", i) for i in img]),
-            "text_vectors": np.stack([r.vector("text", i) for i in txt]),
-            "image_tokens": r.image_tokens(img), "text_features": r.text_features(txt),
-            "search": r.search("image", np.stack([r.vector("text", i) for i in txt[:8]]), 5),
-        }
-
-
-def assert_same(a: dict, b: dict, *, version: bool = True) -> None:
-    if version:
-        assert a["version"] == b["version"]
-    assert a["counts"] == b["counts"] and a["items"] == b["items"]
-    for key in ("image_vectors", "text_vectors", "image_tokens"):
-        assert np.array_equal(a[key], b[key]), key
-    for x, y in zip(a["text_features"] + a["search"], b["text_features"] + b["search"], strict=True):
-        assert np.array_equal(x, y)
 
 
 def kill_add_at(index_dir: Path, bundle: Path, src: Path, point: str, rng: random.Random, *, resume: bool) -> str:
@@ -105,7 +77,7 @@ def reference(service_index: Path, tiny_bundle: Path, tmp_path_factory: pytest.T
     src = make_folder(root / "new", N_NEW, seed0=800)
     ref = copy_index(service_index, root / "ref")
     assert cli_main(["index", "add", "--index", str(ref), "--model", str(tiny_bundle), *OPTS, str(src)]) == 0
-    return src, snapshot(ref)
+    return src, snapshot(ref, search_queries=8)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -115,7 +87,7 @@ def test_killed_add_never_breaks_the_published_index_and_resumes(seed: int, refe
     src, ref = reference
     rng = random.Random(seed)
     index_dir = copy_index(service_index, tmp_path / "index")
-    before = snapshot(index_dir)
+    before = snapshot(index_dir, search_queries=8)
     # two kills per seed: the first at a random point, the second (resuming) at another one
     points = rng.sample(["early", "shards", "publish"], 2)
     deaths = []
@@ -125,7 +97,7 @@ def test_killed_add_never_breaks_the_published_index_and_resumes(seed: int, refe
         if died == "finished":
             break
         # the published index is intact and unchanged; nothing half-written is visible as a version
-        assert_same(snapshot(index_dir), before)
+        assert_same_snapshot(snapshot(index_dir, search_queries=8), before)
     print(f"seed {seed}: killed {deaths}")
     assert any(d != "finished" for d in deaths), deaths
     # --resume completes the change: equal to the uninterrupted add (the version number may be higher when a
@@ -133,8 +105,8 @@ def test_killed_add_never_breaks_the_published_index_and_resumes(seed: int, refe
     if deaths[-1] != "finished":
         assert cli_main(["index", "add", "--index", str(index_dir), "--model", str(tiny_bundle), *OPTS, "--resume",
                          str(src)]) == 0
-    after = snapshot(index_dir)
-    assert_same(after, ref, version=False)
+    after = snapshot(index_dir, search_queries=8)
+    assert_same_snapshot(after, ref, version=False)
     assert int(after["version"]) >= 2
     assert not (index_dir / "work" / "pending").exists()
     assert not [p for p in (index_dir / "versions").iterdir() if p.name.startswith(".tmp-")]
