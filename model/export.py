@@ -443,6 +443,16 @@ def source_info(checkpoint: str | Path | None) -> dict[str, Any]:
 
 
 # -- the whole export ------------------------------------------------------------------------------------
+def _checkpoint_vocab(checkpoint: str | Path | None) -> Path | None:
+    """A checkpoint folder may carry its own ``vocab.txt`` (the shipped tiny model does), so a fresh install
+    exports it without the optional vocab package."""
+    if checkpoint is None:
+        return None
+    p = Path(checkpoint)
+    candidate = (p if p.is_dir() else p.parent) / VOCAB_FILE
+    return candidate if candidate.is_file() else None
+
+
 Evaluator = Callable[[Path, str], dict[str, Any]]
 
 
@@ -475,7 +485,7 @@ def export_bundle(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists (use overwrite/--force to replace it)")
-    vocab_path = Path(vocab) if vocab is not None else default_vocab_path()
+    vocab_path = Path(vocab) if vocab is not None else _checkpoint_vocab(checkpoint) or default_vocab_path()
     if not vocab_path.is_file():
         raise ExportError(f"vocab file not found: {vocab_path}")
     config = model.config

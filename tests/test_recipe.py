@@ -82,3 +82,18 @@ def test_quick_eval_on_unseen_scenes_itm_beats_itc(fresh_scenes: Path, tokenizer
     assert report["itm"]["img_r1"] > report["itc"]["img_r1"]
     # and the model is far from chance (1 / 160 images)
     assert report["itm"]["txt_r1"] > 5 * 100 / 160 and report["itm"]["img_r1"] > 5 * 100 / 160
+
+
+def test_shipped_checkpoint_exports_without_the_vocab_package(tmp_path, monkeypatch) -> None:
+    """A fresh `pip install -e '.[train]'` has no vocab package: the shipped folder carries its vocab.txt."""
+    import hashlib
+
+    from albef.model.export import export_bundle
+    from albef.model.factory import create_model
+
+    shipped = Path(__file__).resolve().parents[1] / "model" / "weights" / "albef-tiny-synth"
+    monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "absent-vocab.txt"))
+    out = tmp_path / "bundle"
+    export_bundle(create_model(None, shipped), out, variants=["fp32"], checkpoint=shipped, progress=False)
+    digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
+    assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
