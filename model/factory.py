@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from albef.model.albef import ALBEF
 from albef.model.checkpoint import (
+    fit_pos_embed,
     is_albef_checkpoint,
     load_strict,
     official_to_albef,
@@ -55,8 +56,6 @@ def create_model(
             state = official_to_albef(raw, model)
             log.info("loading official checkpoint", extra={"path": str(checkpoint), "container": container})
         else:
-            from albef.model.checkpoint import fit_pos_embed
-
             state = fit_pos_embed(state or {}, model)
         load_strict(model, state)
     return model.eval()
