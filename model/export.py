@@ -6,9 +6,11 @@ Before anything is published, PyTorch and ONNX Runtime run the same inputs; the 
 embeddings or ITM logits differ by more than ``FP32_TOLERANCE``. The bundle is built in
 ``OUT_DIR.tmp-XXXX`` and renamed into place, so a failed export leaves nothing behind.
 
-Faster variants: ``int8`` = ``onnxruntime.quantization.quantize_dynamic`` (MatMul/Gemm weights int8,
-activations quantised on the fly). ``bf16`` is shipped only if ONNX Runtime on this CPU runs bf16
-MatMul faster than fp32; otherwise the probe's result is recorded in the manifest instead.
+Faster variants: ``int8`` (:mod:`albef.model.quantize`: MatMul/Gemm weights int8 in a 7-bit range,
+activations quantised on the fly), validated on the machine that exports it against
+:data:`~albef.model.quantize.INT8_BOUNDS`; a variant that misses them is not shipped (the manifest says
+why). ``bf16`` is shipped only if ONNX Runtime on this CPU runs bf16 MatMul faster than fp32; otherwise the
+probe's result is recorded in the manifest instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from albef.cpu import cpu_info
 from albef.model.albef import ALBEF
 from albef.model.runtime import (
     BUNDLE_FORMAT,
@@ -40,6 +43,7 @@ from albef.model.runtime import (
     sha256_file,
     variant_file,
 )
+from albef.model.quantize import INT8_BOUNDS, INT8_SCHEME, bounds_dict, check_int8, max_int8_weight, quantize_int8
 from albef.model.text import AlbefTokenizer, default_vocab_path
 from torch import Tensor, nn
 
@@ -240,30 +244,6 @@ def _set_static_output_dims(path: Path, shapes: dict[str, list[Any]]) -> None:
     onnx.save(model, str(path))
 
 
-def quantize_int8(out: Path, files: dict[str, str], per_channel: bool = False) -> dict[str, str]:
-    """int8 dynamic quantisation of every graph's MatMul/Gemm weights (symmetric, per tensor or per output
-    channel; ORT's per-channel path is a Python loop over channels, about 10x slower to export)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    q = {}
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic warns on the root logger about optional pre-processing
-    try:
-        for role, name in files.items():
-            qname = variant_file(role, "int8")
-            tmp = out / (qname + ".part")
-            quantize_dynamic(
-                str(out / name), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                op_types_to_quantize=["MatMul", "Gemm"],
-            )
-            tmp.replace(out / qname)
-            q[role] = qname
-    finally:
-        root.setLevel(level)
-    return q
-
-
 def probe_bf16(threads: int = 2, m: int = 256, k: int = 768, n: int = 3072, reps: int = 20) -> dict[str, Any]:
     """Can ONNX Runtime's CPU provider run a bf16 MatMul, and is it faster than fp32? Measured, not assumed."""
     import onnxruntime as ort
@@ -380,7 +360,8 @@ def validate(ref: dict[str, Any], bundle_dir: Path, variant: str) -> dict[str, f
     figures["text_emb_min_cos"] = min(coss)
     figures["itm_logits"] = max(itm_diffs)
     figures["itm_kv_vs_itm"] = max(kv_diffs)
-    return {k: float(f"{v:.3g}") for k, v in figures.items()}
+    # differences to 3 significant digits; cosines to 6 decimals (rounding 0.9946 to 0.995 would hide a miss)
+    return {k: round(v, 6) if k.endswith("_cos") else float(f"{v:.3g}") for k, v in figures.items()}
 
 
 def check_fp32(figures: dict[str, float], tolerance: float = FP32_TOLERANCE) -> None:
@@ -540,15 +521,19 @@ def export_bundle(
             t0 = time.perf_counter()
             if v == "int8":
                 files = quantize_int8(tmp, files32, int8_per_channel)
-                granularity = "per output channel" if int8_per_channel else "per tensor"
                 base["variants"]["int8"] = {
                     "files": files,
-                    "weights": f"int8 symmetric {granularity}, MatMul/Gemm weights only; activations quantised "
-                    "dynamically (onnxruntime.quantization.quantize_dynamic)",
+                    "weights": INT8_SCHEME.replace("int8 symmetric", "int8 symmetric " + (
+                        "per output channel" if int8_per_channel else "per tensor"), 1),
                     "per_channel": int8_per_channel,
+                    "reduce_range": True,
                 }
                 write_manifest(tmp, base)
-                base["variants"]["int8"]["validation"] = validate(ref, tmp, "int8")
+                figures = validate(ref, tmp, "int8")
+                figures["max_int8_weight"] = max(max_int8_weight(tmp / f) for f in files.values())
+                base["variants"]["int8"]["validation"] = {
+                    **figures, "cpu": cpu_info(), "bounds": bounds_dict(), "failed": check_int8(figures),
+                }
             elif v == "bf16":
                 probe = probe_bf16()
                 if not (probe.get("supported") and probe.get("faster")):
@@ -566,12 +551,20 @@ def export_bundle(
             bar.update()
         if evaluator is not None:
             write_manifest(tmp, base)
+            scores: dict[str, Any] = {}
             for v in base["variants"]:
                 bar.set_postfix_str(f"evaluate {v}")
                 t0 = time.perf_counter()
-                base["variants"][v]["eval"] = evaluator(tmp, v)
+                figures = evaluator(tmp, v)
+                scores[v] = figures.pop("scores", None)
+                base["variants"][v]["eval"] = figures
                 timings[f"eval_{v}_s"] = round(time.perf_counter() - t0, 2)
                 bar.update()
+            if "int8" in base["variants"] and scores.get("int8") and scores.get("fp32"):
+                val = base["variants"]["int8"]["validation"]
+                val.update(rerank_agreement(scores["fp32"], scores["int8"]))
+                val["failed"] = check_int8(val)
+        _drop_failed_int8(tmp, base)
         base["timings"] = timings
         manifest = write_manifest(tmp, base)
         bar.update()
@@ -583,6 +576,39 @@ def export_bundle(
         bar.close()
     log.info("exported bundle", extra={"path": str(out), "bundle_id": manifest["bundle_id"]})
     return manifest
+
+
+def rerank_agreement(ref: dict[str, np.ndarray], other: dict[str, np.ndarray],
+                     tol: float = INT8_BOUNDS.max_itm_logit_diff) -> dict[str, float]:
+    """How often ``other``'s top-1 after ITM re-ranking is ``ref``'s, per direction (score matrices
+    ``[queries, gallery]``, -100 outside the shortlist). ``strict``: the same item (argmax takes the lowest id
+    among ties, as the ranking rule does). The bound uses the near form: the same item, or one that ``ref``
+    scores within ``tol`` of its best, since a model whose logits tie cannot order those either."""
+    out = {}
+    for d in ("t2i", "i2t"):
+        a, b = np.asarray(ref[d]), np.asarray(other[d])
+        pick = b.argmax(1)
+        out[f"rerank_top1_strict_agreement_{d}"] = round(float(np.mean(a.argmax(1) == pick)), 4)
+        gap = a.max(1) - a[np.arange(len(a)), pick]
+        out[f"rerank_top1_agreement_{d}"] = round(float(np.mean(gap <= tol)), 4)
+    return out
+
+
+def _drop_failed_int8(tmp: Path, base: dict[str, Any]) -> None:
+    """An int8 variant that misses its bounds on this machine is not shipped; the manifest keeps the figures."""
+    int8 = base["variants"].get("int8")
+    if int8 is None or not int8["validation"]["failed"]:
+        return
+    for name in int8["files"].values():
+        (tmp / name).unlink(missing_ok=True)
+    del base["variants"]["int8"]
+    base["variants_not_shipped"]["int8"] = {
+        "reason": "missed its accuracy bounds on this machine: " + "; ".join(int8["validation"]["failed"]),
+        "validation": int8["validation"],
+        "alternative": "fp32 (shipped); see docs/cpu.md",
+    }
+    log.warning("int8 variant not shipped", extra={"failed": int8["validation"]["failed"],
+                                                   "cpu": int8["validation"]["cpu"]["model"]})
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -671,6 +697,7 @@ def make_evaluator(eval_json: str | Path, image_root: str | Path | None = None, 
             "itc": {k: round(float(v), 3) for k, v in itc.items()},
             "itm": {k: round(float(v), 3) for k, v in itm.items()},
             "seconds": round(seconds, 2),
+            "scores": {"i2t": i2t, "t2i": t2i},  # taken out by export_bundle for the int8 agreement figures
         }
 
     return evaluate

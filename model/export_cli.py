@@ -73,6 +73,11 @@ def export_command(args: argparse.Namespace) -> int:
           f"variants {','.join(manifest['variants'])})")
     print(f"fp32 max |torch - ORT|: image_emb {val['image_emb']:.1e}, text_emb {val['text_emb']:.1e}, "  # noqa: T201
           f"itm {val['itm_logits']:.1e}")
+    if "int8" in manifest["variants"]:
+        q = manifest["variants"]["int8"]["validation"]
+        print(f"int8 vs fp32 on {q['cpu']['model']} ({q['cpu']['int8_kernel']} int8 kernel): min cosine "  # noqa: T201
+              f"image {q['image_emb_min_cos']:.4f} text {q['text_emb_min_cos']:.4f}, ITM logit max diff "
+              f"{q['itm_logits']:.3f}; within the bounds")
     for name, info in manifest.get("variants_not_shipped", {}).items():
         print(f"{name} not shipped: {info['reason']}")  # noqa: T201
     for name, info in manifest["variants"].items():

@@ -307,5 +307,20 @@ class Bundle:
         (logits,) = self._run("itm_kv", feeds)
         return logits
 
+    def validation_summary(self) -> dict[str, Any]:
+        """What the export measured for this variant against fp32 (int8: on which CPU, within which bounds),
+        for the service's start-up log. Bundles exported before CPU figures were recorded say so."""
+        if self.variant == "fp32":
+            return {}
+        val = self.manifest["variants"][self.variant].get("validation", {})
+        if "cpu" not in val:
+            return {"validated": "no CPU recorded in this bundle's manifest; re-export it to record the figures"}
+        keep = ("image_emb_min_cos", "text_emb_min_cos", "itm_logits", "max_int8_weight",
+                "rerank_top1_agreement_t2i", "rerank_top1_agreement_i2t")
+        return {"validated": {k: val[k] for k in keep if k in val},
+                "validated_on": {"model": val["cpu"].get("model"), "flags": val["cpu"].get("flags"),
+                                 "int8_kernel": val["cpu"].get("int8_kernel")},
+                "validation_bounds": val.get("bounds")}
+
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model={self.config.name!r}, variant={self.variant!r}, id={self.bundle_id[:12]})"

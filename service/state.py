@@ -150,6 +150,7 @@ class ServiceState:
             return True
 
     def _load(self, index_dir: Path) -> None:
+        from albef.cpu import cpu_info
         from albef.index import IndexReader
         from albef.model.runtime import Bundle
 
@@ -161,7 +162,9 @@ class ServiceState:
             path = bundle_path_for(index_dir, s.bundle)
             self.bundle = Bundle.load(path, variant=s.variant, intra_op_threads=s.threads, eager=True)
             _warm_up(self.bundle)
-            log.info("bundle loaded", extra={"bundle": str(path), "bundle_id": self.bundle.bundle_id})
+            log.info("bundle loaded", extra={"bundle": str(path), "bundle_id": self.bundle.bundle_id,
+                                             "variant": s.variant, "cpu": cpu_info(),
+                                             **self.bundle.validation_summary()})
         reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, encoder=self.bundle)
         if self.stages is None:
             self.stages = Stages(

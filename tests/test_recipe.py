@@ -84,16 +84,25 @@ def test_quick_eval_on_unseen_scenes_itm_beats_itc(fresh_scenes: Path, tokenizer
     assert report["itm"]["txt_r1"] > 5 * 100 / 160 and report["itm"]["img_r1"] > 5 * 100 / 160
 
 
-def test_shipped_checkpoint_exports_without_the_vocab_package(tmp_path, monkeypatch) -> None:
-    """A fresh `pip install -e '.[train]'` has no vocab package: the shipped folder carries its vocab.txt."""
+def test_shipped_checkpoint_exports_int8_within_its_bounds(fresh_scenes: Path, tmp_path, monkeypatch) -> None:
+    """A fresh `pip install -e '.[train]'` has no vocab package: the shipped folder carries its vocab.txt. The
+    int8 variant meets every bound on this CPU, re-ranking agreement on unseen scenes included."""
     import hashlib
 
-    from albef.model.export import export_bundle
+    from albef.model.export import export_bundle, make_evaluator
     from albef.model.factory import create_model
+    from albef.model.quantize import INT8_BOUNDS
 
-    shipped = Path(__file__).resolve().parents[1] / "model" / "weights" / "albef-tiny-synth"
     monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "absent-vocab.txt"))
     out = tmp_path / "bundle"
-    export_bundle(create_model(None, shipped), out, variants=["fp32"], checkpoint=shipped, progress=False)
+    manifest = export_bundle(create_model(None, SHIPPED), out, variants=["fp32", "int8"], checkpoint=SHIPPED,
+                             progress=False, evaluator=make_evaluator(fresh_scenes, k_test=16))
     digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
     assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+    assert "int8" in manifest["variants"], manifest["variants_not_shipped"]
+    val = manifest["variants"]["int8"]["validation"]
+    assert val["failed"] == []
+    for d in ("t2i", "i2t"):
+        assert val[f"rerank_top1_agreement_{d}"] >= INT8_BOUNDS.min_rerank_top1_agreement
+        assert val[f"rerank_top1_strict_agreement_{d}"] <= val[f"rerank_top1_agreement_{d}"]
+    assert "scores" not in manifest["variants"]["int8"]["eval"]

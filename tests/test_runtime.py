@@ -195,18 +195,49 @@ def test_thread_settings_and_concurrent_use(tiny_bundle: Path) -> None:
         np.testing.assert_allclose(r, expected, atol=1e-6)
 
 
-def test_int8_variant_is_close_to_fp32(tiny_bundle: Path, bundle) -> None:
+def test_int8_variant_meets_its_bounds_on_this_cpu(tiny_bundle: Path, bundle) -> None:
+    """The int8 bounds are one set for every CPU (albef.model.quantize.INT8_BOUNDS): the export measured and
+    recorded them here, and the runtime on other inputs (images, real captions) meets them too."""
+    from albef.cpu import cpu_info
+    from albef.model.quantize import INT8_BOUNDS, max_int8_weight
     from albef.model.runtime import Bundle
 
     q = Bundle.load(tiny_bundle, variant="int8")
     assert q.bundle_id == bundle.bundle_id and q.session("itm").get_inputs()[0].name == "text_tokens"
+    val = q.manifest["variants"]["int8"]["validation"]
+    assert val["failed"] == [] and val["cpu"]["model"] == cpu_info()["model"]
+    assert val["cpu"]["int8_kernel"] in ("vnni", "avx2") and "avx2" in val["cpu"]["flags"]
+    assert val["image_emb_min_cos"] >= INT8_BOUNDS.min_embedding_cos
+    assert val["text_emb_min_cos"] >= INT8_BOUNDS.min_embedding_cos
+    assert val["itm_logits"] <= INT8_BOUNDS.max_itm_logit_diff
+    # No u8 x s8 pair sum can saturate 16 bits (the AVX2 kernel): every graph's weights stay within +-64.
+    for name in q.manifest["variants"]["int8"]["files"].values():
+        assert 0 < max_int8_weight(tiny_bundle / name) <= INT8_BOUNDS.max_int8_weight == 64
     images = make_images(3, seed=6)
-    e32, _ = bundle.encode_images(images)
+    e32, tok32 = bundle.encode_images(images)
     e8, _ = q.encode_images(images)
-    t32, _, _ = bundle.encode_texts(TEXTS)
+    t32, ttok32, mask = bundle.encode_texts(TEXTS)
     t8, _, _ = q.encode_texts(TEXTS)
-    assert (e32 * e8).sum(1).min() > 0.99 and (t32 * t8).sum(1).min() > 0.99
+    assert (e32 * e8).sum(1).min() >= INT8_BOUNDS.min_embedding_cos
+    assert (t32 * t8).sum(1).min() >= INT8_BOUNDS.min_embedding_cos
     assert np.abs(e32 - e8).max() > 0  # really a different graph
+    img = np.repeat(tok32[:1], len(TEXTS), axis=0)
+    diff = np.abs(bundle.itm_scores(ttok32, mask, img) - q.itm_scores(ttok32, mask, img)).max()
+    assert 0 < diff <= INT8_BOUNDS.max_itm_logit_diff
+
+
+def test_int8_that_misses_a_bound_is_named() -> None:
+    from albef.model.quantize import INT8_BOUNDS, check_int8
+
+    ok = {"image_emb_min_cos": 0.999, "text_emb_min_cos": 0.998, "itm_logits": 0.02, "max_int8_weight": 64,
+          "rerank_top1_agreement_t2i": 0.97, "rerank_top1_agreement_i2t": 0.93}
+    assert check_int8(ok) == []
+    # what full-range int8 weights gave on an AVX2-only EPYC (saturating pair sums)
+    bad = {**ok, "text_emb_min_cos": 0.9728, "max_int8_weight": 127, "rerank_top1_agreement_i2t": 0.5}
+    failed = check_int8(bad)
+    assert len(failed) == 3 and failed[0].startswith("text_emb_min_cos 0.9728 <")
+    assert any("127 > 64" in f for f in failed) and any("i2t 0.500 < 0.85" in f for f in failed)
+    assert INT8_BOUNDS.min_rerank_top1_agreement == 0.85
 
 
 def test_load_detects_tampering(tiny_bundle: Path, tmp_path: Path) -> None:
