@@ -32,8 +32,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from albef.model.export import export_bundle, make_evaluator, write_manifest
-    from albef.model.quantize import quantize_int8
     from albef.model.factory import create_model
+    from albef.model.quantize import quantize_int8
 
     started = time.perf_counter()
     load_before = os.getloadavg()

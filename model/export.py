@@ -29,8 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from albef.cpu import cpu_info
 from albef.model.albef import ALBEF
+from albef.model.quantize import (
+    INT8_BOUNDS,
+    INT8_SCHEME,
+    bounds_dict,
+    check_int8,
+    max_int8_weight,
+    quantize_int8,
+)
 from albef.model.runtime import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
@@ -43,9 +50,10 @@ from albef.model.runtime import (
     sha256_file,
     variant_file,
 )
-from albef.model.quantize import INT8_BOUNDS, INT8_SCHEME, bounds_dict, check_int8, max_int8_weight, quantize_int8
 from albef.model.text import AlbefTokenizer, default_vocab_path
 from torch import Tensor, nn
+
+from albef.cpu import cpu_info
 
 log = logging.getLogger(__name__)
 

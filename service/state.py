@@ -150,9 +150,10 @@ class ServiceState:
             return True
 
     def _load(self, index_dir: Path) -> None:
-        from albef.cpu import cpu_info
         from albef.index import IndexReader
         from albef.model.runtime import Bundle
+
+        from albef.cpu import cpu_info
 
         s = self.settings
         import faiss

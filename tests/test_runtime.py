@@ -198,9 +198,10 @@ def test_thread_settings_and_concurrent_use(tiny_bundle: Path) -> None:
 def test_int8_variant_meets_its_bounds_on_this_cpu(tiny_bundle: Path, bundle) -> None:
     """The int8 bounds are one set for every CPU (albef.model.quantize.INT8_BOUNDS): the export measured and
     recorded them here, and the runtime on other inputs (images, real captions) meets them too."""
-    from albef.cpu import cpu_info
     from albef.model.quantize import INT8_BOUNDS, max_int8_weight
     from albef.model.runtime import Bundle
+
+    from albef.cpu import cpu_info
 
     q = Bundle.load(tiny_bundle, variant="int8")
     assert q.bundle_id == bundle.bundle_id and q.session("itm").get_inputs()[0].name == "text_tokens"
