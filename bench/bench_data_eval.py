@@ -15,11 +15,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
+from common import write_result  # noqa: E402
 
 
 def main() -> None:
@@ -105,10 +109,7 @@ def main() -> None:
             "shortlisted_pairs_per_s": round(shortlisted / ours_s, 1),
         },
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_result(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gemm import _median_time, ort_int8_gemm_gops, torch_gemm_gflops  # noqa: E402
+from common import write_result  # noqa: E402
+from gemm import _median_time, ort_int8_gemm_gops, torch_peaks  # noqa: E402
 
 
 # -- FLOP counts (multiply-add = 2 FLOP; softmax, LayerNorm, GELU not counted) ------------------------------
@@ -167,8 +168,7 @@ def main() -> None:
     }
     print("GEMM peaks ...", flush=True)
     peaks = {
-        "torch_fp32_gflops": round(torch_gemm_gflops("float32", 4096, args.threads), 1),
-        "torch_bf16_gflops": round(torch_gemm_gflops("bfloat16", 4096, args.threads), 1),
+        **torch_peaks(4096, args.threads, ("float32", "bfloat16")),
         "ort_int8_gops": round(ort_int8_gemm_gops(4096, args.threads), 1),
     }
     result["gemm_4096"] = peaks
@@ -216,11 +216,15 @@ def main() -> None:
     print("torch fp32 ...", flush=True)
     paths["torch_fp32"] = bench_torch(model, pixels, ids, mask, k, torch.float32, args.reps, args.budget)
     add_peak_share(paths["torch_fp32"], flops, peaks["torch_fp32_gflops"])
-    print("torch bf16 ...", flush=True)
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    paths["torch_bf16"] = bench_torch(model_bf16, pixels, ids, mask, k, torch.bfloat16, args.reps, args.budget)
-    add_peak_share(paths["torch_bf16"], flops, peaks["torch_bf16_gflops"])
-    del model_bf16
+    if peaks["torch_bf16_gflops"] is None:  # no native bf16 here: the path would take ~100x the fp32 time
+        result["skipped"] = {"torch_bf16": peaks["skipped"]["torch_bf16_gflops"]}
+        print(f"torch bf16 skipped: {result['skipped']['torch_bf16']}", flush=True)
+    else:
+        print("torch bf16 ...", flush=True)
+        model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        paths["torch_bf16"] = bench_torch(model_bf16, pixels, ids, mask, k, torch.bfloat16, args.reps, args.budget)
+        add_peak_share(paths["torch_bf16"], flops, peaks["torch_bf16_gflops"])
+        del model_bf16
     print("ORT fp32 ...", flush=True)
     paths["ort_fp32"] = bench_ort(fp32, pixels, ids, mask, k, args.reps, args.budget)
     add_peak_share(paths["ort_fp32"], flops, peaks["torch_fp32_gflops"])
@@ -237,10 +241,7 @@ def main() -> None:
     }
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_result(args.out, result)
     print(json.dumps({p: {k2: v["items_per_s"] for k2, v in r.items()} for p, r in paths.items()}, indent=2))
     print(f"wrote {args.out} in {result['seconds']} s")
 

@@ -28,12 +28,16 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
+from common import write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -380,10 +384,7 @@ def main() -> None:
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
         for k, v in vars(args).items() if k != "out" and v not in (None, False))]
     results.pop("command", None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    os.replace(tmp_out, args.out)
+    write_result(args.out, results)
     print(f"wrote {args.out} in {results['total_s']} s")
 
 

@@ -39,6 +39,9 @@ sys.path.insert(0, str(HERE))
 
 from bench_service import Server, make_bundle, make_index  # noqa: E402 - bench/ is not a package
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
+from common import write_result  # noqa: E402
+
 
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -162,10 +165,7 @@ def main() -> int:
                        "samples_every_0_2s": [[round(t, 1), mib(v)] for t, v in samples[::5]]},
         "healthy_after": healthy,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    write_result(args.out, report)
     print(json.dumps({k: report[k] for k in ("totals", "memory_mib")}, indent=2)[:2000])  # noqa: T201
     print(f"wrote {args.out}")  # noqa: T201
     ok = (report["totals"]["server_errors_other_than_503"] == 0 and report["totals"]["transport_errors"] == 0

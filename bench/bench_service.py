@@ -34,6 +34,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
+from common import write_result  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -268,10 +271,7 @@ def main() -> int:
     with IndexReader.open(index) as reader:
         report["index"] = {"images": reader.count("image"), "texts": reader.count("text"),
                            "factory": {k: (reader.manifest["ann"].get(k) or {}).get("factory") for k in ("image", "text")}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_result(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

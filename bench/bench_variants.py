@@ -11,7 +11,6 @@ and evaluates that too, to decide which int8 granularity to ship. Writes bench/r
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,6 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
+from common import write_result  # noqa: E402
 
 
 def main() -> None:
@@ -71,10 +73,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
         "command": " ".join(["python", *sys.argv]),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    write_result(args.out, result)
     for name, info in variants.items():
         e = info["eval"]
         print(f"{name:18s} ITM txt_r1 {e['itm']['txt_r1']:6.2f} img_r1 {e['itm']['img_r1']:6.2f} "

@@ -1,4 +1,7 @@
-"""This machine's matrix-multiply peaks: torch fp32 and bf16 GEMM, and ONNX Runtime's int8 GEMM.
+"""This machine's matrix-multiply peaks: torch fp32/bf16/fp16 GEMM, ONNX Runtime's fp32 and int8 GEMM.
+
+torch bf16/fp16 are probed first (albef.model.precision) and skipped, with the reason, on a CPU without
+native kernels for them. The JSON records the CPU model and flags (bench/common.py).
 
 The figures are the ceiling each inference path is compared against in bench_export.py.
 
@@ -10,11 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
+from common import write_result  # noqa: E402
 
 
 def _median_time(fn: Any, reps: int, budget_s: float) -> float:
@@ -63,7 +70,7 @@ def ort_int8_gemm_gops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s:
         import onnx
 
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=True)  # as the variant
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
@@ -72,14 +79,52 @@ def ort_int8_gemm_gops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s:
     return 2.0 * n**3 / t / 1e9
 
 
+def ort_fp32_gemm_gflops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s: float = 20.0) -> float:
+    """GFLOP/s of ONNX Runtime's fp32 MatMul (the fp32 variant's kernel), n^3."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(w, "W")],
+    )
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((n, n)).astype(np.float32)
+    return 2.0 * n**3 / _median_time(lambda: sess.run(None, {"X": x}), reps, budget_s) / 1e9
+
+
+def torch_peaks(n: int, threads: int, dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> dict[str, Any]:
+    """torch GEMM GFLOP/s per dtype; a dtype whose short probe shows no native kernel on this CPU is skipped
+    (about 100x slower than fp32 there: the full-size GEMM would take minutes), with the reason."""
+    import torch
+    from albef.model.precision import probe_dtype
+
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {}
+    for dt in dtypes:
+        probe = probe_dtype(dt)
+        key = f"torch_{'bf16' if dt == 'bfloat16' else 'fp16' if dt == 'float16' else 'fp32'}_gflops"
+        out[key] = round(torch_gemm_gflops(dt, n, threads), 1) if probe["native"] else None
+        out.setdefault("probes", {})[dt] = probe
+        if not probe["native"]:
+            out.setdefault("skipped", {})[key] = probe["reason"]
+    return out
+
+
 def measure(n: int = 4096, threads: int = 2) -> dict[str, Any]:
     return {
         "n": n,
         "threads": threads,
-        "torch_fp32_gflops": round(torch_gemm_gflops("float32", n, threads), 1),
-        "torch_bf16_gflops": round(torch_gemm_gflops("bfloat16", n, threads), 1),
+        **torch_peaks(n, threads),
+        "ort_fp32_gflops": round(ort_fp32_gemm_gflops(n, threads), 1),
         "ort_int8_gops": round(ort_int8_gemm_gops(n, threads), 1),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "loadavg_1m_before_write": round(os.getloadavg()[0], 2),
     }
 
 
@@ -90,10 +135,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/gemm.json"))
     args = ap.parse_args()
     res = measure(args.n, args.threads)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_result(args.out, res)
     print(json.dumps(res, indent=2))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,29 +63,37 @@ def _drop_colour(record: object) -> bool:
     return True
 
 
-def serve_command(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
+def cli_settings(**overrides: object) -> Any:
+    """The settings with the command line's overrides; an invalid value is a one-line CLI error."""
     from pydantic import ValidationError
 
     from albef.cli import CLIError
     from albef.settings import get_settings
 
     try:
-        settings = get_settings(index_dir=args.index, bundle=args.model, variant=args.variant, host=args.host,
-                                port=args.port, threads=args.threads)
+        return get_settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())) or "settings"
         raise CLIError(f"invalid setting {field}: {err.get('msg')}") from exc
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import logging
+
+    settings = cli_settings(index_dir=args.index, bundle=args.model, variant=args.variant, host=args.host,
+                            port=args.port, threads=args.threads)
     _check(settings)
+    from albef.service import server
     from albef.service.app import create_app
 
     logging.getLogger().setLevel(settings.log_level)
     logging.getLogger("uvicorn.error").addFilter(_drop_colour)
-    app = create_app(settings)
-    # log_config=None keeps our JSON logging; uvicorn's own loggers propagate to the root handler.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                timeout_graceful_shutdown=10)
+    log = logging.getLogger("albef.service")
+
+    def listening(url: str) -> None:
+        # After the socket accepts connections; /readyz turns 200 once the bundle and index are loaded.
+        log.info("listening", extra={"url": url})
+
+    server.run(create_app(settings), host=settings.host, port=settings.port, on_listening=listening)
     return 0

@@ -88,30 +88,22 @@ def demo_command(args: argparse.Namespace) -> int:
 def _serve(result: DemoResult, host: str, sock: socket.socket, quiet: bool) -> int:
     import logging
 
-    import uvicorn
+    from albef.service import server
     from albef.service.app import create_app
-    from pydantic import ValidationError
-
-    from albef.cli import CLIError
-    from albef.settings import get_settings
+    from albef.service.cli import cli_settings
 
     port = sock.getsockname()[1]
-    try:
-        settings = get_settings(index_dir=result.index, bundle=result.bundle, host=host, port=port)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err.get("loc", ())) or "settings"
-        raise CLIError(f"invalid setting {field}: {err.get('msg')}") from exc
-    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    shown = f"[{shown}]" if ":" in shown else shown
-    _say(f"4/4 serving the search page at http://{shown}:{port}/  (Ctrl+C to stop)")
-    if settings.api_key is not None:
-        _say("    ALBEF_API_KEY is set: enter the key in the page's 'API key' field")
+    settings = cli_settings(index_dir=result.index, bundle=result.bundle, host=host, port=port)
+
+    def listening(url: str) -> None:
+        # Only now does the socket accept connections (see albef.service.server).
+        _say(f"4/4 serving the search page at {url}  (Ctrl+C to stop)")
+        if settings.api_key is not None:
+            _say("    ALBEF_API_KEY is set: enter the key in the page's 'API key' field")
+
     logging.getLogger().setLevel(logging.WARNING if quiet else settings.log_level)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False,
-                                           timeout_graceful_shutdown=5))
     try:
-        server.run(sockets=[sock])
+        server.run(create_app(settings), sock=sock, on_listening=listening, timeout_graceful_shutdown=5)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl+C it handled; stopping the demo is a normal exit
         pass
     _say("stopped")

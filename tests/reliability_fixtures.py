@@ -14,11 +14,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.readiness import wait_until_ready
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,18 +92,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = 90.0) -> dict[str, Any]:
         """Poll /readyz until 200 (returns its body); fails if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as c:
-            while time.monotonic() < deadline:
-                assert self.proc is not None and self.proc.poll() is None, f"server exited: {self.proc.returncode}"
-                try:
-                    r = c.get("/readyz")
-                    if r.status_code == 200:
-                        return r.json()
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-        raise AssertionError(f"server not ready after {timeout} s")
+        return wait_until_ready(self.url, proc=self.proc, timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up of any kind runs in the server."""

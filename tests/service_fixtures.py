@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.readiness import wait_until_ready
+
 SYNTH_IMAGES = 400  # the synthetic generator keeps 10% for test: 40 images, about 160 captions
 SYNTH_SEED = 0
 # The tiny model trained on the synthetic benchmark (helper A); the agreement tests use it when it is there.
@@ -121,13 +123,10 @@ class LiveServer:
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=10) as c:
-            while time.monotonic() < deadline:
-                if c.get("/readyz").status_code == 200:
-                    return
-                time.sleep(0.02)
-        raise RuntimeError(f"the test server is not ready: {self.state.status}")
+        try:
+            wait_until_ready(self.url, timeout=timeout, poll_s=0.02)
+        except AssertionError as exc:
+            raise RuntimeError(f"the test server is not ready: {self.state.status}") from exc
 
     def client(self, **kwargs: Any) -> httpx.Client:
         # TCP_NODELAY: httpx writes headers and body separately; with Nagle + delayed ACK that costs 40 ms.

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.demo_fixtures import TEST_SYNTH, PreparedDemo, demo_checkpoint, prepared_demo  # noqa: F401 - fixtures
+from tests.readiness import accepts_connections, wait_until_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,10 +179,10 @@ def test_demo_command_serves_the_page_and_the_api(prepared_demo: PreparedDemo, t
             m = re.search(r"^4/4 serving the search page at (http://127\.0\.0\.1:\d+/)", line)
             url = m.group(1) if m else None
         assert url, "".join(seen)
+        # Announced only once the socket accepts connections: the first connect, without retry, succeeds.
+        assert accepts_connections(url)
+        wait_until_ready(url, proc=proc, timeout=max(1.0, deadline - time.monotonic()))
         with httpx.Client(base_url=url, timeout=30) as client:
-            while client.get("/readyz").status_code != 200:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.05)
             page = client.get("/")
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
             assert "default-src 'self'" in page.headers["content-security-policy"]

@@ -3,12 +3,12 @@ and the ALBEF_ settings."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +17,7 @@ import pytest
 from albef.cli import main
 from albef.settings import Settings
 from tests.index_fixtures import index_bundle_dir, other_bundle_dir
+from tests.readiness import accepts_connections, wait_until_ready
 from tests.service_fixtures import live_server, service_index, service_synth, settings
 
 __all__ = ["service_index", "service_synth", "index_bundle_dir", "other_bundle_dir"]
@@ -39,24 +40,50 @@ def serve_process(service_index: Path):
     proc = subprocess.Popen([sys.executable, "-m", "albef", "serve", "--index", str(service_index), "--port",
                              str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"albef serve exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("albef serve did not become ready")
-            time.sleep(0.1)
+        try:
+            wait_until_ready(url, proc=proc, timeout=120)
+        except AssertionError as exc:
+            tail = proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
+            raise AssertionError(f"{exc}: {tail}") from exc
         yield proc, url
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_serve_announces_its_url_once_the_socket_accepts(service_index: Path) -> None:
+    """``albef serve --port 0 --variant int8``: the "listening" log line carries the real URL, and it is
+    written only after the socket accepts connections (a connect right after it, without retry, succeeds).
+    The start-up log names this CPU's flags and the int8 figures the export validated."""
+    from albef.cpu import cpu_info
+
+    env = {**os.environ, "ALBEF_API_KEY": "", "ALBEF_THREADS": "1", "ALBEF_LOG_LEVEL": "INFO"}
+    proc = subprocess.Popen([sys.executable, "-m", "albef", "serve", "--index", str(service_index), "--port", "0",
+                             "--variant", "int8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        url, loaded = None, None
+        for line in proc.stderr:
+            msg = json.loads(line) if line.startswith("{") else {}
+            if msg.get("msg") == "listening":
+                url = msg["url"]
+                assert accepts_connections(url)
+            elif msg.get("msg") == "bundle loaded":
+                loaded = msg
+                break
+        assert url and url.startswith("http://127.0.0.1:") and not url.endswith(":0/"), url
+        assert loaded is not None and loaded["variant"] == "int8"
+        assert loaded["cpu"]["flags"] == cpu_info()["flags"] and "avx2" in loaded["cpu"]["flags"]
+        assert loaded["validated_on"]["model"] == cpu_info()["model"]
+        assert loaded["validated"]["max_int8_weight"] <= 64 and loaded["validated"]["text_emb_min_cos"] >= 0.995
+        assert loaded["validation_bounds"]["min_embedding_cos"] == 0.995
+        body = wait_until_ready(url, proc=proc, timeout=120)
+        assert body["status"] == "ready"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_serve_process_never_loads_torch_and_enforces_the_key(serve_process) -> None:

@@ -188,3 +188,18 @@ def test_scratch_warmup_then_albef_objectives(synth_data: Path, tmp_path: Path):
     assert model.temp.item() == pytest.approx(0.2, abs=0.01)  # reset when the warm-up ended, then one step
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-000003" / "state.pt", weights_only=False)
     assert int(state["queues"]["queue_ptr"]) == 4  # only the step after the warm-up enqueued (batch 4)
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bf16(synth_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """train.bf16 on a CPU whose bf16 matmul is far slower than fp32 stops before any work, naming the CPU.
+    (This CPU's probe is made to fail by raising the bar: the decision path is the real one.)"""
+    from albef.model import precision
+    from albef.model.precision import UnsupportedDtypeError, probe_dtype
+    from albef.model.train.trainer import Trainer
+
+    fp32 = probe_dtype("float32")
+    assert fp32["native"] and fp32["gflops"] > 0
+    monkeypatch.setattr(precision, "NATIVE_FRACTION", 1e6)
+    with pytest.raises(UnsupportedDtypeError, match=r"train.bf16=true: no native bfloat16 matmul on this CPU"):
+        Trainer(_cfg(synth_data, **{"train.bf16": "true"}), tmp_path / "run", progress=False).run()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -249,12 +249,16 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         from albef.model.train.dataset import ShardedBatches, collate
+        from albef.model.precision import require_native
         from albef.model.train.optim import CosineWarmup, create_optimizer
 
         t = self.cfg["train"]
         if t["threads"]:
             torch.set_num_threads(int(t["threads"]))
         self.device = setup_distributed(str(t["device"]))
+        if t["bf16"] and self.device.type == "cpu":
+            # bf16 autocast on a CPU without bf16 instructions runs about 100x slower than fp32: refuse it.
+            require_native("bfloat16", "train.bf16=true")
         self.rank, self.world = rank(), world_size()
         B, accum = int(t["batch_size"]), int(t["grad_accum"])
         check_queue_size(int(t["queue_size"]), B * self.world)
