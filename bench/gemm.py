@@ -50,8 +50,12 @@ def torch_gemm_gflops(dtype: str = "float32", n: int = 4096, threads: int = 2, r
     return 2.0 * n**3 / t / 1e9
 
 
-def ort_int8_gemm_gops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s: float = 20.0) -> float:
-    """GOP/s of ONNX Runtime's dynamically quantised int8 MatMul (the int8 variant's kernel), n^3."""
+def _ort_gemm_rate(n: int, threads: int, reps: int, budget_s: float, int8: bool) -> float:
+    """Operations/s / 1e9 of an n^3 MatMul in ONNX Runtime, fp32 or dynamically quantised as the int8
+    variant is (7-bit weights)."""
+    import tempfile
+
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -63,40 +67,28 @@ def ort_int8_gemm_gops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s:
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(w, "W")],
     )
-    import tempfile
-
+    x = rng.standard_normal((n, n)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        src, dst = Path(tmp) / "f.onnx", Path(tmp) / "q.onnx"
-        import onnx
-
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, reduce_range=True)  # as the variant
+        path = Path(tmp) / "f.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        if int8:
+            quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, reduce_range=True)
+            path = Path(tmp) / "q.onnx"
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(dst), so, providers=["CPUExecutionProvider"])
-        x = rng.standard_normal((n, n)).astype(np.float32)
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         t = _median_time(lambda: sess.run(None, {"X": x}), reps, budget_s)
     return 2.0 * n**3 / t / 1e9
 
 
+def ort_int8_gemm_gops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s: float = 20.0) -> float:
+    """GOP/s of ONNX Runtime's dynamically quantised int8 MatMul (the int8 variant's kernel), n^3."""
+    return _ort_gemm_rate(n, threads, reps, budget_s, int8=True)
+
+
 def ort_fp32_gemm_gflops(n: int = 4096, threads: int = 2, reps: int = 5, budget_s: float = 20.0) -> float:
     """GFLOP/s of ONNX Runtime's fp32 MatMul (the fp32 variant's kernel), n^3."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(w, "W")],
-    )
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-    sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((n, n)).astype(np.float32)
-    return 2.0 * n**3 / _median_time(lambda: sess.run(None, {"X": x}), reps, budget_s) / 1e9
+    return _ort_gemm_rate(n, threads, reps, budget_s, int8=False)
 
 
 def torch_peaks(n: int, threads: int, dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> dict[str, Any]:
