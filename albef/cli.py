@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from albef import __version__
-from albef.errors import CLIError
+from albef.errors import CLIError, UsageError
 
-__all__ = ["CLIError", "main", "build_parser"]
+__all__ = ["CLIError", "UsageError", "main", "build_parser"]
 
 # Order is the order of `albef --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -37,7 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _name_leaves(parser)
     return parser
+
+
+def _name_leaves(parser: argparse.ArgumentParser) -> None:
+    """Give every leaf subcommand its full name (``albef index info``) for its error messages."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.set_defaults(_command=parser.prog)
+    for action in subs:
+        for child in action.choices.values():
+            _name_leaves(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,8 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except CLIError as exc:
-        print(f"albef {args.command}: error: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+        print(f"{getattr(args, '_command', 'albef')}: error: {exc}", file=sys.stderr)  # noqa: T201
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     return int(rc or 0)

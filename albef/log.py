@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+# The keys every JSON line starts with; `extra` fields cannot replace them.
+CORE_KEYS = frozenset({"ts", "level", "logger", "msg", "exc"})
 
 
 class JSONFormatter(logging.Formatter):
@@ -21,10 +23,11 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        # Fields passed with `extra={...}` become top-level keys.
+        # Fields passed with `extra={...}` become top-level keys, except the core ones: a caller (or a value
+        # that came from a request) cannot rewrite ts/level/logger/msg/exc; such a field is kept as extra_KEY.
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
-                out[key] = value
+                out[f"extra_{key}" if key in CORE_KEYS else key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
@@ -44,6 +47,3 @@ def setup_logging(level: str | None = None) -> None:
         root.addHandler(handler)
     root.setLevel(level)
 
-
-def get_logger(name: str) -> logging.Logger:
-    return logging.getLogger(name)

@@ -16,6 +16,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 __all__ = ["Settings", "get_settings"]
 
 
+def _default_formats() -> tuple[str, ...]:
+    from albef.model.image import DEFAULT_FORMATS  # numpy + PIL: imported when settings are built, not before
+
+    return DEFAULT_FORMATS
+
+
 class Settings(BaseSettings):
     """Configuration of the search service (and of other parts that add fields here later)."""
 
@@ -39,6 +45,10 @@ class Settings(BaseSettings):
         "spin and steal cores from ONNX Runtime)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    access_log: bool = Field(
+        True, description="one JSON log line per request (method, route template, status, duration, request id; "
+        "logger albef.access, level INFO)"
+    )
 
     # -- micro-batching and back-pressure ---------------------------------------------------------------
     batch_max_size: int = Field(
@@ -61,6 +71,14 @@ class Settings(BaseSettings):
         40_000_000, ge=1, description="largest image (width x height); Pillow's decompression-bomb limit"
     )
     max_text_chars: int = Field(1000, ge=1, description="longest query text (characters)")
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(_default_formats()),
+        description="image formats an upload may be (comma-separated Pillow names); others get 415",
+    )
+    official_loader: bool = Field(
+        False, description="decode uploads as the official ALBEF loader does (EXIF orientation ignored); by "
+        "default photos are turned upright by their EXIF orientation, as index builds do"
+    )
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
     max_rerank_k: int = Field(256, ge=1, description="largest rerank_k a request may ask for")
     default_k: int = Field(10, ge=1, description="k when a request does not say")
@@ -90,6 +108,13 @@ class Settings(BaseSettings):
                 return json.loads(text)
             return [o.strip() for o in text.split(",") if o.strip()]
         return value
+
+    @field_validator("image_formats", mode="before")
+    @classmethod
+    def _parse_formats(cls, value: Any) -> Any:
+        from albef.model.image import parse_formats
+
+        return list(parse_formats(value))
 
     @field_validator("api_key", mode="after")
     @classmethod

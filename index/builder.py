@@ -21,7 +21,6 @@ A build/add runs in three steps:
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -39,6 +38,7 @@ from albef.index import ann, layout, metadata
 from albef.index.errors import IndexError_, IndexMismatchError, IndexNotFoundError, ResumeError, SourceError
 from albef.index.features import TEXT_FEATURES, TOKEN_DTYPES, Segment, SegmentWriter, encode_tokens
 from albef.index.sources import read_sources
+from albef.model.image import DEFAULT_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Encoder(Protocol):
     text_width: int
     max_tokens: int
 
-    def preprocess(self, images: Sequence[Any]) -> np.ndarray: ...
+    def preprocess(self, images: Sequence[Any], *, exif_transpose: bool = True) -> np.ndarray: ...
     def encode_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
     def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -80,6 +80,8 @@ class BuildOptions:
     keep_versions: int = 5
     image_root: str | None = None
     progress: bool = True
+    exif_transpose: bool = True  # False: the official loader (EXIF orientation ignored)
+    image_formats: tuple[str, ...] = DEFAULT_FORMATS  # decoders an image may reach; others are refused
 
     def check(self) -> None:
         if self.token_dtype not in TOKEN_DTYPES:
@@ -94,7 +96,7 @@ class BuildOptions:
     def plan_key(self) -> dict[str, Any]:
         """Options that change the result: a resumed build must use the same ones."""
         keys = ("batch_size", "text_batch_size", "shard_size", "text_shard_size", "token_dtype", "text_features",
-                "image_root")
+                "image_root", "exif_transpose")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -302,22 +304,25 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(tmp, path)
 
 
-def _read_image(path: str, bundle: Encoder) -> dict[str, Any]:
-    """Runs in a worker thread: bytes -> sha256, original size, pixels. Never raises."""
-    from PIL import Image, UnidentifiedImageError
+def _read_image(path: str, bundle: Encoder, opts: BuildOptions) -> dict[str, Any]:
+    """Runs in a worker thread: bytes -> sha256, upright size, pixels. Never raises."""
+    from albef.model.image import ImageFormatError, open_image, upright
+    from PIL import UnidentifiedImageError
 
     try:
         if "://" in path:
             raise ValueError("remote URIs are not fetched by the index builder; download the file first")
         data = Path(path).read_bytes()
         sha = hashlib.sha256(data).hexdigest()
-        img = Image.open(io.BytesIO(data))
+        img = upright(open_image(data, opts.image_formats), opts.exif_transpose)
         img.load()
-        width, height = img.size
-        pixels = bundle.preprocess([img])[0]
+        width, height = img.size  # as the image is seen (after its EXIF orientation, unless official)
+        pixels = bundle.preprocess([img], exif_transpose=False)[0]
         return {"sha256": sha, "width": width, "height": height, "pixels": pixels}
     except FileNotFoundError:
         return {"error": "missing: no such file"}
+    except ImageFormatError as exc:
+        return {"error": f"refused: {exc}"}
     except UnidentifiedImageError:
         return {"error": "unreadable: not an image or an unsupported format"}
     except Exception as exc:  # noqa: BLE001 - any unreadable input is reported and skipped
@@ -362,7 +367,8 @@ def _encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Buil
     work = [(s, i) for s in pending for i in range(s * opts.shard_size, min(len(images), (s + 1) * opts.shard_size))]
     ahead = 2 * opts.batch_size + 2 * opts.workers
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="albef-decode") as pool:
-        stream = _ordered_map(pool, lambda si: (si[0], si[1], _read_image(images[si[1]]["path"], bundle)), work, ahead)
+        stream = _ordered_map(pool, lambda si: (si[0], si[1], _read_image(images[si[1]]["path"], bundle, opts)), work,
+                              ahead)
         cur: int | None = None
         state: dict[str, Any] = {}
 
@@ -456,7 +462,7 @@ def _encode_texts(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Build
 
 def _encode_and_publish(index_dir: Path, bundle: Encoder, sources: Sequence[str | Path], opts: BuildOptions,
                         base: str | None, resume: bool, restart: bool) -> Result:
-    from tqdm import tqdm
+    from albef.progress import progress_bar
 
     t0 = time.perf_counter()
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -478,8 +484,8 @@ def _encode_and_publish(index_dir: Path, bundle: Encoder, sources: Sequence[str 
     log.info("encoding", extra={"index": str(index_dir), "images": n_img, "texts": n_txt, "already_done": done,
                                 "resumed": resumed})
     t_enc = time.perf_counter()
-    with tqdm(total=n_img + n_txt, initial=done, unit="item", desc="encode", dynamic_ncols=True,
-              disable=not opts.progress, smoothing=0.1) as bar:
+    with progress_bar(total=n_img + n_txt, initial=done, unit="item", desc="encode", dynamic_ncols=True,
+                      enabled=opts.progress, smoothing=0.1) as bar:
         _encode_images(wdir, plan, bundle, opts, known, bar, sleep)
         _encode_texts(wdir, plan, bundle, opts, bar, sleep)
     enc_s = time.perf_counter() - t_enc

@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+# The same list as albef.model.image.DEFAULT_FORMATS (not imported here: registration stays import-light;
+# tests/test_cli_conventions.py checks that the two agree).
+FORMATS_HELP = "JPEG,PNG,WEBP,GIF,BMP,TIFF"
+
 
 def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None:
     g = p.add_argument_group("encoding")
@@ -17,10 +21,17 @@ def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None
     g.add_argument("--shard-size", type=int, default=256, help="images per committed shard (default 256)")
     g.add_argument("--text-shard-size", type=int, default=1024, help="texts per committed shard (default 1024)")
     g.add_argument("--workers", type=int, default=4, help="image reading/decoding threads (default 4)")
+    g.add_argument("--official-loader", action="store_true",
+                   help="decode images as the official ALBEF loader does: EXIF orientation ignored (for "
+                        "benchmark parity; by default photos are turned upright by their EXIF orientation)")
+    g.add_argument("--image-formats", default=None,
+                   help=f"image formats to decode, comma-separated; other files are reported and skipped "
+                        f"(default {FORMATS_HELP})")
     g.add_argument("--image-root", type=Path, default=None,
                    help="folder that relative image paths in JSON/CSV/JSONL sources are resolved against "
                         "(default: the source file's folder)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn without a terminal)")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object (for scripts)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build/add")
     g.add_argument("--restart", action="store_true", help="discard an interrupted build/add and start over")
     g = p.add_argument_group("index")
@@ -64,17 +75,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", required=True, type=Path, help="index folder")
     p.add_argument("--ids", required=True, help="comma-separated item ids, e.g. 1,2,3")
     p.add_argument("--keep-versions", type=int, default=None, help="index versions to keep")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object (for scripts)")
     p.set_defaults(func=delete_command)
 
     p = isub.add_parser("info", help="show an index version: counts, model bundle, FAISS type, recall, sizes")
     p.add_argument("index_dir", type=Path)
-    p.add_argument("--version", default=None, help="version to show (default: current)")
+    p.add_argument("--at", metavar="VERSION", default=None, help="version to show, e.g. 000002 (default: current)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=info_command)
 
 
 def _options(args: argparse.Namespace) -> Any:
     from albef.index.builder import BuildOptions
+    from albef.model.image import DEFAULT_FORMATS, parse_formats
 
     return BuildOptions(
         batch_size=args.batch_size, text_batch_size=args.text_batch_size, shard_size=args.shard_size,
@@ -83,6 +96,7 @@ def _options(args: argparse.Namespace) -> Any:
         factory=args.factory, max_memory=args.max_memory, flat_below=args.flat_below,
         target_recall=args.target_recall, keep_versions=args.keep_versions,
         image_root=str(args.image_root.resolve()) if args.image_root else None, progress=not args.no_progress,
+        exif_transpose=not args.official_loader, image_formats=parse_formats(args.image_formats) if args.image_formats else DEFAULT_FORMATS,
     )
 
 
@@ -100,14 +114,28 @@ def _load_bundle(path: Path, args: argparse.Namespace) -> Any:
 def _run(fn: Any, *a: Any, **kw: Any) -> Any:
     from albef.index.errors import IndexError_
 
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     try:
         return fn(*a, **kw)
     except IndexError_ as exc:
         raise CLIError(str(exc)) from exc
     except ValueError as exc:  # bad option values (sizes, factory strings)
-        raise CLIError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
+
+
+def _result_json(result: Any, **extra: Any) -> str:
+    """What a script needs from build/add/delete: the new version, the counts, this run's report."""
+    m = result.manifest
+    return json.dumps({"index": str(Path(result.index_dir).resolve()), "version": result.version,
+                       "counts": m["counts"], "bundle_id": m["bundle_id"], **extra,
+                       "report": result.report,
+                       "ann": {k: {f: m["ann"][k].get(f) for f in ("factory", "recall_at_k")} for k in m["ann"]}},
+                      default=str)
+
+
+def _print_result(result: Any, as_json: bool, **extra: Any) -> None:
+    print(_result_json(result, **extra) if as_json else _summary(result))  # noqa: T201
 
 
 def _summary(result: Any) -> str:
@@ -130,24 +158,24 @@ def _summary(result: Any) -> str:
 def build_command(args: argparse.Namespace) -> int:
     from albef.index import builder
 
-    from albef.cli import CLIError
+    from albef.cli import UsageError
 
     if args.resume and args.restart:
-        raise CLIError("--resume and --restart exclude each other")
+        raise UsageError("--resume and --restart exclude each other")
     bundle = _load_bundle(args.model, args)
     opts = _run(_options, args)
     result = _run(builder.build, args.out, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
-    print(_summary(result))  # noqa: T201
+    _print_result(result, args.json)
     return 0
 
 
 def add_command(args: argparse.Namespace) -> int:
     from albef.index import builder, layout
 
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     if args.resume and args.restart:
-        raise CLIError("--resume and --restart exclude each other")
+        raise UsageError("--resume and --restart exclude each other")
     model = args.model
     if model is None:
         try:
@@ -160,23 +188,26 @@ def add_command(args: argparse.Namespace) -> int:
     bundle = _load_bundle(model, args)
     opts = _run(_options, args)
     result = _run(builder.add, args.index, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
-    print(_summary(result))  # noqa: T201
+    _print_result(result, args.json)
     return 0
 
 
 def delete_command(args: argparse.Namespace) -> int:
     from albef.index import builder
 
-    from albef.cli import CLIError
+    from albef.cli import UsageError
 
     try:
         ids = [int(x) for x in args.ids.replace(" ", "").split(",") if x]
     except ValueError as exc:
-        raise CLIError(f"--ids must be comma-separated integers, got {args.ids!r}") from exc
+        raise UsageError(f"--ids must be comma-separated integers, got {args.ids!r}") from exc
     if not ids:
-        raise CLIError("--ids is empty")
+        raise UsageError("--ids is empty")
     result = _run(builder.delete, args.index, ids, keep_versions=args.keep_versions)
     m = result.manifest
+    if args.json:
+        print(_result_json(result, deleted=len(set(ids))))  # noqa: T201
+        return 0
     print(f"version {result.version}: deleted {len(set(ids))} items; "  # noqa: T201
           f"{m['counts']['image']} images, {m['counts']['text']} texts remain")
     return 0
@@ -188,7 +219,7 @@ def info_command(args: argparse.Namespace) -> int:
     from albef.cli import CLIError
 
     try:
-        vdir = layout.version_path(args.index_dir, args.version)
+        vdir = layout.version_path(args.index_dir, args.at)
     except Exception as exc:
         raise CLIError(str(exc)) from exc
     manifest = layout.read_manifest(vdir)

@@ -464,7 +464,7 @@ def export_bundle(
     ``evaluator(bundle_tmp_dir, variant) -> figures`` (optional) measures each variant's retrieval quality
     (e.g. R@1 on the synthetic benchmark); its result is stored under ``variants[v]["eval"]``.
     """
-    from tqdm import tqdm
+    from albef.progress import progress_bar
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -481,7 +481,7 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     steps = ["export fp32", "validate fp32", *[f"{v}" for v in variants if v != "fp32"], "manifest"]
-    bar = tqdm(total=len(steps) + (len(variants) if evaluator else 0), desc="export", disable=not progress)
+    bar = progress_bar(total=len(steps) + (len(variants) if evaluator else 0), desc="export", enabled=progress)
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -22,18 +23,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="official val/test JSON: measure every variant's R@K with the runtime into the manifest")
     p.add_argument("--image-root", type=Path, default=None, help="image folder for --eval-data paths")
     p.add_argument("--k-test", type=int, default=16, help="ITM re-rank depth for --eval-data (default 16)")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as one JSON object (for scripts)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |torch - ORT| for fp32 (default 1e-4)")
     p.set_defaults(func=export_command)
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     allowed = ("fp32", "int8", "bf16")
     bad = [v for v in variants if v not in allowed]
     if bad or not variants:
-        raise CLIError(f"--variants: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(allowed)}")
+        raise UsageError(f"--variants: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(allowed)}")
     if not args.checkpoint.exists():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")
     if args.out_dir.exists() and not args.force:
@@ -43,7 +45,7 @@ def export_command(args: argparse.Namespace) -> int:
     if args.eval_data is not None and not args.eval_data.is_file():
         raise CLIError(f"eval data not found: {args.eval_data}")
     if not 7 <= args.opset <= 23:
-        raise CLIError(f"--opset {args.opset} is outside the supported range 7..23")
+        raise UsageError(f"--opset {args.opset} is outside the supported range 7..23")
 
     from albef.model.checkpoint import CheckpointError
     from albef.model.export import ExportError, export_bundle, make_evaluator
@@ -68,6 +70,11 @@ def export_command(args: argparse.Namespace) -> int:
     except (ExportError, ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
     total = sum(f["bytes"] for f in manifest["files"].values())
+    if args.json:
+        print(json.dumps({"bundle": str(args.out_dir.resolve()), "bundle_id": manifest["bundle_id"],  # noqa: T201
+                          "bytes": total, "variants": manifest["variants"],
+                          "variants_not_shipped": manifest.get("variants_not_shipped", {})}, default=str))
+        return 0
     val = manifest["variants"]["fp32"]["validation"]
     print(f"wrote {args.out_dir} (bundle {manifest['bundle_id'][:16]}, {total / 1e6:.1f} MB, "  # noqa: T201
           f"variants {','.join(manifest['variants'])})")

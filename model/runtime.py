@@ -195,9 +195,10 @@ class Bundle:
         return [np.asarray(o, dtype=np.float32) for o in outs]
 
     # -- images ---------------------------------------------------------------------------------------
-    def preprocess(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """Images (paths, bytes or PIL) -> float32 pixels ``[B, 3, R, R]``."""
-        return preprocess(images, self.image_res, self.mean, self.std)
+    def preprocess(self, images: Sequence[ImageSource], *, exif_transpose: bool = True) -> np.ndarray:
+        """Images (paths, bytes or PIL) -> float32 pixels ``[B, 3, R, R]``, upright by their EXIF orientation
+        unless ``exif_transpose=False`` (the official loader)."""
+        return preprocess(images, self.image_res, self.mean, self.std, exif_transpose=exif_transpose)
 
     def encode_pixels(self, pixels: Any) -> tuple[np.ndarray, np.ndarray]:
         """Pixels ``[B,3,R,R]`` -> (L2-normalised embeddings ``[B,D]``, token features ``[B,N,W]``)."""

@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
         version=__version__,
         description="Image-text retrieval: FAISS over ALBEF ITC embeddings, re-ranked by the ITM head.",
         lifespan=lifespan,
+        # operationId = the handler's name (search_images, get_item, ...): short and stable for generated clients
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.albef = state
     errors.install(app)
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes_of=app, access_log=settings.access_log)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

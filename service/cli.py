@@ -23,11 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check(settings: object) -> None:
     """Fail fast, with one line, on what cannot work; a folder without a version yet is waited for."""
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     index_dir = getattr(settings, "index_dir", None)
     if index_dir is None:
-        raise CLIError("no index folder: pass --index or set ALBEF_INDEX_DIR")
+        raise UsageError("no index folder: pass --index or set ALBEF_INDEX_DIR")
     if not Path(index_dir).is_dir():
         raise CLIError(f"index folder not found: {index_dir}")
     from albef.index import current_version
@@ -67,7 +67,7 @@ def cli_settings(**overrides: object) -> Any:
     """The settings with the command line's overrides; an invalid value is a one-line CLI error."""
     from pydantic import ValidationError
 
-    from albef.cli import CLIError
+    from albef.cli import UsageError
     from albef.settings import get_settings
 
     try:
@@ -75,7 +75,7 @@ def cli_settings(**overrides: object) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())) or "settings"
-        raise CLIError(f"invalid setting {field}: {err.get('msg')}") from exc
+        raise UsageError(f"invalid setting {field}: {err.get('msg')}") from exc
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ def demo_command(args: argparse.Namespace) -> int:
 
     from albef.service.demo import DEMO_SYNTH, DemoError, prepare
 
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     # The numbered progress lines and tqdm bars are the demo's output; JSON info logs would drown them
     # (ALBEF_LOG_LEVEL=INFO brings them back).
@@ -53,11 +53,11 @@ def demo_command(args: argparse.Namespace) -> int:
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
     if not 0 <= args.port <= 65535:
-        raise CLIError(f"--port must be between 0 and 65535, got {args.port}")
+        raise UsageError(f"--port must be between 0 and 65535, got {args.port}")
     synth = dict(DEMO_SYNTH)
     if args.images is not None:
         if args.images < 20:
-            raise CLIError("--images must be at least 20 (the test split is 10% of the scenes)")
+            raise UsageError("--images must be at least 20 (the test split is 10% of the scenes)")
         synth["images"] = args.images
     sock = None
     if not args.no_serve:
@@ -76,6 +76,12 @@ def demo_command(args: argparse.Namespace) -> int:
         if sock is not None:
             sock.close()
         raise CLIError(str(exc)) from exc
+    except ModuleNotFoundError as exc:
+        # A serving-only install can run a cached demo, but not build one: export needs torch.
+        if sock is not None:
+            sock.close()
+        raise CLIError(f"building the demo needs the train extra ({exc.name} is not installed): "
+                       "pip install 'albef-search[train]'") from exc
     steps = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.seconds.items())
     _say(f"ready in {time.perf_counter() - t0:.1f} s ({steps}; cache: {result.cache_dir})")
     if args.no_serve:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 from albef.service.batching import MicroBatcher
 from albef.service.errors import ApiError, QueueFullError
-from albef.service.images import decode_upload
+from albef.service.images import UploadPolicy, decode_upload
 from albef.service.metrics import Metrics, StageTimer
 
 __all__ = ["Stages", "SearchEngine", "SearchResult", "order_candidates", "match_probability", "public_item"]
@@ -192,12 +192,11 @@ class SearchEngine:
     """Searches one index reader with one bundle. ``reader`` is passed per call (hot swaps)."""
 
     def __init__(self, bundle: Any, stages: Stages, *, metrics: Metrics | None = None,
-                 max_upload_bytes: int = 10 << 20, max_image_pixels: int = 40_000_000) -> None:
+                 uploads: UploadPolicy | None = None) -> None:
         self.bundle = bundle
         self.stages = stages
         self.metrics = metrics
-        self.max_upload_bytes = max_upload_bytes
-        self.max_image_pixels = max_image_pixels
+        self.uploads = uploads or UploadPolicy()
         # Uploads are decoded in worker threads before they reach the image encoder's bounded queue; bound the
         # decodes waiting or running too, so that an upload flood is answered with 503 like the other stages
         # instead of queueing without limit in the thread pool.
@@ -212,8 +211,8 @@ class SearchEngine:
 
     async def _image_query(self, data: bytes, timer: StageTimer) -> _Query:
         def prepare() -> np.ndarray:
-            img = decode_upload(data, max_bytes=self.max_upload_bytes, max_pixels=self.max_image_pixels)
-            return self.bundle.preprocess([img])[0]
+            img = decode_upload(data, self.uploads)  # upright already, if the policy says so
+            return self.bundle.preprocess([img], exif_transpose=False)[0]
 
         if not self._decode_slots.acquire(blocking=False):
             if self.metrics is not None:

@@ -127,7 +127,14 @@ def install(app: FastAPI) -> None:
     document_errors(app)
 
 
-_OPEN_PATHS = ("/healthz", "/readyz")
+_OPEN_PATHS = ("/healthz", "/readyz", "/")  # as ApiKeyMiddleware's OPEN_PATHS (static files are not in the doc)
+# The key (when the service runs with ALBEF_API_KEY) goes in either header; without a key nothing is checked.
+_SECURITY_SCHEMES = {
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+               "description": "the service's ALBEF_API_KEY (required only when it is set)"},
+    "bearer": {"type": "http", "scheme": "bearer", "description": "the same key as `Authorization: Bearer KEY`"},
+}
+_SECURITY = [{"apiKey": []}, {"bearer": []}]
 _ERROR_DESCRIPTIONS = {
     400: "malformed request (e.g. an unparsable body)", 401: "API key missing or wrong (when ALBEF_API_KEY is set)",
     404: "not found", 413: "body, upload or image too large", 415: "unsupported content type",
@@ -159,12 +166,15 @@ def document_errors(app: FastAPI) -> None:
                     codes.update((400, 413, 415, 422))
                 if any(p.get("in") == "path" for p in op.get("parameters", [])):
                     codes.update((404, 422))
+                if path not in _OPEN_PATHS:
+                    op["security"] = _SECURITY
                 for code in sorted(codes):
                     entry = responses.setdefault(str(code), {})
                     entry["description"] = entry.get("description") or _ERROR_DESCRIPTIONS.get(code, "error")
                     if entry["description"] in ("Validation Error", "Successful Response"):
                         entry["description"] = _ERROR_DESCRIPTIONS.get(code, "error")
                     entry["content"] = ref
+        spec.setdefault("components", {})["securitySchemes"] = _SECURITY_SCHEMES
         schemas = spec.get("components", {}).get("schemas", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             schemas.pop(unused, None)

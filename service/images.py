@@ -1,6 +1,7 @@
 """Safe decoding of uploaded images and content types of stored ones.
 
-Uploads are untrusted: the size in bytes is capped before decoding, the pixel count is checked from the
+Uploads are untrusted: only an allow-list of formats reaches a decoder (415 names the refused format), the
+EXIF orientation is applied (unless the official loader is asked for), the size in bytes is capped before decoding, the pixel count is checked from the
 header before any pixel is decoded (so a small PNG that inflates to gigabytes is refused cheaply), and
 Pillow's own decompression-bomb guard stays on (``Image.MAX_IMAGE_PIXELS`` is set from the settings and
 ``DecompressionBombWarning`` is turned into an error by :func:`configure_pillow`).
@@ -8,16 +9,16 @@ Pillow's own decompression-bomb guard stays on (``Image.MAX_IMAGE_PIXELS`` is se
 
 from __future__ import annotations
 
-import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from albef.model.image import to_rgb
+from albef.model.image import DEFAULT_FORMATS, ImageFormatError, open_image, to_rgb, upright
 from albef.service.errors import ApiError
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["configure_pillow", "decode_upload", "sniff_content_type"]
+__all__ = ["UploadPolicy", "configure_pillow", "decode_upload", "sniff_content_type"]
 
 
 def configure_pillow(max_image_pixels: int) -> None:
@@ -26,26 +27,45 @@ def configure_pillow(max_image_pixels: int) -> None:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
-def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Bytes of an uploaded image -> RGB PIL image, or an :class:`ApiError` (413/422) that says why not."""
+@dataclass(frozen=True)
+class UploadPolicy:
+    """How uploads are decoded: size limits, the formats whose decoders they may reach, EXIF orientation."""
+
+    max_bytes: int = 10 << 20
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = DEFAULT_FORMATS
+    exif_transpose: bool = True  # False: the official loader's pixel order
+
+    @classmethod
+    def from_settings(cls, s: Any) -> UploadPolicy:
+        return cls(max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels, formats=tuple(s.image_formats),
+                   exif_transpose=not s.official_loader)
+
+
+def decode_upload(data: bytes, policy: UploadPolicy) -> Image.Image:
+    """Bytes of an uploaded image -> upright RGB PIL image, or an :class:`ApiError` (413/415/422) that says
+    why not."""
     if not data:
         raise ApiError(422, "invalid_image", "the image is empty", field="image")
-    if len(data) > max_bytes:
-        raise ApiError(413, "payload_too_large", f"the image has {len(data)} bytes; the limit is {max_bytes}",
+    if len(data) > policy.max_bytes:
+        raise ApiError(413, "payload_too_large", f"the image has {len(data)} bytes; the limit is {policy.max_bytes}",
                        field="image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(data, policy.formats)
         width, height = img.size
-        if width * height > max_pixels:
+        if width * height > policy.max_pixels:
             raise ApiError(413, "image_too_large",
-                           f"the image has {width}x{height} pixels; the limit is {max_pixels} pixels", field="image")
+                           f"the image has {width}x{height} pixels; the limit is {policy.max_pixels} pixels",
+                           field="image")
         img.load()
         # to_rgb, as the index builder does: plain convert('RGB') clips 16-bit greyscale to white.
-        rgb = to_rgb(img)
+        rgb = to_rgb(upright(img, policy.exif_transpose))
     except ApiError:
         raise
+    except ImageFormatError as exc:
+        raise ApiError(415, "unsupported_image_format", str(exc), field="image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, "image_too_large", f"the image exceeds the pixel limit ({max_pixels})",
+        raise ApiError(413, "image_too_large", f"the image exceeds the pixel limit ({policy.max_pixels})",
                        field="image") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated/corrupt files with several exception types; none of their texts is shown.

@@ -6,6 +6,7 @@
 - ``albef_batch_size{stage}``: items per model call of each micro-batcher; ``albef_queue_depth{stage}``.
 - ``albef_queue_rejections_total{stage}``: requests answered 503 because a queue was full.
 - ``albef_index_items{kind}``, ``albef_index_info{version,bundle}``, ``albef_index_reloads_total{result}``.
+- ``process_*`` (CPU seconds, resident memory, open files, start time) of the serving process.
 """
 
 from __future__ import annotations
@@ -19,13 +20,21 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+
+# No `*_created` series: they double the series count and no dashboard of ours reads them (process-wide).
+disable_created_metrics()
 
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# The label values the service uses (engine: the micro-batchers and the upload decoder; state: hot swaps).
+REJECTION_STAGES = ("decode", "encode_text", "encode_image", "rerank")
+RELOAD_RESULTS = ("ok", "error")
 
 
 class Metrics:
@@ -49,6 +58,12 @@ class Metrics:
                                 registry=r)
         self.reloads = Counter("albef_index_reloads", "index hot-swap attempts by result", ["result"], registry=r)
         self.ready = Gauge("albef_ready", "1 when the model bundle and the index are loaded", registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        # Every known label has a sample from the start: a rate() over "no series yet" is no rate at all.
+        for stage in REJECTION_STAGES:
+            self.rejections.labels(stage=stage)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result=result)
 
     def watch_queue(self, stage: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(stage=stage).set_function(depth)

@@ -1,4 +1,4 @@
-"""Pure ASGI middlewares: API key, request body limit, request metrics.
+"""Pure ASGI middlewares: API key, request body limit, request metrics with the access log and request ids.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that they add no task or stream copies per request.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
+import uuid
 from typing import Any
 
 from albef.service.errors import PayloadTooLargeError, error_body
@@ -15,6 +17,7 @@ from albef.service.metrics import Metrics
 
 Scope = dict[str, Any]
 ASGIApp = Any
+access_log = logging.getLogger("albef.access")
 
 # Probes stay open so that orchestrators can check the service without the key. The web page ("/" and
 # "/static/...", service/web.py) holds no data and must load so that the user can type the key into it.
@@ -101,12 +104,54 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-class MetricsMiddleware:
-    """Counts requests by method, route template and status, and times them per route."""
+def match_template(app: Any, scope: Scope) -> str:
+    """The template of the first of the app's routes that fully matches this request (``/static/{path}`` for
+    a mount), or "unmatched". Run before the request is handled: routing rewrites the scope's paths."""
+    from starlette.routing import Match, Mount
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    for candidate in getattr(app, "routes", ()):
+        if not getattr(candidate, "path", None):
+            # An included router (FastAPI wraps them): look at its own routes, whose paths carry the prefix.
+            inner = match_template(getattr(candidate, "original_router", None), scope)
+            if inner != "unmatched":
+                return inner
+            continue
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return f"{candidate.path}/{{path}}" if isinstance(candidate, Mount) else str(candidate.path)
+    return "unmatched"
+
+
+def route_template(scope: Scope, matched: str) -> str:
+    """API routes name themselves in ``scope["route"]`` once routed; FastAPI's docs and schema routes and
+    mounted static files do not, so ``matched`` (from :func:`match_template`) names those. A real 404 is
+    "unmatched"."""
+    route = scope.get("route")
+    if route is not None and getattr(route, "path", None):
+        return str(route.path)
+    return matched
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token (at most 128 printable ASCII characters without
+    spaces), else a new random one: an id that goes into logs must not carry newlines or megabytes."""
+    given = _header(scope, b"x-request-id")
+    if given is not None and 0 < len(given) <= 128 and all(33 <= c <= 126 for c in given):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
+
+
+class MetricsMiddleware:
+    """Per request: a request id (``X-Request-ID`` honoured or generated, echoed in the response), the
+    request counter and latency histogram by route template, and one access-log line (unless switched off).
+
+    Outermost but for CORS, so 401s and 413s are counted and logged too."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes_of: Any = None, access_log: bool = True) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes_of = routes_of  # the FastAPI app whose routes name the templates
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -114,17 +159,26 @@ class MetricsMiddleware:
             return
         status = 500
         t0 = time.perf_counter()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        matched = match_template(self.routes_of, {**scope})
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            seconds = time.perf_counter() - t0
+            template = route_template(scope, matched)
             self.metrics.requests.labels(method=scope["method"], route=template, status=str(status)).inc()
-            self.metrics.request_latency.labels(route=template).observe(time.perf_counter() - t0)
+            self.metrics.request_latency.labels(route=template).observe(seconds)
+            if self.access_log:
+                access_log.info("request", extra={"method": scope["method"], "route": template, "status": status,
+                                                   "duration_ms": round(seconds * 1000, 2),
+                                                   "request_id": request_id})

@@ -152,6 +152,7 @@ class ServiceState:
     def _load(self, index_dir: Path) -> None:
         from albef.index import IndexReader
         from albef.model.runtime import Bundle
+        from albef.service.images import UploadPolicy
 
         from albef.cpu import cpu_info
 
@@ -175,7 +176,7 @@ class ServiceState:
             )
         self._swap(reader)
         self.engine = SearchEngine(self.bundle, self.stages, metrics=self.metrics,
-                                   max_upload_bytes=s.max_upload_bytes, max_image_pixels=s.max_image_pixels)
+                                   uploads=UploadPolicy.from_settings(s))
         self.status = "ready"
         self.metrics.ready.set(1)
 

@@ -124,10 +124,10 @@ def test_cli_reports_bad_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     del state["vision_proj.weight"]
     pth = tmp_path / "broken.pth"
     torch.save(state, pth)
-    assert albef_main(["convert", str(pth), str(tmp_path / "o"), "--config", "albef-tiny"]) == 2
+    assert albef_main(["convert", str(pth), str(tmp_path / "o"), "--config", "albef-tiny"]) == 1
     assert "missing keys (1): vision_proj.weight" in capsys.readouterr().err
     assert not (tmp_path / "o" / "model.safetensors").exists()
-    assert albef_main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "o")]) == 2
+    assert albef_main(["convert", str(tmp_path / "nope.pth"), str(tmp_path / "o")]) == 1
     assert "not found" in capsys.readouterr().err
 
 

@@ -141,7 +141,7 @@ def test_gallery_is_the_recipes_test_split() -> None:
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from albef.cli import main
 
-    assert main(["demo", "--no-serve", "--cache", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert main(["demo", "--no-serve", "--cache", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("albef demo: error: model checkpoint not found")
     assert main(["demo", "--no-serve", "--port", "70000"]) == 2
@@ -152,7 +152,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: P
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["demo", "--cache", str(tmp_path / "c2"), "--port", str(port)]) == 2
+        assert main(["demo", "--cache", str(tmp_path / "c2"), "--port", str(port)]) == 1
         err = capsys.readouterr().err
         assert f"cannot listen on 127.0.0.1:{port}" in err and "pass another --port" in err
     assert not (tmp_path / "c2").exists()

@@ -248,12 +248,12 @@ def test_albef_eval_end_to_end(synth_set: Path, tiny_checkpoint: Path, tmp_path:
         assert im.format == "PNG" and im.size[0] > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r1.png", "report.json"]  # no temp files left
 
-    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--data", str(synth_set / "test.json")]) == 2
+    assert main(["eval", "--checkpoint", str(tmp_path / "none"), "--data", str(synth_set / "test.json")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
     assert main([*argv[:3], "--data", str(synth_set / "test.json"), "--k-test", "0"]) == 2
     assert "--k-test" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"image": "nope.png", "caption": ["x"]}]))
-    assert main([*argv[:3], "--data", str(bad)]) == 2
+    assert main([*argv[:3], "--data", str(bad)]) == 1
     err = capsys.readouterr().err.strip()
     assert "image file not found" in err and len(err.splitlines()) == 1

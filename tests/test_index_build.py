@@ -163,7 +163,7 @@ def test_bundle_mismatch_is_refused(built: Path, other_bundle_dir: Path, sources
     rc = cli_main(["index", "add", "--index", str(built), "--model", str(other_bundle_dir), "--no-progress",
                    str(sources["txt"])])
     err = capsys.readouterr().err
-    assert rc == 2 and "albef index: error:" in err and "built with model bundle" in err
+    assert rc == 1 and "albef index add: error:" in err and "built with model bundle" in err
     assert layout.list_versions(built) == ["000001"]
 
 
@@ -285,20 +285,22 @@ def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path,
     # add without --model uses the bundle the index records
     assert cli_main(["index", "add", "--index", str(out), "--no-progress", str(sources["csv"])]) == 0
     assert "version 000003: 5 images, 9 texts" in capsys.readouterr().out
-    for argv, msg in [
-        (["index", "delete", "--index", str(out), "--ids", "a,b"], "comma-separated integers"),
-        (["index", "delete", "--index", str(out), "--ids", "1"], "unknown ids"),
-        (["index", "info", str(tmp_path / "nothing")], "no index"),
-        (["index", "build", "--model", str(index_bundle_dir), "--out", str(out), str(sources["txt"])], "already holds"),
+    for argv, msg, code in [
+        (["index", "delete", "--index", str(out), "--ids", "a,b"], "comma-separated integers", 2),
+        (["index", "delete", "--index", str(out), "--ids", "1"], "unknown ids", 1),
+        (["index", "info", str(tmp_path / "nothing")], "no index", 1),
+        (["index", "build", "--model", str(index_bundle_dir), "--out", str(out), str(sources["txt"])], "already holds",
+         1),
         (["index", "build", "--model", str(tmp_path / "nobundle"), "--out", str(tmp_path / "x"), str(sources["txt"])],
-         "bundle not found"),
+         "bundle not found", 1),
         (["index", "build", "--model", str(index_bundle_dir), "--out", str(tmp_path / "y"), "--max-memory", "lots",
-          str(sources["txt"])], "bad size"),
+          str(sources["txt"])], "bad size", 2),
         (["index", "build", "--model", str(index_bundle_dir), "--out", str(tmp_path / "z"),
-          str(tmp_path / "nope.csv")], "source not found"),
+          str(tmp_path / "nope.csv")], "source not found", 1),
     ]:
-        assert cli_main(argv) == 2, argv
+        assert cli_main(argv) == code, argv
         err = capsys.readouterr().err
+        assert err.startswith(f"albef index {argv[1]}: error:"), err
         assert msg in err and err.count("\n") == 1, err
 
 

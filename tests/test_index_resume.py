@@ -58,7 +58,7 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_
     assert 3 <= len(committed) < 9 + 6 and current_version(out) is None  # nothing published
     assert not list(shards.glob("*.tmp"))  # a half-written shard would be a *.tmp, never an *.npz
     # without --resume the interrupted build is not silently discarded
-    assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, str(src)]) == 2
+    assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, str(src)]) == 1
     assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, "--resume",
                      str(src)]) == 0
     with IndexReader.open(out) as r:

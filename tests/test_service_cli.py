@@ -140,11 +140,11 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 def test_serve_errors_are_one_line(service_index: Path, other_bundle_dir: Path, tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     rc, err = _run_cli(["serve", "--index", str(tmp_path / "missing")], capsys)
-    assert rc == 2 and err == f"albef serve: error: index folder not found: {tmp_path / 'missing'}"
+    assert rc == 1 and err == f"albef serve: error: index folder not found: {tmp_path / 'missing'}"
     rc, err = _run_cli(["serve", "--index", str(service_index), "--model", str(other_bundle_dir)], capsys)
-    assert rc == 2 and "was built with model bundle" in err and "\n" not in err
+    assert rc == 1 and "was built with model bundle" in err and "\n" not in err
     rc, err = _run_cli(["serve", "--index", str(service_index), "--model", str(tmp_path)], capsys)
-    assert rc == 2 and "not a model bundle" in err and "\n" not in err
+    assert rc == 1 and "not a model bundle" in err and "\n" not in err
     monkeypatch.setenv("ALBEF_PORT", "eighty")
     rc, err = _run_cli(["serve", "--index", str(service_index)], capsys)
     assert rc == 2 and err.startswith("albef serve: error: invalid setting port") and "\n" not in err

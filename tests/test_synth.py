@@ -233,7 +233,7 @@ def test_cli_synth_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert json.loads((out / "dataset.json").read_text())["images"]["total"] == 12
     before = (out / "train.json").read_bytes()
 
-    assert main(["data", "synth", str(out), "--images", "12", "--seed", "4"]) == 2
+    assert main(["data", "synth", str(out), "--images", "12", "--seed", "4"]) == 1
     err = capsys.readouterr().err.strip()
     assert "exists" in err and "--force" in err and len(err.splitlines()) == 1
     assert (out / "train.json").read_bytes() == before  # untouched

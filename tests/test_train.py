@@ -169,7 +169,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["train", "--config", str(recipe), "train.bacth_size=4"]) == 2
     assert "unknown config key 'train.bacth_size'" in capsys.readouterr().err
     assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "o"), "train.batch_size=3",
-                 "train.queue_size=16"]) == 2
+                 "train.queue_size=16"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "queue_size 16 must be divisible by the global batch 3" in err
 

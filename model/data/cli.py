@@ -33,12 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def synth_command(args: argparse.Namespace) -> int:
     from albef.model.data.synth import generate
 
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     if args.images < 1:
-        raise CLIError("--images must be >= 1")
+        raise UsageError("--images must be >= 1")
     if args.size < 32:
-        raise CLIError("--size must be >= 32")
+        raise UsageError("--size must be >= 32")
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"{args.out} exists and is not a folder")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
@@ -58,12 +58,12 @@ def synth_command(args: argparse.Namespace) -> int:
 def check_command(args: argparse.Namespace) -> int:
     from albef.model.data.annotations import load_eval_set, load_pairs
 
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     try:
         if args.eval:
             if len(args.sources) != 1:
-                raise CLIError("--eval takes exactly one source")
+                raise UsageError("--eval takes exactly one source")
             es = load_eval_set(args.sources[0], args.image_root)
             summary = {"images": len(es.images), "texts": len(es.texts), "problems": []}
         else:

@@ -425,7 +425,7 @@ def generate(
 
     Returns the counts (also stored in ``dataset.json``).
     """
-    from tqdm import tqdm
+    from albef.progress import progress_bar
 
     out_dir = Path(out_dir)
     if n_images < 1:
@@ -440,7 +440,7 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
-        counts = _generate_into(tmp, n_images, seed, size, progress, tqdm)
+        counts = _generate_into(tmp, n_images, seed, size, progress, progress_bar)
         if out_dir.exists():
             trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(trash)
@@ -455,7 +455,7 @@ def generate(
     return counts
 
 
-def _generate_into(root: Path, n_images: int, seed: int, size: int, progress: bool, tqdm: Any) -> dict:
+def _generate_into(root: Path, n_images: int, seed: int, size: int, progress: bool, progress_bar: Any) -> dict:
     scenes = make_scenes(n_images, seed)
     n_groups = scenes[-1].group + 1
     split_of = split_groups(n_groups, random.Random(seed + 1))
@@ -470,7 +470,7 @@ def _generate_into(root: Path, n_images: int, seed: int, size: int, progress: bo
     train: list[dict] = []
     evals: dict[str, list[dict]] = {"val": [], "test": []}
     records: list[dict] = []
-    for i, scene in enumerate(tqdm(scenes, desc="synth", unit="img", disable=not progress)):
+    for i, scene in enumerate(progress_bar(scenes, desc="synth", unit="img", enabled=progress)):
         rel = f"images/{i:0{width}d}.png"
         render(scene, size, rng_pix).save(root / rel, format="PNG", optimize=False)
         others = [scenes[j] for j in by_group[scene.group] if j != i]

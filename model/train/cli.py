@@ -38,13 +38,13 @@ def recipe_path(name: str) -> Path:
 def train_command(args: argparse.Namespace) -> int:
     from albef.model.train.settings import ConfigError, load_config
 
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     path = recipe_path(args.config)
     try:
         cfg = load_config(path, args.overrides)
     except ConfigError as exc:
-        raise CLIError(str(exc)) from exc
+        raise UsageError(str(exc)) from exc
     out = args.out or Path("runs") / path.stem
     from albef.model.checkpoint import CheckpointError
     from albef.model.train.trainer import Trainer

@@ -123,7 +123,8 @@ class TrainTransform:
         return torch.from_numpy(normalize(img, self.mean, self.std))
 
 
-def scan_images(items: Sequence[Any], decode: bool = True) -> tuple[list[int], list[dict[str, str]], dict[Path, np.ndarray]]:
+def scan_images(items: Sequence[Any], decode: bool = True, exif_transpose: bool = True,
+                ) -> tuple[list[int], list[dict[str, str]], dict[Path, np.ndarray]]:
     """Check every distinct image once. Returns (indices of good items, problems, decoded cache).
 
     ``decode`` keeps the decoded uint8 arrays (a cache that also serves every epoch without re-reading PNG);
@@ -138,7 +139,7 @@ def scan_images(items: Sequence[Any], decode: bool = True) -> tuple[list[int], l
         if path not in status:
             try:
                 if decode:
-                    cache[path] = np.asarray(load_image(path), dtype=np.uint8)
+                    cache[path] = np.asarray(load_image(path, exif_transpose=exif_transpose), dtype=np.uint8)
                 else:
                     with Image.open(path) as im:
                         im.verify()
@@ -163,13 +164,14 @@ class PairDataset(Dataset):
     transform: TrainTransform
     seed: int = 0
     cache: dict[Path, np.ndarray] = field(default_factory=dict)
+    exif_transpose: bool = True  # False: the official loader (EXIF orientation ignored)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _image(self, path: Path) -> Image.Image:
         arr = self.cache.get(path)
-        return Image.fromarray(arr) if arr is not None else load_image(path)
+        return Image.fromarray(arr) if arr is not None else load_image(path, exif_transpose=self.exif_transpose)
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key

@@ -30,20 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    p.add_argument("--official-loader", action="store_true",
+                   help="load images as the official code does (EXIF orientation ignored; default: upright)")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of R@1 against K here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=eval_command)
 
 
 def _positive(name: str, value: int | None) -> None:
-    from albef.cli import CLIError
+    from albef.cli import UsageError
 
     if value is not None and value < 1:
-        raise CLIError(f"{name} must be >= 1")
+        raise UsageError(f"{name} must be >= 1")
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from albef.cli import CLIError
+    from albef.cli import CLIError, UsageError
 
     for name in ("--k-test", "--batch-size", "--limit", "--threads"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
@@ -52,9 +54,9 @@ def eval_command(args: argparse.Namespace) -> int:
         try:
             ks = [int(k) for k in args.ks.split(",") if k.strip()]
         except ValueError as exc:
-            raise CLIError(f"--ks must be comma-separated integers, not {args.ks!r}") from exc
+            raise UsageError(f"--ks must be comma-separated integers, not {args.ks!r}") from exc
         if not ks or min(ks) < 1:
-            raise CLIError("--ks values must be >= 1")
+            raise UsageError("--ks values must be >= 1")
     if not args.checkpoint.exists():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")
     if not args.data.exists():
@@ -99,6 +101,7 @@ def eval_command(args: argparse.Namespace) -> int:
         args.batch_size,
         args.device,
         progress=not args.no_progress,
+        exif_transpose=not args.official_loader,
     )
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)

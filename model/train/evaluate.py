@@ -91,14 +91,17 @@ def compute_features(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    exif_transpose: bool = True,
 ) -> dict[str, Tensor]:
     """ITC embeddings and unimodal tokens of every image and text (spec 4.3 steps 1-2), float32 tensors.
+    ``exif_transpose=False`` loads images as the official code does (EXIF orientation ignored).
 
     Returns ``image_emb [N, D]``, ``image_tokens [N, T, W]``, ``text_emb [M, D]``, ``text_tokens [M, L, H]``,
     ``text_mask [M, L]`` on ``device``.
     """
     from albef.model.image import preprocess
-    from tqdm import tqdm
+
+    from albef.progress import progress_bar
 
     model = _unwrap(model)
     cfg = model.config
@@ -107,7 +110,7 @@ def compute_features(
         k: [] for k in ("text_emb", "text_tokens", "text_mask", "image_emb", "image_tokens")
     }
     with _EvalMode(model):
-        for start in tqdm(range(0, len(texts), TEXT_CHUNK), desc="text features", disable=not progress):
+        for start in progress_bar(range(0, len(texts), TEXT_CHUNK), desc="text features", enabled=progress):
             ids, mask = tokenizer(list(texts[start : start + TEXT_CHUNK]))
             ids_t, mask_t = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
             emb, tokens = model.encode_text(ids_t, mask_t)
@@ -116,13 +119,14 @@ def compute_features(
             out["text_mask"].append(mask_t)
 
         def load(start: int) -> np.ndarray:
-            return preprocess(images[start : start + batch_size], cfg.vision.image_res, cfg.mean, cfg.std)
+            return preprocess(images[start : start + batch_size], cfg.vision.image_res, cfg.mean, cfg.std,
+                              exif_transpose=exif_transpose)
 
         starts = list(range(0, len(images), batch_size))
         # Decode/resize the next batch (PIL releases the GIL) while the model runs on this one.
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(load, starts[0]) if starts else None
-            for n, _ in enumerate(tqdm(starts, desc="image features", disable=not progress)):
+            for n, _ in enumerate(progress_bar(starts, desc="image features", enabled=progress)):
                 assert pending is not None
                 pixels = pending.result()
                 pending = pool.submit(load, starts[n + 1]) if n + 1 < len(starts) else None
@@ -234,7 +238,7 @@ def score_matrices(
     A pair short-listed in both directions (image i has text t in its top k and t has i in its top k) is
     scored once and written to both matrices: the logit of a pair does not depend on the direction.
     """
-    from tqdm import tqdm
+    from albef.progress import progress_bar
 
     if k_test < 1:
         raise ValueError("k_test must be >= 1")
@@ -253,7 +257,7 @@ def score_matrices(
         pid_t2i = np.arange(n_txt)[:, None] * n_img + cand_t2i
         unique, inverse = np.unique(np.concatenate([pid_i2t.ravel(), pid_t2i.ravel()]), return_inverse=True)
         cache = _kv_cache(model, feats["image_tokens"], batch_size, kv_cache_bytes)
-        with tqdm(total=len(unique), desc="ITM re-rank", unit="pair", disable=not progress) as bar:
+        with progress_bar(total=len(unique), desc="ITM re-rank", unit="pair", enabled=progress) as bar:
             scores = _pair_scores(model, feats, unique // n_img, unique % n_img, cache, batch_size, bar)
         per_entry = scores[inverse]
         i2t = np.full((n_img, n_txt), FILL, dtype=np.float32)
@@ -339,6 +343,7 @@ def evaluate(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    exif_transpose: bool = True,
 ) -> dict[str, Any]:
     """Features, score matrices, recall tables (ITC only and ITC+ITM) and the R@1-vs-K curve.
 
@@ -351,7 +356,8 @@ def evaluate(
     if ks[0] < 1:
         raise ValueError("every K must be >= 1")
     t0 = time.perf_counter()
-    feats = compute_features(model, eval_set.images, eval_set.texts, tokenizer, batch_size, device, progress)
+    feats = compute_features(model, eval_set.images, eval_set.texts, tokenizer, batch_size, device, progress,
+                             exif_transpose=exif_transpose)
     t1 = time.perf_counter()
     full = score_matrices(model, feats, ks[-1], batch_size, progress)
     t2 = time.perf_counter()

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "cache_images": True,  # decode every image once into memory (also detects corrupt files up front)
         "max_tokens": 30,  # 30 for retrieval, 25 in the official pretraining
+        "official_loader": False,  # True: ignore EXIF orientation, as the official loader does
     },
     "augment": {
         "crop_scale": [0.5, 1.0],

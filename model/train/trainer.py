@@ -126,7 +126,8 @@ class Trainer:
         items, problems = load_pairs(d["train"], d["image_root"])
         for p in problems:
             log.warning("skipping bad annotation row", extra=p)
-        good, bad_images, cache = scan_images(items, decode=bool(d["cache_images"]))
+        exif = not d["official_loader"]
+        good, bad_images, cache = scan_images(items, decode=bool(d["cache_images"]), exif_transpose=exif)
         self.problems = problems + bad_images
         items = [items[i] for i in good]
         if not items:
@@ -136,7 +137,8 @@ class Trainer:
         mc = self.model.config
         aug = AugmentConfig.from_dict(self.cfg["augment"])
         transform = TrainTransform(mc.vision.image_res, mc.mean, mc.std, aug)
-        self.dataset = PairDataset(items, idx, transform, seed=int(self.cfg["seed"]), cache=cache)
+        self.dataset = PairDataset(items, idx, transform, seed=int(self.cfg["seed"]), cache=cache,
+                                   exif_transpose=exif)
         log.info("training data", extra={"pairs": len(items), "images": len(set(idx)), "skipped": len(self.problems)})
 
     def _build_model(self) -> None:
@@ -248,8 +250,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
-        from albef.model.train.dataset import ShardedBatches, collate
         from albef.model.precision import require_native
+        from albef.model.train.dataset import ShardedBatches, collate
         from albef.model.train.optim import CosineWarmup, create_optimizer
 
         t = self.cfg["train"]
@@ -303,9 +305,9 @@ class Trainer:
         stop_after = self.cfg["debug"].get("stop_after")
         pbar = None
         if self.rank == 0 and self.progress:
-            from tqdm import tqdm
+            from albef.progress import progress_bar
 
-            pbar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+            pbar = progress_bar(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         acc = _Meter()
         t_start = time.perf_counter()
         t_interval, steps_interval = time.perf_counter(), 0

@@ -12,7 +12,7 @@ router = APIRouter(prefix="/v1", tags=["index"])
 
 
 @router.get("/index", response_model=IndexInfo, responses={503: {"model": ErrorResponse}})
-async def index_info(state: StateDep, reader: ReaderDep) -> Any:
+async def get_index(state: StateDep, reader: ReaderDep) -> Any:
     m = reader.manifest
     bundle = state.bundle
     ann = m.get("ann", {})

@@ -11,5 +11,5 @@ router = APIRouter(tags=["metrics"])
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(m: MetricsDep) -> Response:
+async def get_metrics(m: MetricsDep) -> Response:
     return Response(m.render(), media_type=CONTENT_TYPE_LATEST)
