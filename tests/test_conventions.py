@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -117,6 +116,7 @@ def test_index_build_reports_and_skips_a_refused_format(tiny_bundle: Path, tmp_p
 
 def test_format_names_are_validated() -> None:
     from albef.model.image import DEFAULT_FORMATS, parse_formats
+
     from albef.settings import Settings
 
     assert parse_formats(" jpeg ,PNG") == ("JPEG", "PNG")
@@ -239,8 +239,9 @@ def test_progress_bars_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) ->
 
 # -- package -----------------------------------------------------------------------------------------------
 def test_package_is_typed_and_the_api_declares_its_key_and_operation_ids() -> None:
-    import albef
     from albef.service.app import create_app
+
+    import albef
     from albef.settings import Settings
 
     assert (Path(albef.__file__).parent / "py.typed").is_file()
@@ -251,7 +252,7 @@ def test_package_is_typed_and_the_api_declares_its_key_and_operation_ids() -> No
     ops = {op["operationId"]: (path, op) for path, methods in spec["paths"].items() for op in methods.values()}
     assert {"search_images", "search_texts", "get_item", "get_item_image", "get_index", "get_metrics", "healthz",
             "readyz"} == set(ops)
-    for op_id, (path, op) in ops.items():
+    for op_id, (_path, op) in ops.items():
         assert ("security" in op) == (op_id not in ("healthz", "readyz")), op_id
 
 
