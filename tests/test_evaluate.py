@@ -244,6 +244,13 @@ def test_albef_eval_end_to_end(synth_set: Path, tiny_checkpoint: Path, tmp_path:
         assert set(report[table]) >= {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"}
         assert all(0.0 <= v <= 100.0 for v in report[table].values())
     assert report["k_test"] == 4 and report["r1_vs_k"]["k"] == [1, 2, 4]
+    # synthetic data (scenes.json beside the annotations): the caption-truth metrics come too
+    truth = report["truth"]
+    for table in ("itc", "itm"):
+        assert set(truth[table]) == {"t2i_p1", "t2i_p5", "i2t_p1", "i2t_p5"}
+        assert all(0.0 <= v <= 100.0 for v in truth[table].values())
+    assert truth["swap"]["cases"] > 0 and 0 < truth["swap"]["chance"] <= 50.0
+    assert "caption truth (%)" in text and "swap suite:" in text
     with Image.open(plot) as im:
         assert im.format == "PNG" and im.size[0] > 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r1.png", "report.json"]  # no temp files left

@@ -68,6 +68,7 @@ def eval_command(args: argparse.Namespace) -> int:
     import torch
     from albef.model.checkpoint import CheckpointError
     from albef.model.data.annotations import load_eval_set
+    from albef.model.data.truth import load_truth
     from albef.model.factory import create_model
     from albef.model.text import AlbefTokenizer, default_vocab_path
     from albef.model.train.evaluate import evaluate, format_table, plot_r1_vs_k
@@ -102,6 +103,7 @@ def eval_command(args: argparse.Namespace) -> int:
         args.device,
         progress=not args.no_progress,
         exif_transpose=not args.official_loader,
+        truth=load_truth(args.data, eval_set.images, eval_set.texts),
     )
     report["checkpoint"] = str(args.checkpoint)
     report["data"] = str(args.data)

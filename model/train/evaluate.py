@@ -344,8 +344,10 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = True,
     exif_transpose: bool = True,
+    truth: Any = None,
 ) -> dict[str, Any]:
-    """Features, score matrices, recall tables (ITC only and ITC+ITM) and the R@1-vs-K curve.
+    """Features, score matrices, recall tables (ITC only and ITC+ITM) and the R@1-vs-K curve; with ``truth``
+    (:func:`albef.model.data.truth.load_truth`, synthetic data) also the caption-truth metrics.
 
     The ITM logits are computed once, for the largest K needed; every smaller K (``k_test`` included) is
     derived with :func:`restrict_k`, which gives exactly what a separate run with that K would give.
@@ -390,8 +392,44 @@ def evaluate(
             "total_s": round(time.perf_counter() - t0, 3),
         },
     }
+    if truth is not None:
+        report["truth"] = truth_report(model, feats, restrict_k(full, k_test), truth, eval_set.txt2img,
+                                       batch_size)
     log.info("evaluation done", extra={"k_test": k_test, "r_mean": itm["r_mean"] if itm else None})
     return report
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def truth_report(model: Any, feats: dict[str, Tensor], scores: ScoreMatrices, truth: Any,
+                 txt2img: Sequence[int], batch_size: int = 64) -> dict[str, Any]:
+    """Caption-truth P@1/P@5 of ITC alone and of ITC+ITM (``scores`` at k_test), and the swap suite: ITC
+    cosine against the ITM match logit at picking the one group member a caption is true of
+    (:mod:`albef.model.data.truth`)."""
+    from albef.model.data.truth import swap_cases, swap_suite, truth_precision
+
+    cases = swap_cases(truth, txt2img)
+    t_idx = np.array([t for t, members, _ in cases for _ in members], dtype=np.int64)
+    i_idx = np.array([m for _, members, _ in cases for m in members], dtype=np.int64)
+    model = _unwrap(model)
+    logits = np.empty(0, dtype=np.float32)
+    if len(t_idx):
+        with _EvalMode(model):
+            cache = _kv_cache(model, feats["image_tokens"], batch_size, 2 << 30)
+            logits = _pair_scores(model, feats, t_idx, i_idx, cache, batch_size, _NoBar())
+    itm_of = {(int(t), int(i)): float(v) for t, i, v in zip(t_idx, i_idx, logits, strict=True)}
+    suite = swap_suite(cases, {
+        "itc": lambda t, members: scores.sims[members, t],
+        "itm": lambda t, members: np.array([itm_of[(t, m)] for m in members]),
+    })
+    return {"itc": truth_precision(scores.sims.T, scores.sims, truth),
+            "itm": truth_precision(scores.t2i, scores.i2t, truth), "swap": suite,
+            "metric": "caption-truth precision@K (%): share of the top K the caption is true of, by the "
+                      "generator's scene semantics; swap: accuracy (%) at picking the one group member a "
+                      "caption is true of (false of the others)"}
 
 
 def _pair(s: ScoreMatrices) -> tuple[np.ndarray, np.ndarray]:
@@ -405,6 +443,16 @@ def format_table(report: dict[str, Any]) -> str:
     rows = (("ITC only", report["itc"]), (f"ITC+ITM (k={report['k_test']})", report["itm"]))
     for name, res in rows:
         lines.append(f"{name:<22}" + "".join(f"{res[c]:>9.2f}" for c in cols))
+    if "truth" in report:
+        t = report["truth"]
+        lines.append(f"{'caption truth (%)':<22}{'t2i_p1':>9}{'t2i_p5':>9}{'i2t_p1':>9}{'i2t_p5':>9}{'swap':>9}")
+        for name in ("itc", "itm"):
+            p = t[name]
+            swap = t["swap"][name]
+            lines.append(f"{name.upper():<22}" + "".join(f"{p[c]:>9.2f}" for c in ("t2i_p1", "t2i_p5", "i2t_p1",
+                                                                                  "i2t_p5"))
+                         + (f"{swap:>9.2f}" if swap is not None else f"{'-':>9}"))
+        lines.append(f"swap suite: {t['swap']['cases']} captions, chance {t['swap']['chance']}")
     return "\n".join(lines)
 
 
@@ -433,6 +481,15 @@ def plot_r1_vs_k(report: dict[str, Any], path: str | Path) -> None:
     ax.set_title(f"R@1 vs K ({report['n_images']} images, {report['n_texts']} texts)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    if "truth" in report:  # the caption-truth metrics beside the official ones
+        t = report["truth"]
+        lines = [f"caption-truth P@1 t->i ITC {t['itc']['t2i_p1']:.1f} / ITM {t['itm']['t2i_p1']:.1f}",
+                 f"caption-truth P@1 i->t ITC {t['itc']['i2t_p1']:.1f} / ITM {t['itm']['i2t_p1']:.1f}"]
+        if t["swap"]["cases"]:
+            lines.append(f"swap suite ({t['swap']['cases']}): ITC {t['swap']['itc']:.1f} / ITM "
+                         f"{t['swap']['itm']:.1f} (chance {t['swap']['chance']:.1f})")
+        ax.text(0.02, 0.98, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=7,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
