@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from albef.model.data.synth import Obj, Scene
 from albef.model.data.truth import load_truth, swap_cases, swap_suite, truth_precision, truth_table
 
