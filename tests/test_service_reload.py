@@ -131,13 +131,13 @@ def test_a_version_of_another_bundle_is_refused_and_the_old_one_kept(service_ind
         (v2 / "manifest.json").write_text(json.dumps(manifest))
         set_current(index_dir, "000002")
         deadline = time.monotonic() + 30
-        while "albef_index_reloads_total{result=\"error\"}" not in (m := c.get("/metrics").text):
+        while 'albef_index_reloads_total{result="error"} 1.0' not in (m := c.get("/metrics").text):
             assert time.monotonic() < deadline, "the refused reload was not counted"
             time.sleep(0.05)
         ready = c.get("/readyz").json()
         assert ready["index_version"] == "000001"  # still serving the version of its own bundle
         r = c.post("/v1/search/images", json={"text": "a red circle", "k": 2})
         assert r.status_code == 200 and r.json()["index_version"] == "000001"
-        assert 'albef_index_reloads_total{result="ok"}' not in m
+        assert 'albef_index_reloads_total{result="ok"} 0.0' in m  # labels start at zero; no swap happened
         time.sleep(0.5)  # several polls later: the refused version is not retried
         assert 'albef_index_reloads_total{result="error"} 1.0' in c.get("/metrics").text
