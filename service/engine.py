@@ -43,6 +43,11 @@ def match_probability(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(lg[:, 0] - lg[:, 1], -700, 700)))
 
 
+def itc_order(ids: Sequence[int], itc: Sequence[float]) -> list[int]:
+    """Positions (into ``ids``) in ITC order: score descending, then id ascending."""
+    return sorted(range(len(ids)), key=lambda i: (-float(itc[i]), int(ids[i])))
+
+
 def order_candidates(
     ids: Sequence[int], itc: Sequence[float], itm: Sequence[float] | None, k: int, rerank_k: int
 ) -> list[int]:
@@ -52,15 +57,15 @@ def order_candidates(
     ``len(itm)`` (= min(rerank_k, len(ids))) of them in ITC order, or is None (no re-rank). Ordering:
     re-ranked head by (ITM desc, id asc), then the rest by (ITC desc, id asc).
     """
-    itc_order = sorted(range(len(ids)), key=lambda i: (-float(itc[i]), int(ids[i])))
+    by_itc = itc_order(ids, itc)
     if itm is None:
-        return itc_order[:k]
-    head = itc_order[: min(rerank_k, len(itc_order))]
+        return by_itc[:k]
+    head = by_itc[: min(rerank_k, len(by_itc))]
     if len(itm) != len(head):
         raise ValueError(f"{len(itm)} ITM scores for {len(head)} re-ranked candidates")
     score = {pos: float(s) for pos, s in zip(head, itm, strict=True)}
     head_sorted = sorted(head, key=lambda i: (-score[i], int(ids[i])))
-    return (head_sorted + itc_order[len(head):])[:k]
+    return (head_sorted + by_itc[len(head):])[:k]
 
 
 def public_item(item: dict[str, Any]) -> dict[str, Any]:
@@ -174,6 +179,7 @@ class Stages:
 @dataclass
 class SearchResult:
     ids: list[int]
+    itc_rank: list[int]  # 1-based position of each result in the ITC order of the candidates
     itc: list[float]
     itm: list[float | None]
     prob: list[float | None]
@@ -299,8 +305,8 @@ class SearchEngine:
         logits = np.zeros((0, 2), np.float32)
         if rerank and ids:
             t0 = time.perf_counter()
-            itc_order = sorted(range(len(ids)), key=lambda i: (-itc[i], ids[i]))
-            head_ids = [ids[i] for i in itc_order[:rerank_k]]
+            by_itc = itc_order(ids, itc)
+            head_ids = [ids[i] for i in by_itc[:rerank_k]]
             with timer("features"):
                 feats = await asyncio.to_thread(
                     reader.image_tokens if target == "image" else reader.text_features, head_ids
@@ -312,13 +318,15 @@ class SearchEngine:
                     logits = await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
             itm = [float(x) for x in logits[:, 1]]
             # order_candidates expects ITM scores in ITC order of the head: reorder ids accordingly first.
-            ids = [ids[i] for i in itc_order]
-            itc = [itc[i] for i in itc_order]
+            ids = [ids[i] for i in by_itc]
+            itc = [itc[i] for i in by_itc]
             timings["rerank"] = (time.perf_counter() - t0) * 1000.0
         order = order_candidates(ids, itc, itm, k, rerank_k)
         probs = match_probability(logits) if itm is not None else None
+        itc_rank = {pos: r + 1 for r, pos in enumerate(itc_order(ids, itc))}
         out = SearchResult(
             ids=[ids[p] for p in order],
+            itc_rank=[itc_rank[p] for p in order],
             itc=[itc[p] for p in order],
             itm=[itm[p] if itm is not None and p < len(itm) else None for p in order],
             prob=[float(probs[p]) if probs is not None and p < len(probs) else None for p in order],

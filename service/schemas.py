@@ -74,6 +74,8 @@ class Item(BaseModel):
 class Hit(BaseModel):
     id: int
     rank: int = Field(description="1-based position in the results")
+    itc_rank: int = Field(description="1-based position in the ITC order of the candidates, before re-ranking "
+                          "(rank - itc_rank is how far the ITM head moved it)")
     itc_score: float = Field(description="cosine similarity of the ITC embeddings")
     itm_score: float | None = Field(None, description="ITM logit of class 'match' (None if not re-ranked)")
     match_probability: float | None = Field(None, description="softmax of the two ITM logits, class 'match'")

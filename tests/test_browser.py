@@ -152,6 +152,12 @@ def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prep
     assert page.text_content("#results-title") == f"Images for “{QUERY}”"
     srcs = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => new URL(i.src).pathname)")
     assert srcs == [f"/v1/items/{h['id']}/image" for h in expected["results"]]
+    # The compare view: each re-ranked card shows its ITC rank and the ITM head's move, as the API says.
+    moves = page.eval_on_selector_all("#results article .move",
+                                      "ms => ms.map(m => [Number(m.dataset.itcRank), Number(m.dataset.move)])")
+    assert moves == [[h["itc_rank"], h["itc_rank"] - h["rank"]] for h in expected["results"]]
+    itc_ids = [h["id"] for h in expected_itc["results"]]
+    assert all(itc_ids.index(h["id"]) + 1 == h["itc_rank"] for h in expected["results"] if h["id"] in itc_ids)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "demo-search.png"), full_page=True)
 
@@ -164,6 +170,7 @@ def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prep
     page.wait_for_function("() => document.getElementById('status').textContent.includes('no re-ranking')")
     assert_cards_match(tab.cards(), expected_itc)
     assert page.is_disabled("#rerank-k")
+    assert page.eval_on_selector_all("#results article .move", "ms => ms.length") == 0  # nothing was moved
 
 
 def test_image_upload_and_drop_show_captions(tab: Page, server: Any, gallery: list[Path]) -> None:

@@ -127,6 +127,11 @@ def test_k_beyond_rerank_k_follows_in_itc_order(client: httpx.Client, items) -> 
     # The head is the ITC top 5 re-ordered by ITM; the tail is ITC positions 6..12 in ITC order.
     assert {h["id"] for h in hits[:5]} == {h["id"] for h in itc_only[:5]}
     assert [h["id"] for h in hits[5:]] == [h["id"] for h in itc_only[5:]]
+    # itc_rank: where ITC alone put each result (the compare view); without re-ranking it is the rank itself
+    position = {h["id"]: h["rank"] for h in itc_only}
+    assert [h["itc_rank"] for h in hits] == [position[h["id"]] for h in hits]
+    assert sorted(h["itc_rank"] for h in hits[:5]) == [1, 2, 3, 4, 5]
+    assert all(h["itc_rank"] == h["rank"] for h in itc_only)
 
 
 def test_match_probability_is_softmax_of_itm_logits(client: httpx.Client, items, tiny_bundle: Path,

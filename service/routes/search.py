@@ -46,8 +46,10 @@ def _limits(body: ImageSearchRequest | TextSearchRequest, settings: Settings) ->
 async def _respond(result: SearchResult, reader: Any, engine: Any, k: int, rerank: bool, rerank_k: int) -> SearchResponse:
     items = {it["id"]: it for it in await asyncio.to_thread(reader.items, result.ids)}
     hits = [
-        Hit(id=i, rank=r + 1, itc_score=s, itm_score=m, match_probability=p, metadata=public_item(items[i]))
-        for r, (i, s, m, p) in enumerate(zip(result.ids, result.itc, result.itm, result.prob, strict=True))
+        Hit(id=i, rank=r + 1, itc_rank=c, itc_score=s, itm_score=m, match_probability=p,
+            metadata=public_item(items[i]))
+        for r, (i, c, s, m, p) in enumerate(zip(result.ids, result.itc_rank, result.itc, result.itm, result.prob,
+                                                strict=True))
         if i in items
     ]
     return SearchResponse(results=hits, timings_ms=result.timings_ms, k=k, rerank=rerank, rerank_k=rerank_k,

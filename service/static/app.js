@@ -257,13 +257,27 @@
       d.append(node("dt", null, label), dd);
       dl.append(d);
     }
-    frag.append(prob, dl);
+    if (hit.itm_score !== null && hit.itm_score !== undefined) frag.append(prob, dl, moveBadge(hit));
+    else frag.append(prob, dl);
     return frag;
+  }
+
+  // The compare view: where ITC alone had put this result, and how far the ITM head moved it.
+  function moveBadge(hit) {
+    const moved = hit.itc_rank - hit.rank;
+    const badge = node("p", "move " + (moved > 0 ? "up" : moved < 0 ? "down" : "same"));
+    badge.dataset.move = String(moved);
+    badge.dataset.itcRank = String(hit.itc_rank);
+    badge.title = "position in the ITC order before re-ranking, and the ITM head's move";
+    badge.textContent = `ITC #${hit.itc_rank} → #${hit.rank} `
+      + (moved > 0 ? `▲ ${moved}` : moved < 0 ? `▼ ${-moved}` : "= same");
+    return badge;
   }
 
   function describe(hit) {
     const p = hit.match_probability;
-    return `Rank ${hit.rank}` + (p === null || p === undefined ? "" : `, match ${(100 * p).toFixed(0)}%`)
+    const moved = hit.itm_score === null ? "" : `, ITC rank ${hit.itc_rank}`;
+    return `Rank ${hit.rank}${moved}` + (p === null || p === undefined ? "" : `, match ${(100 * p).toFixed(0)}%`)
       + `, ITC ${fmt(hit.itc_score, 3)}` + (hit.itm_score === null ? "" : `, ITM ${fmt(hit.itm_score, 2)}`);
   }
 
