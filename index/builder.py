@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -767,8 +767,3 @@ def _bytes_per_item(index_dir: Path, tmp: Path, manifest: dict[str, Any]) -> dic
         per["total"] = round((totals[kind] + faiss_b) / n + meta_bytes / n_all, 1)
         out[kind] = per
     return out
-
-
-def options_dict(opts: BuildOptions) -> dict[str, Any]:
-    return asdict(opts)
-

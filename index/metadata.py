@@ -1,7 +1,8 @@
 """Item metadata in SQLite: one ``items`` row per indexed image or text.
 
 Columns: id (int64, unique across both kinds), kind ('image'|'text'), path (absolute local path or URI of
-the image; for a text, the image it captions if any), caption, width, height (original image size),
+the image; for a text, the image it captions if any), caption, width, height (the image's size as seen: after its EXIF orientation, unless built with the
+official loader),
 sha256 (image bytes, or the cleaned caption for texts; unique per kind, so content is indexed once),
 metadata (user JSON), image_id (text -> the image it was paired with), source (the build source), and
 segment/row: where the item's vectors and re-rank features live.
@@ -121,11 +122,6 @@ def items(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, dict[str, A
             item["metadata"] = json.loads(item["metadata"]) if item["metadata"] is not None else None
             out[int(item["id"])] = item
     return out
-
-
-def max_id(conn: sqlite3.Connection) -> int:
-    row = conn.execute("SELECT MAX(id) FROM items").fetchone()
-    return int(row[0]) if row and row[0] is not None else -1
 
 
 def _chunks(seq: list[int], n: int) -> Iterable[list[int]]:
