@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -40,10 +39,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 # Flat search switches to BLAS only from this many queries at once; the faiss default (20) was raised in
 # recent wheels to 128000 (see shared docs/environment.md). Batched queries are much faster with BLAS.
 faiss.cvar.distance_compute_blas_threshold = 20
-# Threads for searches of at most SMALL_QUERY_BATCH queries (service requests); larger batches use all.
+# Searches of at most SMALL_QUERY_BATCH queries (service requests) run on one OpenMP thread unless the caller
+# says otherwise; larger batches use FAISS's default (all cores).
 SMALL_QUERY_BATCH = 8
-SMALL_QUERY_THREADS = int(os.environ.get("ALBEF_FAISS_QUERY_THREADS", "1"))
-_DEFAULT_THREADS = faiss.omp_get_max_threads()
 
 
 def parse_size(text: str | int) -> int:
@@ -180,10 +178,13 @@ def read(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16,
+           threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 [Q,k], ids int64 [Q,k]); ties ordered by id ascending, pads are (-inf, -1).
 
-    A few more than k are fetched so that items tied with the k-th one are all seen before the cut."""
+    A few more than k are fetched so that items tied with the k-th one are all seen before the cut.
+    ``threads``: OpenMP threads for this call (the service passes ``ALBEF_FAISS_THREADS``); None = 1 for a
+    handful of queries, FAISS's default for batches. The calling thread's setting is restored afterwards."""
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     nq = q.shape[0]
     if k <= 0:
@@ -194,14 +195,17 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16
     if total == 0 or nq == 0:
         return out_s, out_i
     kk = min(total, k + tie_margin)
-    if nq <= SMALL_QUERY_BATCH:
+    if threads is None and nq <= SMALL_QUERY_BATCH:
         # OpenMP over a handful of queries costs more than it gains when the cores are busy (measured: a
-        # single Flat query 5x slower with 2 threads on 2 loaded cores). The setting is per calling thread.
-        faiss.omp_set_num_threads(SMALL_QUERY_THREADS)
+        # single Flat query 5x slower with 2 threads on 2 loaded cores).
+        threads = 1
+    if threads is not None:
+        before = faiss.omp_get_max_threads()  # the setting is per calling thread: put it back as it was
+        faiss.omp_set_num_threads(int(threads))
         try:
             scores, ids = index.search(q, kk)
         finally:
-            faiss.omp_set_num_threads(_DEFAULT_THREADS)
+            faiss.omp_set_num_threads(before)
     else:
         scores, ids = index.search(q, kk)
     valid = ids >= 0

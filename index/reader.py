@@ -53,8 +53,10 @@ _KINDS = ("image", "text")
 
 
 class IndexReader:
-    def __init__(self, index_dir: Path, version: str, manifest: dict[str, Any], encoder: Any | None = None) -> None:
+    def __init__(self, index_dir: Path, version: str, manifest: dict[str, Any], encoder: Any | None = None,
+                 search_threads: int | None = None) -> None:
         self.index_dir = index_dir
+        self.search_threads = search_threads  # OpenMP threads per FAISS search (None: albef.index.ann's default)
         self.version = version
         self.manifest = manifest
         self.encoder = encoder
@@ -75,7 +77,7 @@ class IndexReader:
 
     @classmethod
     def open(cls, index_dir: str | Path, *, bundle_id: str | None = None, version: str | None = None,
-             encoder: Any | None = None) -> IndexReader:
+             encoder: Any | None = None, search_threads: int | None = None) -> IndexReader:
         index_dir = Path(index_dir)
         vdir = layout.version_path(index_dir, version)
         manifest = layout.read_manifest(vdir)
@@ -86,7 +88,7 @@ class IndexReader:
                 f"index {index_dir} (version {vdir.name}) was built with model bundle "
                 f"{str(manifest.get('bundle_id'))[:16]}..., not {bundle_id[:16]}...; rebuild the index with this bundle"
             )
-        return cls(index_dir, vdir.name, manifest, encoder)
+        return cls(index_dir, vdir.name, manifest, encoder, search_threads)
 
     # -- counts and search -------------------------------------------------------------------------------
     def count(self, kind: Kind) -> int:
@@ -105,7 +107,7 @@ class IndexReader:
         index = self._indexes.get(kind)
         if index is None:
             return (np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64))
-        return ann.search(index, q, int(k))
+        return ann.search(index, q, int(k), threads=self.search_threads)
 
     # -- per-item arrays -----------------------------------------------------------------------------------
     def _segment(self, name: str) -> Segment:

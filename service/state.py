@@ -157,9 +157,6 @@ class ServiceState:
         from albef.cpu import cpu_info
 
         s = self.settings
-        import faiss
-
-        faiss.omp_set_num_threads(s.faiss_threads)
         if self.bundle is None:
             path = bundle_path_for(index_dir, s.bundle)
             self.bundle = Bundle.load(path, variant=s.variant, intra_op_threads=s.threads, eager=True)
@@ -167,7 +164,8 @@ class ServiceState:
             log.info("bundle loaded", extra={"bundle": str(path), "bundle_id": self.bundle.bundle_id,
                                              "variant": s.variant, "cpu": cpu_info(),
                                              **self.bundle.validation_summary()})
-        reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, encoder=self.bundle)
+        reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, encoder=self.bundle,
+                                  search_threads=s.faiss_threads)
         if self.stages is None:
             self.stages = Stages(
                 self.bundle, batch_max_size=s.batch_max_size, batch_max_wait_ms=s.batch_max_wait_ms,
@@ -202,7 +200,7 @@ class ServiceState:
             return None  # a refused version is not retried (nor logged again) until the pointer moves on
         try:
             reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, version=version,
-                                      encoder=self.bundle)
+                                      encoder=self.bundle, search_threads=self.settings.faiss_threads)
         except Exception:  # noqa: BLE001 - keep serving the old version
             self._refused_version = version
             self.metrics.reloads.labels(result="error").inc()

@@ -7,6 +7,8 @@ import pytest
 from albef.index import ann
 from albef.index.errors import IndexError_
 
+from tests.service_fixtures import service_index, service_synth  # noqa: F401 - fixtures
+
 
 def clustered(n: int, d: int = 32, clusters: int = 50, noise: float = 0.35, seed: int = 0) -> np.ndarray:
     """Normalised vectors around random centres: the structure real embeddings have (unlike uniform noise)."""
@@ -96,3 +98,41 @@ def test_bad_factory_and_too_few_training_vectors() -> None:
         ann.build(x, np.arange(50), "NotAnIndex")
     with pytest.raises(IndexError_, match="needs at least 256 training vectors"):
         ann.build(x, np.arange(50), "IVF256,Flat")
+
+
+def test_search_threads_are_the_callers_and_restored_after() -> None:
+    """A search runs with the threads it is given (the service passes ALBEF_FAISS_THREADS) and leaves the
+    calling thread's OpenMP setting as it found it (it used to reset it to the import-time default)."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)  # unit vectors: each is its own nearest neighbour
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    index.add_with_ids(x, np.arange(200, dtype=np.int64))
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(3)
+        s1, i1 = ann.search(index, x[:2], 5, threads=2)
+        assert faiss.omp_get_max_threads() == 3
+        s2, i2 = ann.search(index, x[:2], 5)  # a handful of queries: one thread by default
+        assert faiss.omp_get_max_threads() == 3
+        s3, i3 = ann.search(index, x[:50], 5)  # a batch: the caller's setting
+        assert faiss.omp_get_max_threads() == 3
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert np.array_equal(i1, i2) and np.array_equal(i1, i3[:2]) and (i1[:, 0] == [0, 1]).all()
+
+
+def test_reader_searches_with_the_services_faiss_threads(service_index) -> None:  # noqa: F811
+    from albef.index.reader import IndexReader
+    from albef.service.metrics import Metrics
+    from albef.service.state import ServiceState
+
+    from tests.service_fixtures import settings
+
+    with IndexReader.open(service_index, search_threads=2) as r:
+        assert r.search_threads == 2
+    state = ServiceState(settings(service_index, faiss_threads=2), Metrics())
+    assert state.try_load() and state.reader.search_threads == 2
+    state.close()
