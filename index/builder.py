@@ -43,9 +43,6 @@ from albef.model.image import DEFAULT_FORMATS
 log = logging.getLogger(__name__)
 
 KINDS = ("image", "text")
-# Seconds to sleep after each committed shard; only for the crash/resume tests, which must kill a build
-# while it is between shards.
-_SHARD_SLEEP_ENV = "ALBEF_INDEX_TEST_SHARD_SLEEP"
 
 
 class Encoder(Protocol):
@@ -350,7 +347,7 @@ _END = object()
 
 
 def _encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions,
-                   known: dict[str, int], bar: Any, sleep: float) -> None:
+                   known: dict[str, int], bar: Any) -> None:
     images = plan["images"]
     seen: dict[str, int] = {}  # sha -> plan index of the first occurrence in this build
     pending: list[int] = []
@@ -405,8 +402,6 @@ def _encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Buil
                                     else np.zeros((0, n_tok), np.float32))
             _save_npz(_shard_path(wdir, "image", shard), arrays)
             bar.update(len(state["errors"]) + len(state["dups"]))
-            if sleep:
-                time.sleep(sleep)
 
         for shard, idx, res in stream:
             if shard != cur:
@@ -432,8 +427,7 @@ def _encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Buil
             commit(cur)
 
 
-def _encode_texts(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions, bar: Any,
-                  sleep: float) -> None:
+def _encode_texts(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions, bar: Any) -> None:
     texts = plan["texts"]
     for s in range(plan["n_text_shards"]):
         p = _shard_path(wdir, "text", s)
@@ -456,8 +450,6 @@ def _encode_texts(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Build
         if toks:
             arrays["tokens"] = np.concatenate(toks)
         _save_npz(p, arrays)
-        if sleep:
-            time.sleep(sleep)
 
 
 def _encode_and_publish(index_dir: Path, bundle: Encoder, sources: Sequence[str | Path], opts: BuildOptions,
@@ -480,14 +472,13 @@ def _encode_and_publish(index_dir: Path, bundle: Encoder, sources: Sequence[str 
             conn.close()
     n_img, n_txt = len(plan["images"]), len(plan["texts"])
     done = _items_done(wdir, plan, opts)
-    sleep = float(os.environ.get(_SHARD_SLEEP_ENV, "0") or 0)
     log.info("encoding", extra={"index": str(index_dir), "images": n_img, "texts": n_txt, "already_done": done,
                                 "resumed": resumed})
     t_enc = time.perf_counter()
     with progress_bar(total=n_img + n_txt, initial=done, unit="item", desc="encode", dynamic_ncols=True,
                       enabled=opts.progress, smoothing=0.1) as bar:
-        _encode_images(wdir, plan, bundle, opts, known, bar, sleep)
-        _encode_texts(wdir, plan, bundle, opts, bar, sleep)
+        _encode_images(wdir, plan, bundle, opts, known, bar)
+        _encode_texts(wdir, plan, bundle, opts, bar)
     enc_s = time.perf_counter() - t_enc
     encoded_now = n_img + n_txt - done
     result = _publish_build(index_dir, wdir, plan, bundle, opts, base, base_dir, base_manifest, t0,

@@ -25,6 +25,7 @@ from tests.index_fixtures import (  # noqa: F401 - fixtures
 )
 
 N_IMAGES = 24
+SLOW_SHARDS = Path(__file__).resolve().parent / "slow_shards.py"  # albef with a pause after each shard
 ARGS = ["--shard-size", "3", "--text-shard-size", "4", "--batch-size", "2", "--workers", "2", "--threads", "1",
         "--no-progress"]
 
@@ -37,10 +38,9 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_
     builder.build(ref, index_bundle, [src], BuildOptions(shard_size=3, text_shard_size=4, batch_size=2, workers=2,
                                                          progress=False))
     out = tmp_path / "crashed"
-    cmd = [sys.executable, "-m", "albef", "index", "build", "--model", str(index_bundle_dir), "--out", str(out),
-           *ARGS, str(src)]
-    env = {**os.environ, "ALBEF_INDEX_TEST_SHARD_SLEEP": "0.4"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, str(SLOW_SHARDS), "0.4", "index", "build", "--model", str(index_bundle_dir),
+           "--out", str(out), *ARGS, str(src)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = out / "work" / "pending" / "shards"
     try:
         deadline = time.monotonic() + 120

@@ -41,9 +41,9 @@ def kill_add_at(index_dir: Path, bundle: Path, src: Path, point: str, rng: rando
     """Run ``albef index add`` in a child process and SIGKILL it at ``point``: "early" (a random moment in
     the first second: imports, plan), "shards" (after a random number of committed shards), "publish" (as
     soon as the new version's temporary folder appears). Returns where it really died."""
-    cmd = [sys.executable, "-m", "albef", "index", "add", "--index", str(index_dir), "--model", str(bundle),
-           *OPTS, *(["--resume"] if resume else []), str(src)]
-    env = {**os.environ, "ALBEF_INDEX_TEST_SHARD_SLEEP": "0.15", "ALBEF_LOG_LEVEL": "WARNING"}
+    cmd = [sys.executable, str(REPO / "tests" / "slow_shards.py"), "0.15", "index", "add", "--index",
+           str(index_dir), "--model", str(bundle), *OPTS, *(["--resume"] if resume else []), str(src)]
+    env = {**os.environ, "ALBEF_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = index_dir / "work" / "pending" / "shards"
     versions = index_dir / "versions"
