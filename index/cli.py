@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from albef.errors import CLIError, UsageError
+
 # The same list as albef.model.image.DEFAULT_FORMATS (not imported here: registration stays import-light;
 # tests/test_cli_conventions.py checks that the two agree).
 FORMATS_HELP = "JPEG,PNG,WEBP,GIF,BMP,TIFF"
@@ -103,7 +105,6 @@ def _options(args: argparse.Namespace) -> Any:
 def _load_bundle(path: Path, args: argparse.Namespace) -> Any:
     from albef.model.runtime import Bundle, BundleError
 
-    from albef.cli import CLIError
 
     try:
         return Bundle.load(path, variant=args.variant, intra_op_threads=args.threads)
@@ -114,7 +115,6 @@ def _load_bundle(path: Path, args: argparse.Namespace) -> Any:
 def _run(fn: Any, *a: Any, **kw: Any) -> Any:
     from albef.index.errors import IndexError_
 
-    from albef.cli import CLIError, UsageError
 
     try:
         return fn(*a, **kw)
@@ -158,7 +158,6 @@ def _summary(result: Any) -> str:
 def build_command(args: argparse.Namespace) -> int:
     from albef.index import builder
 
-    from albef.cli import UsageError
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
@@ -172,7 +171,6 @@ def build_command(args: argparse.Namespace) -> int:
 def add_command(args: argparse.Namespace) -> int:
     from albef.index import builder, layout
 
-    from albef.cli import CLIError, UsageError
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
@@ -195,7 +193,6 @@ def add_command(args: argparse.Namespace) -> int:
 def delete_command(args: argparse.Namespace) -> int:
     from albef.index import builder
 
-    from albef.cli import UsageError
 
     try:
         ids = [int(x) for x in args.ids.replace(" ", "").split(",") if x]
@@ -216,7 +213,6 @@ def delete_command(args: argparse.Namespace) -> int:
 def info_command(args: argparse.Namespace) -> int:
     from albef.index import layout
 
-    from albef.cli import CLIError
 
     try:
         vdir = layout.version_path(args.index_dir, args.at)

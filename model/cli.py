@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from albef.errors import CLIError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an official ALBEF .pth into this project's format")
@@ -29,7 +31,6 @@ def convert_command(args: argparse.Namespace) -> int:
     from albef.model.checkpoint import CheckpointError, save_albef
     from albef.model.factory import create_model
 
-    from albef.cli import CLIError
 
     if not args.checkpoint.is_file():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")
@@ -72,7 +73,6 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
 def info_command(args: argparse.Namespace) -> int:
     from albef.model.checkpoint import CheckpointError
 
-    from albef.cli import CLIError
 
     if not args.checkpoint.exists():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")

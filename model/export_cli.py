@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from albef.errors import CLIError, UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a checkpoint to an ONNX model bundle for the torch-free runtime")
@@ -29,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from albef.cli import CLIError, UsageError
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     allowed = ("fp32", "int8", "bf16")

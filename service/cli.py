@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from albef.errors import CLIError, UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the search REST service (FastAPI on uvicorn)",
@@ -23,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _check(settings: object) -> None:
     """Fail fast, with one line, on what cannot work; a folder without a version yet is waited for."""
-    from albef.cli import CLIError, UsageError
 
     index_dir = getattr(settings, "index_dir", None)
     if index_dir is None:
@@ -67,7 +68,6 @@ def cli_settings(**overrides: object) -> Any:
     """The settings with the command line's overrides; an invalid value is a one-line CLI error."""
     from pydantic import ValidationError
 
-    from albef.cli import UsageError
     from albef.settings import get_settings
 
     try:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from albef.errors import CLIError, UsageError
+
 if TYPE_CHECKING:
     from albef.service.demo import DemoResult
 
@@ -45,7 +47,6 @@ def demo_command(args: argparse.Namespace) -> int:
 
     from albef.service.demo import DEMO_SYNTH, DemoError, prepare
 
-    from albef.cli import CLIError, UsageError
 
     # The numbered progress lines and tqdm bars are the demo's output; JSON info logs would drown them
     # (ALBEF_LOG_LEVEL=INFO brings them back).

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from albef.errors import CLIError, UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="datasets: generate the synthetic benchmark, check annotation files")
@@ -33,7 +35,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def synth_command(args: argparse.Namespace) -> int:
     from albef.model.data.synth import generate
 
-    from albef.cli import CLIError, UsageError
 
     if args.images < 1:
         raise UsageError("--images must be >= 1")
@@ -58,7 +59,6 @@ def synth_command(args: argparse.Namespace) -> int:
 def check_command(args: argparse.Namespace) -> int:
     from albef.model.data.annotations import load_eval_set, load_pairs
 
-    from albef.cli import CLIError, UsageError
 
     try:
         if args.eval:

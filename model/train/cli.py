@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from albef.errors import CLIError, UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -38,7 +40,6 @@ def recipe_path(name: str) -> Path:
 def train_command(args: argparse.Namespace) -> int:
     from albef.model.train.settings import ConfigError, load_config
 
-    from albef.cli import CLIError, UsageError
 
     path = recipe_path(args.config)
     try:

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from albef.errors import CLIError, UsageError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -38,14 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _positive(name: str, value: int | None) -> None:
-    from albef.cli import UsageError
 
     if value is not None and value < 1:
         raise UsageError(f"{name} must be >= 1")
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from albef.cli import CLIError, UsageError
 
     for name in ("--k-test", "--batch-size", "--limit", "--threads"):
         _positive(name, getattr(args, name[2:].replace("-", "_")))
