@@ -42,6 +42,8 @@ faiss.cvar.distance_compute_blas_threshold = 20
 # Searches of at most SMALL_QUERY_BATCH queries (service requests) run on one OpenMP thread unless the caller
 # says otherwise; larger batches use FAISS's default (all cores).
 SMALL_QUERY_BATCH = 8
+# The memory budget of each FAISS index when neither the command nor the index's manifest names one.
+DEFAULT_MAX_MEMORY = "4G"
 
 
 def parse_size(text: str | int) -> int:
@@ -85,7 +87,7 @@ def estimate_bytes(factory: str, n: int, d: int) -> int:
     return n * (4 * d + IDMAP_BYTES)
 
 
-def choose(n: int, d: int, max_memory: int | str = "4G", flat_below: int = FLAT_BELOW) -> Choice:
+def choose(n: int, d: int, max_memory: int | str = DEFAULT_MAX_MEMORY, flat_below: int = FLAT_BELOW) -> Choice:
     budget = parse_size(max_memory)
     if n < flat_below and estimate_bytes("Flat", n, d) <= budget:
         return Choice("Flat", f"{n} < {flat_below} vectors: exact search", estimate_bytes("Flat", n, d))

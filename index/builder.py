@@ -71,7 +71,7 @@ class BuildOptions:
     token_dtype: str = "fp16"  # image token features: fp16 | int8
     text_features: str = "tokens"  # text re-rank features: tokens (fp16) | ids (re-encoded at query time)
     factory: str | None = None  # FAISS factory string; None = choose under max_memory
-    max_memory: str = "4G"
+    max_memory: str | None = None  # None: the index's recorded budget (add), else ann.DEFAULT_MAX_MEMORY
     flat_below: int = ann.FLAT_BELOW
     target_recall: float = 0.95
     keep_versions: int = 5
@@ -88,7 +88,8 @@ class BuildOptions:
         for name in ("batch_size", "text_batch_size", "shard_size", "text_shard_size", "workers", "keep_versions"):
             if int(getattr(self, name)) < 1:
                 raise IndexError_(f"{name} must be at least 1")
-        ann.parse_size(self.max_memory)
+        if self.max_memory is not None:
+            ann.parse_size(self.max_memory)
 
     def plan_key(self) -> dict[str, Any]:
         """Options that change the result: a resumed build must use the same ones."""
@@ -113,6 +114,7 @@ def build(index_dir: str | Path, bundle: Encoder, sources: Sequence[str | Path],
           *, resume: bool = False, restart: bool = False) -> Result:
     """Build a new index in ``index_dir`` (which must not hold one yet) from ``sources``."""
     opts = options or BuildOptions()
+    opts.max_memory = opts.max_memory or ann.DEFAULT_MAX_MEMORY
     opts.check()
     index_dir = Path(index_dir)
     if layout.current_version(index_dir) is not None:
@@ -136,6 +138,8 @@ def add(index_dir: str | Path, bundle: Encoder, sources: Sequence[str | Path], o
         # Feature layout is a property of the index: later segments follow the first one.
         opts.token_dtype = manifest["features"]["token_dtype"]
         opts.text_features = manifest["features"]["text_features"]
+        # The budget the index was built under, unless this command names another.
+        opts.max_memory = opts.max_memory or manifest.get("max_memory") or ann.DEFAULT_MAX_MEMORY
         opts.check()
         return _encode_and_publish(index_dir, bundle, sources, opts, base=base, resume=resume, restart=restart)
 
@@ -173,7 +177,7 @@ def delete(index_dir: str | Path, ids: Sequence[int], *, keep_versions: int | No
             conn.commit()
             removed = {k: np.array([i for i in ids if found[i] == k], dtype=np.int64) for k in KINDS}
             opts = BuildOptions(keep_versions=keep_versions or manifest.get("keep_versions", 5),
-                                max_memory=max_memory or manifest.get("max_memory", "4G"))
+                                max_memory=max_memory or manifest.get("max_memory") or ann.DEFAULT_MAX_MEMORY)
             report = {"operation": "delete", "deleted": {k: v.tolist() for k, v in removed.items()}, "seconds": {}}
             new_manifest = _publish_version(index_dir, tmp, version, conn, manifest, base_dir, opts,
                                             segments=list(manifest["segments"]), new={}, removed=removed,

@@ -45,7 +45,9 @@ def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None
                             "at query time). Default tokens")
     g.add_argument("--factory", default=None, help='FAISS factory string, e.g. "IVF256,PQ32" or "HNSW32" '
                                                    "(default: chosen under --max-memory)")
-    g.add_argument("--max-memory", default="4G", help="memory budget of each FAISS index (default 4G)")
+    g.add_argument("--max-memory", default=None,
+                   help="memory budget of each FAISS index (default: for add, the budget the index was built "
+                        "under; for build, 4G)")
     g.add_argument("--flat-below", type=int, default=50_000, help="exact search below this many vectors")
     g.add_argument("--target-recall", type=float, default=0.95, help="ANN recall@10 the search settings aim for")
     g.add_argument("--keep-versions", type=int, default=5, help="index versions to keep (default 5)")

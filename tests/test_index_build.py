@@ -320,3 +320,18 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_add_and_delete_keep_the_recorded_memory_budget(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:  # noqa: F811
+    out = tmp_path / "ix"
+    builder.build(out, index_bundle, [sources["txt"]], BuildOptions(**OPTS, max_memory="64M"))
+    builder.add(out, index_bundle, [sources["folder"]], BuildOptions(**OPTS))  # no budget given: the recorded one
+    assert layout.read_manifest(layout.version_path(out))["max_memory"] == "64M"
+    first_text = min(it["id"] for it in IndexReader.open(out).items(range(3)) if it["kind"] == "text")
+    builder.delete(out, [first_text])
+    assert layout.read_manifest(layout.version_path(out))["max_memory"] == "64M"
+    builder.add(out, index_bundle, [sources["csv"]], BuildOptions(**OPTS, max_memory="128M"))  # named: that one
+    assert layout.read_manifest(layout.version_path(out))["max_memory"] == "128M"
+    fresh = tmp_path / "fresh"
+    builder.build(fresh, index_bundle, [sources["txt"]], BuildOptions(**OPTS))
+    assert layout.read_manifest(layout.version_path(fresh))["max_memory"] == "4G"
