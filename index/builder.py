@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from albef.index import ann, layout, metadata
-from albef.index.errors import IndexError_, IndexMismatchError, IndexNotFoundError, ResumeError, SourceError
+from albef.index.errors import IndexError_, IndexNotFoundError, ResumeError, SourceError
 from albef.index.features import TEXT_FEATURES, TOKEN_DTYPES, Segment, SegmentWriter, encode_tokens
 from albef.index.sources import read_sources
 from albef.model.image import DEFAULT_FORMATS
@@ -134,7 +134,7 @@ def add(index_dir: str | Path, bundle: Encoder, sources: Sequence[str | Path], o
         if base is None:
             raise IndexNotFoundError(f"no index in {index_dir}; create one with `albef index build`")
         manifest = layout.read_manifest(layout.version_path(index_dir, base))
-        check_bundle(manifest, bundle.bundle_id, index_dir)
+        layout.check_bundle(manifest, bundle.bundle_id, index_dir)
         # Feature layout is a property of the index: later segments follow the first one.
         opts.token_dtype = manifest["features"]["token_dtype"]
         opts.text_features = manifest["features"]["text_features"]
@@ -188,14 +188,6 @@ def delete(index_dir: str | Path, ids: Sequence[int], *, keep_versions: int | No
             raise
         layout.prune(index_dir, opts.keep_versions)
         return Result(version, index_dir, new_manifest, report)
-
-
-def check_bundle(manifest: dict[str, Any], bundle_id: str | None, index_dir: Path | str) -> None:
-    if bundle_id is not None and manifest.get("bundle_id") != bundle_id:
-        raise IndexMismatchError(
-            f"index {index_dir} was built with model bundle {str(manifest.get('bundle_id'))[:16]}..., "
-            f"not {bundle_id[:16]}... (embeddings of different models are not comparable; rebuild the index)"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------

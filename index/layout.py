@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from albef.index.errors import IndexLockedError, IndexNotFoundError
+from albef.index.errors import IndexLockedError, IndexMismatchError, IndexNotFoundError
 
 FORMAT_VERSION = 1
 _VERSION_RE = re.compile(r"^\d{6}$")
@@ -201,3 +201,15 @@ def gc_segments(index_dir: Path) -> list[str]:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
+
+
+def check_bundle(manifest: dict[str, Any], bundle_id: str | None, where: Path | str) -> None:
+    """The one bundle-mismatch rule: an index version answers only to the bundle it was built with
+    (embeddings of different models are not comparable). ``where`` names the index (and version) in the error."""
+    built_with = str(manifest.get("bundle_id"))
+    if bundle_id is not None and built_with != bundle_id:
+        raise IndexMismatchError(
+            f"index {where} was built with model bundle {built_with[:16]}..., not {bundle_id[:16]}... "
+            "(embeddings of different models are not comparable): rebuild the index with this bundle, or use "
+            "the one it was built with"
+        )

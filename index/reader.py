@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 from albef.index import ann, layout, metadata
-from albef.index.errors import IndexFormatError, IndexMismatchError
+from albef.index.errors import IndexFormatError
 from albef.index.features import Segment
 from albef.index.layout import current_version
 
@@ -83,11 +83,7 @@ class IndexReader:
         manifest = layout.read_manifest(vdir)
         if manifest.get("format") != "albef-index":
             raise IndexFormatError(f"{vdir}: not an albef index manifest")
-        if bundle_id is not None and manifest.get("bundle_id") != bundle_id:
-            raise IndexMismatchError(
-                f"index {index_dir} (version {vdir.name}) was built with model bundle "
-                f"{str(manifest.get('bundle_id'))[:16]}..., not {bundle_id[:16]}...; rebuild the index with this bundle"
-            )
+        layout.check_bundle(manifest, bundle_id, f"{index_dir} (version {vdir.name})")
         return cls(index_dir, vdir.name, manifest, encoder, search_threads)
 
     # -- counts and search -------------------------------------------------------------------------------

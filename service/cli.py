@@ -42,14 +42,14 @@ def _check(settings: object) -> None:
         except BundleError as exc:
             raise CLIError(str(exc)) from exc
         if current_version(index_dir) is not None:
-            from albef.index.layout import read_manifest as read_index_manifest
-            from albef.index.layout import version_path
+            from albef.index import layout
+            from albef.index.errors import IndexMismatchError
 
-            built_with = read_index_manifest(version_path(Path(index_dir))).get("bundle_id")
-            if built_with != manifest.get("bundle_id"):
-                raise CLIError(f"the index in {index_dir} was built with model bundle {str(built_with)[:16]}..., "
-                               f"not {str(manifest.get('bundle_id'))[:16]}... ({bundle}); rebuild the index or "
-                               "serve it with its own bundle")
+            try:
+                layout.check_bundle(layout.read_manifest(layout.version_path(Path(index_dir))),
+                                    manifest.get("bundle_id"), index_dir)
+            except IndexMismatchError as exc:
+                raise CLIError(f"{exc} (--model {bundle})") from exc
     elif current_version(index_dir) is not None:
         from albef.service.state import bundle_path_for
 
