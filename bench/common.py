@@ -7,13 +7,13 @@ file atomically (a temp name, then a rename), so a killed benchmark never leaves
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+from albef import atomic
 from albef.cpu import cpu_info
 
 
@@ -29,6 +29,4 @@ def write_result(path: Path, result: dict[str, Any]) -> None:
     out = {**result, "cpu": machine()}
     out.setdefault("command", " ".join(["python", *sys.argv]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, out)

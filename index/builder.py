@@ -40,6 +40,8 @@ from albef.index.features import TEXT_FEATURES, TOKEN_DTYPES, Segment, SegmentWr
 from albef.index.sources import read_sources
 from albef.model.image import DEFAULT_FORMATS
 
+from albef import atomic
+
 log = logging.getLogger(__name__)
 
 KINDS = ("image", "text")
@@ -289,12 +291,8 @@ def _shard_path(wdir: Path, kind: str, i: int) -> Path:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic.writing(path) as fh:
         np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _read_image(path: str, bundle: Encoder, opts: BuildOptions) -> dict[str, Any]:
@@ -574,7 +572,7 @@ def _publish_build(index_dir: Path, wdir: Path, plan: dict[str, Any], bundle: En
                          "source": t["source"], "segment": seg_name, "row": row})
         metadata.insert(conn, rows)
         conn.commit()
-        os.replace(seg_tmp, layout.segments_dir(index_dir) / seg_name)
+        atomic.publish_dir(seg_tmp, layout.segments_dir(index_dir) / seg_name)
         new = {
             "image": (np.array([k["id"] for k in kept], dtype=np.int64),
                       np.concatenate(new_vecs["image"]) if new_vecs["image"] else None),
@@ -671,10 +669,7 @@ def _publish_version(index_dir: Path, tmp: Path, version: str, conn: Any, parent
     manifest["report"] = {k: report[k] for k in ("operation",) if k in report}
     layout.write_json_atomic(tmp / "report.json", report)
     layout.write_json_atomic(tmp / "manifest.json", manifest)
-    layout.fsync_dir(tmp)
-    final = layout.versions_dir(index_dir) / version
-    os.replace(tmp, final)
-    layout.fsync_dir(final.parent)
+    atomic.publish_dir(tmp, layout.versions_dir(index_dir) / version)
     layout.set_current(index_dir, version)
     log.info("published", extra={"index": str(index_dir), "version": version, "operation": operation, **counts})
     return manifest

@@ -23,15 +23,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from albef.index.errors import IndexLockedError, IndexMismatchError, IndexNotFoundError
+
+from albef import atomic
 
 FORMAT_VERSION = 1
 _VERSION_RE = re.compile(r"^\d{6}$")
@@ -93,57 +93,13 @@ def read_manifest(version_dir: Path) -> dict[str, Any]:
     return json.loads((Path(version_dir) / "manifest.json").read_text())
 
 
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and os.replace."""
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    import numpy as np
-
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+    atomic.write_json(path, obj, sort_keys=True)
 
 
 def set_current(index_dir: Path, version: str) -> None:
-    """Move the pointer: write ``current.tmp`` then os.replace (atomic on POSIX)."""
-    index_dir = Path(index_dir)
-    tmp = index_dir / "current.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(version + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, index_dir / "current")
-    fsync_dir(index_dir)
+    """Move the pointer (an atomic replace of the small ``current`` file)."""
+    atomic.write_text(Path(index_dir) / "current", version + "\n")
 
 
 @contextlib.contextmanager

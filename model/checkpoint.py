@@ -169,12 +169,12 @@ def save_albef(
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "source": source or {},
     }
+    from albef import atomic
+
     tmp_w = out / (WEIGHTS_FILE + ".tmp")
-    tmp_c = out / (CONFIG_FILE + ".tmp")
     save_file(state, str(tmp_w), metadata={"format": FORMAT})
-    tmp_c.write_text(json.dumps(meta, indent=2))
-    tmp_w.replace(out / WEIGHTS_FILE)
-    tmp_c.replace(out / CONFIG_FILE)
+    atomic.replace(tmp_w, out / WEIGHTS_FILE)
+    atomic.write_text(out / CONFIG_FILE, json.dumps(meta, indent=2))
     return out
 
 

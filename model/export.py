@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import tempfile
@@ -53,6 +52,7 @@ from albef.model.runtime import (
 from albef.model.text import AlbefTokenizer, default_vocab_path
 from torch import Tensor, nn
 
+from albef import atomic
 from albef.cpu import cpu_info
 
 log = logging.getLogger(__name__)
@@ -397,9 +397,7 @@ def library_versions() -> dict[str, str | None]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, data)
 
 
 def write_manifest(out: Path, base: dict[str, Any]) -> dict[str, Any]:
@@ -621,16 +619,10 @@ def _drop_failed_int8(tmp: Path, base: dict[str, Any]) -> None:
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     """Rename the finished bundle into place; an old bundle is moved aside first and removed after."""
-    if out.exists():
-        if not overwrite:
-            raise ExportError(f"{out} exists (use overwrite/--force to replace it)")
-        old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-        os.rmdir(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+    try:
+        atomic.publish_dir(tmp, out, replace_existing=overwrite)
+    except FileExistsError as exc:
+        raise ExportError(f"{out} exists (use overwrite/--force to replace it)") from exc
 
 
 def io_description(model: ALBEF) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from albef import __version__
+from albef import __version__, atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,7 @@ def _read_stamp(cache: Path) -> dict[str, Any]:
 
 
 def _write_stamp(cache: Path, stamp: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{STAMP_FILE}.", suffix=".tmp", dir=cache)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(stamp, fh, indent=2, sort_keys=True)
-    os.replace(tmp, cache / STAMP_FILE)
+    atomic.write_json(cache / STAMP_FILE, stamp, sort_keys=True)
 
 
 @contextlib.contextmanager
@@ -159,14 +156,7 @@ def _cache_lock(cache: Path) -> Iterator[None]:
 
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished ``tmp`` folder to ``final``; an old ``final`` is moved aside first, then removed."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    atomic.publish_dir(tmp, final, replace_existing=True)
 
 
 def _clean_stale(cache: Path) -> None:

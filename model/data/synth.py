@@ -441,13 +441,9 @@ def generate(
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         counts = _generate_into(tmp, n_images, seed, size, progress, progress_bar)
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash)
-        else:
-            tmp.rename(out_dir)
+        from albef import atomic
+
+        atomic.publish_dir(tmp, out_dir, replace_existing=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

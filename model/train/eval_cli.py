@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from albef.errors import CLIError, UsageError
@@ -119,8 +118,6 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, obj: object) -> None:
-    import os
+    from albef import atomic
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_json(path, obj)

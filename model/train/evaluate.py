@@ -462,6 +462,8 @@ def plot_r1_vs_k(report: dict[str, Any], path: str | Path) -> None:
 
     import matplotlib
 
+    from albef import atomic
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -495,7 +497,7 @@ def plot_r1_vs_k(report: dict[str, Any], path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        atomic.replace(tmp, path)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

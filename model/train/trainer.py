@@ -84,9 +84,9 @@ def alpha_at(cfg_train: dict[str, Any], epoch: int, micro: int, micro_per_epoch:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from albef import atomic
+
+    atomic.write_text(path, text)
 
 
 class Trainer:
@@ -202,9 +202,10 @@ class Trainer:
                 "bad_items": self.bad_items,
             }
             torch.save(state, tmp / STATE_FILE)
+            from albef import atomic
+
             final = root / name
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            atomic.publish_dir(tmp, final, replace_existing=True)
             _atomic_write_text(root / LATEST, name + "\n")
             keep = int(self.cfg["checkpoint"]["keep"])
             done = sorted(p for p in root.glob("step-*") if p.is_dir())
