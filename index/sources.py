@@ -4,7 +4,7 @@ Accepted sources (detected by what the path is):
 
 - a folder: every image below it (recursive, sorted by relative path); a same-name ``.txt`` beside an
   image holds its captions, one per non-empty line;
-- ``*.json``: the official ALBEF annotation files (spec 4.5): a list of ``{"image", "caption", "image_id"}``
+- ``*.json``: the official ALBEF annotation files (docs/model.md §4.5): a list of ``{"image", "caption", "image_id"}``
   (train format, one entry per caption) or ``{"image", "caption": [...]}`` (val/test format); image paths
   are relative to ``image_root`` (default: the JSON file's folder);
 - ``*.jsonl`` / ``*.csv`` / ``*.tsv``: one row per item with an image column (``image``, ``path``,

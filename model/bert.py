@@ -1,6 +1,6 @@
 """The BERT text/fusion encoder of ALBEF (``models/xbert.py`` in the official code), as our own modules.
 
-Parameter names equal the official ones (spec 3.2) so checkpoints load strictly. Layers below
+Parameter names equal the official ones (docs/model.md §3.2) so checkpoints load strictly. Layers below
 ``fusion_layer`` are text-only; layers from ``fusion_layer`` on add cross-attention to the image tokens.
 Post-LN sub-blocks, exact-erf GELU, LayerNorm eps 1e-12, self-attention mask ``(1 - mask) * -10000``.
 Cross-attention has no mask: image tokens are all valid, and the official all-ones mask adds zeros.

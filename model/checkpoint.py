@@ -1,4 +1,4 @@
-"""Checkpoints: the two official containers and our own format (spec 3).
+"""Checkpoints: the two official containers and our own format (docs/model.md §3).
 
 Official files are ``torch.save`` pickles: pretraining files wrap the state dict in ``{'model': ...}`` with
 ``text_encoder.bert.*`` keys, momentum copies, queues and the MLM head; the retrieval files are flat. We

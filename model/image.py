@@ -1,4 +1,4 @@
-"""Image loading and the official eval preprocessing (spec 4.2), with PIL and numpy only.
+"""Image loading and the official eval preprocessing (docs/model.md §4.2), with PIL and numpy only.
 
 Loading honours the EXIF orientation by default (``exif_transpose=False`` reproduces the official loader,
 which ignores it) and, for user input, decodes only an allow-list of formats (:data:`DEFAULT_FORMATS`).

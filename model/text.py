@@ -1,4 +1,4 @@
-"""Caption cleaning and tokenization exactly as the official ALBEF pipeline (spec 4.1). Torch-free.
+"""Caption cleaning and tokenization exactly as the official ALBEF pipeline (docs/model.md §4.1). Torch-free.
 
 The official tokenizer is HF's slow BertTokenizer with the trailing [SEP] removed on purpose: a single
 caption becomes ``[CLS] w1 .. w29`` padded with 0 to 30. We build the same WordPiece pipeline on the

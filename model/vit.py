@@ -1,4 +1,4 @@
-"""The ALBEF image encoder: timm's ``VisionTransformer`` with the official ViT-B/16 settings (spec 1.1).
+"""The ALBEF image encoder: timm's ``VisionTransformer`` with the official ViT-B/16 settings (docs/model.md §1.1).
 
 timm's parameter names equal ``models/vit.py``'s, so official weights load strictly. No classifier head,
 no pooling: the encoder returns all tokens after the final LayerNorm.

@@ -7,7 +7,7 @@ One search (either direction) is three stages:
 2. **ann**: FAISS search of the other modality's index for the top ``max(k, rerank_k)`` by ITC score
    (``k`` without re-ranking), in ITC order: score descending, then id ascending;
 3. **rerank** (if asked): the first ``rerank_k`` candidates go through the ITM head with the query and are
-   ordered by the ITM logit of class 1 (the official ALBEF rule, spec 4.3: ITC is not added), ties by id
+   ordered by the ITM logit of class 1 (the official ALBEF rule, docs/model.md §4.3: ITC is not added), ties by id
    ascending. When ``k > rerank_k``, the results after the re-ranked ones are the next ITC candidates in ITC
    order (they have no ITM score). Text->image scores (text, candidate image) pairs; image->text computes the
    query image's cross-attention K/V once and scores every candidate text against them (exact).

@@ -1,4 +1,4 @@
-"""Build state dicts laid out exactly as the official ALBEF containers (spec 3.2), from the key patterns alone.
+"""Build state dicts laid out exactly as the official ALBEF containers (docs/model.md §3.2), from the key patterns alone.
 
 Every tensor gets a distinct fill so a test can check that each key landed in the right parameter.
 """

@@ -1,4 +1,4 @@
-"""Official containers load strictly; pos_embed interpolation; convert round trip (spec 3, 1.1, 7.4)."""
+"""Official containers load strictly; pos_embed interpolation; convert round trip (docs/model.md §3, 1.1, 5.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image preprocessing equals the official torchvision eval transform (spec 4.2, 7.3)."""
+"""Image preprocessing equals the official torchvision eval transform (docs/model.md §4.2, 5.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The training objectives against small hand-computed cases (spec 2.1-2.6)."""
+"""The training objectives against small hand-computed cases (docs/model.md §2.1-2.6)."""
 
 from __future__ import annotations
 

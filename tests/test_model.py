@@ -1,4 +1,4 @@
-"""Numerical behaviour of the ALBEF modules (spec 1, 7.5-7.7), checked against independent references."""
+"""Numerical behaviour of the ALBEF modules (docs/model.md §1, 5.5-5.7), checked against independent references."""
 
 from __future__ import annotations
 
@@ -124,7 +124,7 @@ def test_text_mode_equals_huggingface_bert(model, inputs) -> None:
 
 
 def _reference_fusion_layer(layer, x, mask, img, heads):
-    """One fusion layer written from spec 1.2 with plain tensor ops."""
+    """One fusion layer written from docs/model.md §1.2 with plain tensor ops."""
 
     def attn(block, q_in, kv_in, add_mask):
         b, n, h = q_in.shape

@@ -1,4 +1,4 @@
-"""pre_caption and tokenization against the official pipeline (spec 4.1, 7.1-7.2)."""
+"""pre_caption and tokenization against the official pipeline (docs/model.md §4.1, 5.1-5.2)."""
 
 from __future__ import annotations
 

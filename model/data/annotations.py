@@ -1,4 +1,4 @@
-"""Annotation formats: the official ALBEF JSON (spec 4.5), JSONL, CSV and folders of images with captions.
+"""Annotation formats: the official ALBEF JSON (docs/model.md §4.5), JSONL, CSV and folders of images with captions.
 
 Training reads *pairs* (:func:`load_pairs`), evaluation reads the official val/test layout (:func:`load_eval_set`).
 A bad row (missing field, caption that is not a string, image file not found) never stops loading: it is

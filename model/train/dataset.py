@@ -1,6 +1,6 @@
 """Training data: a torch Dataset over ``PairItem`` rows, the train transform, and the deterministic order.
 
-Train transform (spec 2.6, official ``dataset/__init__.py``): ``RandomResizedCrop(image_res, scale=(0.5, 1),
+Train transform (docs/model.md §2.6, official ``dataset/__init__.py``): ``RandomResizedCrop(image_res, scale=(0.5, 1),
 bicubic)`` -> horizontal flip -> ``RandomAugment(N=2, M=7)`` -> ToTensor -> Normalize (CLIP statistics).
 Our RandomAugment is a cheap PIL re-implementation of the official cv2 one: N ops drawn from the list, each
 applied with probability 0.5 at the fixed magnitude M (brightness/sharpness factor ``M/10*1.8+0.1``, shear

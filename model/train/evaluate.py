@@ -1,4 +1,4 @@
-"""The official retrieval evaluation (spec 4.3 and 4.4): ITC shortlist, ITM re-ranking, recall at 1/5/10.
+"""The official retrieval evaluation (docs/model.md §4.3 and 4.4): ITC shortlist, ITM re-ranking, recall at 1/5/10.
 
 ``score_matrices`` follows ``Retrieval.py:evaluation`` in one process: plain cosine ``sims`` (no temperature),
 then for every image its top ``k_test`` texts by ITC and for every text its top ``k_test`` images are scored
@@ -93,7 +93,7 @@ def compute_features(
     progress: bool = True,
     exif_transpose: bool = True,
 ) -> dict[str, Tensor]:
-    """ITC embeddings and unimodal tokens of every image and text (spec 4.3 steps 1-2), float32 tensors.
+    """ITC embeddings and unimodal tokens of every image and text (docs/model.md §4.3 steps 1-2), float32 tensors.
     ``exif_transpose=False`` loads images as the official code does (EXIF orientation ignored).
 
     Returns ``image_emb [N, D]``, ``image_tokens [N, T, W]``, ``text_emb [M, D]``, ``text_tokens [M, L, H]``,

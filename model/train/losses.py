@@ -1,4 +1,4 @@
-"""The three ALBEF objectives as plain functions over tensors (spec 2.1-2.3).
+"""The three ALBEF objectives as plain functions over tensors (docs/model.md §2.1-2.3).
 
 Kept free of modules and state so each piece can be checked against a hand-computed case:
 - ITC: targets (diagonal for pretraining, idx-based for retrieval, queue included), the momentum

@@ -1,4 +1,4 @@
-"""Momentum (EMA) encoders, the feature queues and the all-gather that fills them (spec 2.1).
+"""Momentum (EMA) encoders, the feature queues and the all-gather that fills them (docs/model.md §2.1).
 
 The momentum copies are ``visual_encoder_m``, ``vision_proj_m``, ``text_encoder_m``, ``text_proj_m``
 (official names), created as deep copies of the online modules and never trained by gradients. The queues

@@ -1,4 +1,4 @@
-"""One training step's objectives on an ALBEF model: the module that DDP wraps (spec 2.1-2.5).
+"""One training step's objectives on an ALBEF model: the module that DDP wraps (docs/model.md §2.1-2.5).
 
 ``AlbefObjective`` holds the online model, its momentum copies and the queues, and its ``forward`` returns
 the losses of one batch in the official order: EMA update -> momentum features -> ITC (with distillation)
