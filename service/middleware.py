@@ -122,14 +122,15 @@ def match_template(app: Any, scope: Scope) -> str:
     return "unmatched"
 
 
-def route_template(scope: Scope, matched: str) -> str:
+def route_template(app: Any, scope: Scope, before: Scope) -> str:
     """API routes name themselves in ``scope["route"]`` once routed; FastAPI's docs and schema routes and
-    mounted static files do not, so ``matched`` (from :func:`match_template`) names those. A real 404 is
+    mounted static files do not, so those (and requests refused before routing) are matched against the
+    app's routes with ``before``, the scope as it came in (routing rewrites the paths). A real 404 is
     "unmatched"."""
     route = scope.get("route")
     if route is not None and getattr(route, "path", None):
         return str(route.path)
-    return matched
+    return match_template(app, before)
 
 
 def _request_id(scope: Scope) -> str:
@@ -161,7 +162,7 @@ class MetricsMiddleware:
         t0 = time.perf_counter()
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        matched = match_template(self.routes_of, {**scope})
+        before = {**scope}  # shallow: routing replaces keys, it does not mutate their values
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             nonlocal status
@@ -175,7 +176,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             seconds = time.perf_counter() - t0
-            template = route_template(scope, matched)
+            template = route_template(self.routes_of, scope, before)
             self.metrics.requests.labels(method=scope["method"], route=template, status=str(status)).inc()
             self.metrics.request_latency.labels(route=template).observe(seconds)
             if self.access_log:
