@@ -301,12 +301,15 @@ class SearchEngine:
                     itc.append(float(s))
             timings["ann"] = (time.perf_counter() - t0) * 1000.0
 
+        # Candidates in ITC order once: the re-rank head is its prefix, and a position is its ITC rank - 1.
+        by_itc = itc_order(ids, itc)
+        ids = [ids[i] for i in by_itc]
+        itc = [itc[i] for i in by_itc]
         itm: list[float] | None = None
         logits = np.zeros((0, 2), np.float32)
         if rerank and ids:
             t0 = time.perf_counter()
-            by_itc = itc_order(ids, itc)
-            head_ids = [ids[i] for i in by_itc[:rerank_k]]
+            head_ids = ids[:rerank_k]
             with timer("features"):
                 feats = await asyncio.to_thread(
                     reader.image_tokens if target == "image" else reader.text_features, head_ids
@@ -317,16 +320,12 @@ class SearchEngine:
                 else:
                     logits = await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
             itm = [float(x) for x in logits[:, 1]]
-            # order_candidates expects ITM scores in ITC order of the head: reorder ids accordingly first.
-            ids = [ids[i] for i in by_itc]
-            itc = [itc[i] for i in by_itc]
             timings["rerank"] = (time.perf_counter() - t0) * 1000.0
         order = order_candidates(ids, itc, itm, k, rerank_k)
         probs = match_probability(logits) if itm is not None else None
-        itc_rank = {pos: r + 1 for r, pos in enumerate(itc_order(ids, itc))}
         out = SearchResult(
             ids=[ids[p] for p in order],
-            itc_rank=[itc_rank[p] for p in order],
+            itc_rank=[p + 1 for p in order],
             itc=[itc[p] for p in order],
             itm=[itm[p] if itm is not None and p < len(itm) else None for p in order],
             prob=[float(probs[p]) if probs is not None and p < len(probs) else None for p in order],
