@@ -31,9 +31,9 @@ import torch
 from albef.model.albef import ALBEF
 from albef.model.quantize import (
     INT8_BOUNDS,
-    INT8_SCHEME,
     bounds_dict,
     check_int8,
+    int8_scheme,
     max_int8_weight,
     quantize_int8,
 )
@@ -529,8 +529,7 @@ def export_bundle(
                 files = quantize_int8(tmp, files32, int8_per_channel)
                 base["variants"]["int8"] = {
                     "files": files,
-                    "weights": INT8_SCHEME.replace("int8 symmetric", "int8 symmetric " + (
-                        "per output channel" if int8_per_channel else "per tensor"), 1),
+                    "weights": int8_scheme(int8_per_channel),
                     "per_channel": int8_per_channel,
                     "reduce_range": True,
                 }

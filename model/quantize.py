@@ -21,16 +21,20 @@ from typing import Any
 from albef.model.runtime import variant_file
 
 __all__ = [
-    "INT8_BOUNDS", "INT8_SCHEME", "Int8Bounds", "bounds_dict", "check_int8", "max_int8_weight", "quantize_int8",
+    "INT8_BOUNDS", "Int8Bounds", "bounds_dict", "check_int8", "int8_scheme", "max_int8_weight",
+    "quantize_int8",
 ]
 
 # The largest |weight| the saturation-free argument allows: 2 * 255 * W_MAX <= 32767.
 W_MAX = 64
-INT8_SCHEME = (
-    "int8 symmetric, 7-bit range (reduce_range: weights in [-64, 64], so no u8 x s8 pair sum can saturate a "
-    "16-bit register on CPUs without VNNI), MatMul/Gemm weights only; activations quantised to uint8 "
-    "dynamically (onnxruntime.quantization.quantize_dynamic)"
-)
+
+
+def int8_scheme(per_channel: bool = False) -> str:
+    """The manifest's description of the int8 weights."""
+    granularity = "per output channel" if per_channel else "per tensor"
+    return (f"int8 symmetric {granularity}, 7-bit range (reduce_range: weights in [-64, 64], so no u8 x s8 pair "
+            "sum can saturate a 16-bit register on CPUs without VNNI), MatMul/Gemm weights only; activations "
+            "quantised to uint8 dynamically (onnxruntime.quantization.quantize_dynamic)")
 
 
 @dataclass(frozen=True)
