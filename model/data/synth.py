@@ -425,7 +425,6 @@ def generate(
 
     Returns the counts (also stored in ``dataset.json``).
     """
-    from albef.progress import progress_bar
 
     out_dir = Path(out_dir)
     if n_images < 1:
@@ -440,7 +439,7 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
-        counts = _generate_into(tmp, n_images, seed, size, progress, progress_bar)
+        counts = _generate_into(tmp, n_images, seed, size, progress)
         from albef import atomic
 
         atomic.publish_dir(tmp, out_dir, replace_existing=True)
@@ -451,7 +450,9 @@ def generate(
     return counts
 
 
-def _generate_into(root: Path, n_images: int, seed: int, size: int, progress: bool, progress_bar: Any) -> dict:
+def _generate_into(root: Path, n_images: int, seed: int, size: int, progress: bool) -> dict:
+    from albef.progress import progress_bar
+
     scenes = make_scenes(n_images, seed)
     n_groups = scenes[-1].group + 1
     split_of = split_groups(n_groups, random.Random(seed + 1))
