@@ -38,7 +38,7 @@ from albef.index import ann, layout, metadata
 from albef.index.errors import IndexError_, IndexNotFoundError, ResumeError, SourceError
 from albef.index.features import TEXT_FEATURES, TOKEN_DTYPES, Segment, SegmentWriter, encode_tokens
 from albef.index.sources import read_sources
-from albef.model.image import DEFAULT_FORMATS
+from albef.model.image import DEFAULT_FORMATS, ImageFormatError, open_image, upright
 
 from albef import atomic
 
@@ -297,7 +297,6 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _read_image(path: str, bundle: Encoder, opts: BuildOptions) -> dict[str, Any]:
     """Runs in a worker thread: bytes -> sha256, upright size, pixels. Never raises."""
-    from albef.model.image import ImageFormatError, open_image, upright
     from PIL import UnidentifiedImageError
 
     try:
