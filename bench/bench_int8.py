@@ -111,6 +111,14 @@ def measure(root: Path) -> dict[str, Any]:
     return results
 
 
+def _worker(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run one measuring process; on failure, show its stderr (the traceback) rather than only its status."""
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=Path("model/weights/albef-tiny-synth"),
@@ -133,12 +141,12 @@ def main() -> None:
         prepare(args.checkpoint, root)
         runs: dict[str, Any] = {}
         cmd = [sys.executable, __file__, "--worker", str(root)]
-        native = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        native = _worker(cmd)
         runs["native"] = {"cpu": cpu_info(), "schemes": json.loads(native.stdout.splitlines()[-1])}
         qemu = shutil.which("qemu-x86_64")
         if args.emulate and qemu:
             t0 = time.perf_counter()
-            emu = subprocess.run([qemu, "-cpu", args.emulate, *cmd], check=True, capture_output=True, text=True)
+            emu = _worker([qemu, "-cpu", args.emulate, *cmd])
             runs["emulated"] = {"cpu": {"model": f"qemu-x86_64 -cpu {args.emulate} (TCG)",
                                         "int8_kernel": "avx2", "flags": ["avx2", "fma", "f16c"]},
                                 "seconds": round(time.perf_counter() - t0, 1),
