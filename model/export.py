@@ -37,6 +37,7 @@ from albef.model.quantize import (
     max_int8_weight,
     quantize_int8,
 )
+from albef.model.ranking import rank
 from albef.model.runtime import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
@@ -660,11 +661,11 @@ def runtime_score_matrices(
     i2t = np.full(sims.shape, -100.0, dtype=np.float32)
     t2i = np.full(sims.T.shape, -100.0, dtype=np.float32)
     for i in range(sims.shape[0]):
-        top = np.argsort(-sims[i], kind="stable")[:k_i2t]
+        top = rank(sims[i], k=k_i2t)
         logits = bundle.itm_scores_for_image(img_tok[i : i + 1], txt_tok[top], txt_mask[top])
         i2t[i, top] = logits[:, 1]
     for j in range(sims.shape[1]):
-        top = np.argsort(-sims[:, j], kind="stable")[:k_t2i]
+        top = rank(sims[:, j], k=k_t2i)
         t = np.repeat(txt_tok[j : j + 1], len(top), axis=0)
         m = np.repeat(txt_mask[j : j + 1], len(top), axis=0)
         t2i[j, top] = bundle.itm_scores(t, m, img_tok[top])[:, 1]

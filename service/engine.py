@@ -9,8 +9,9 @@ One search (either direction) is three stages:
 3. **rerank** (if asked): the first ``rerank_k`` candidates go through the ITM head with the query and are
    ordered by the ITM logit of class 1 (the official ALBEF rule, docs/model.md §4.3: ITC is not added), ties by id
    ascending. When ``k > rerank_k``, the results after the re-ranked ones are the next ITC candidates in ITC
-   order (they have no ITM score). Text->image scores (text, candidate image) pairs; image->text computes the
-   query image's cross-attention K/V once and scores every candidate text against them (exact).
+   order (they have no ITM score). That ordering is :mod:`albef.model.ranking`, shared with the evaluation.
+   Text->image scores (text, candidate image) pairs; image->text computes the query image's cross-attention
+   K/V once and scores every candidate text against them (exact).
 
 Model calls go through :class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run
 in worker threads. Nothing here imports torch.
@@ -27,12 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from albef.model.ranking import itc_order, order_candidates
 from albef.service.batching import MicroBatcher
 from albef.service.errors import ApiError, QueueFullError
 from albef.service.images import UploadPolicy, decode_upload
 from albef.service.metrics import Metrics, StageTimer
 
-__all__ = ["Stages", "SearchEngine", "SearchResult", "order_candidates", "match_probability", "public_item"]
+__all__ = ["Stages", "SearchEngine", "SearchResult", "match_probability", "public_item"]
 
 Direction = Literal["t2i", "i2t"]  # t2i: text query -> images; i2t: image query -> texts
 
@@ -41,31 +43,6 @@ def match_probability(logits: np.ndarray) -> np.ndarray:
     """Softmax of the two ITM logits, class 1 (computed in float64: no overflow for large logits)."""
     lg = np.asarray(logits, dtype=np.float64).reshape(-1, 2)
     return 1.0 / (1.0 + np.exp(np.clip(lg[:, 0] - lg[:, 1], -700, 700)))
-
-
-def itc_order(ids: Sequence[int], itc: Sequence[float]) -> list[int]:
-    """Positions (into ``ids``) in ITC order: score descending, then id ascending."""
-    return sorted(range(len(ids)), key=lambda i: (-float(itc[i]), int(ids[i])))
-
-
-def order_candidates(
-    ids: Sequence[int], itc: Sequence[float], itm: Sequence[float] | None, k: int, rerank_k: int
-) -> list[int]:
-    """Positions (into ``ids``) of the final top ``k``.
-
-    ``ids``/``itc`` are the ANN candidates; ``itm`` holds the class-1 ITM logits of the first
-    ``len(itm)`` (= min(rerank_k, len(ids))) of them in ITC order, or is None (no re-rank). Ordering:
-    re-ranked head by (ITM desc, id asc), then the rest by (ITC desc, id asc).
-    """
-    by_itc = itc_order(ids, itc)
-    if itm is None:
-        return by_itc[:k]
-    head = by_itc[: min(rerank_k, len(by_itc))]
-    if len(itm) != len(head):
-        raise ValueError(f"{len(itm)} ITM scores for {len(head)} re-ranked candidates")
-    score = {pos: float(s) for pos, s in zip(head, itm, strict=True)}
-    head_sorted = sorted(head, key=lambda i: (-score[i], int(ids[i])))
-    return (head_sorted + by_itc[len(head):])[:k]
 
 
 def public_item(item: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from albef.model.train.evaluate import (
     compute_features,
     evaluate,
     itm_eval,
-    rank_from_scores,
     restrict_k,
     score_matrices,
 )
@@ -95,8 +94,7 @@ def test_itm_eval_matches_the_official_loop_on_random_scores() -> None:
 
 
 def test_ties_and_edge_cases() -> None:
-    # Stable descending order: equal scores keep ascending index order.
-    assert rank_from_scores(np.array([1.0, 3.0, 3.0, 0.0, 3.0])).tolist() == [1, 2, 4, 0, 3]
+    # Ties follow albef.model.ranking (tests/test_ranking.py): ascending index order.
     # GT column 2 ties with column 1 at the top: it ranks second (position 1); GT column 1 ranks first.
     tie = np.array([[0.0, 5.0, 5.0]], dtype=np.float32)
     t2i = np.zeros((3, 1), dtype=np.float32)

@@ -165,12 +165,12 @@ def torch_model(setup: ModelSetup):
 
 def _eval_rankings(scores: Any, data: dict[str, Any]) -> dict[str, list[tuple[list[int], dict[int, float]]]]:
     """Per query: (reference order as item ids, reference score per item id), for the four rankings."""
-    from albef.model.train.evaluate import rank_from_scores
+    from albef.model.ranking import rank
 
     img_ids, txt_ids = np.array(data["image_ids"]), np.array(data["text_ids"])
 
     def rows(matrix: np.ndarray, cols: np.ndarray) -> list[tuple[list[int], dict[int, float]]]:
-        return [([int(c) for c in cols[rank_from_scores(row)]], dict(zip(cols.tolist(), row.tolist(), strict=True)))
+        return [([int(c) for c in cols[rank(row)]], dict(zip(cols.tolist(), row.tolist(), strict=True)))
                 for row in matrix]
 
     return {"t2i_itm": rows(scores.t2i, img_ids), "t2i_itc": rows(scores.sims.T, img_ids),

@@ -1,4 +1,4 @@
-"""The ranking rule of the engine on hand-made candidates (ties, k beyond rerank_k) and the match probability."""
+"""The match probability and the public view of items (the ranking rule itself: tests/test_ranking.py)."""
 
 from __future__ import annotations
 
@@ -6,27 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from albef.service.engine import match_probability, order_candidates, public_item
-
-
-def test_itc_order_breaks_ties_by_id() -> None:
-    ids = [7, 3, 9, 5]
-    itc = [0.5, 0.9, 0.5, 0.9]
-    assert [ids[p] for p in order_candidates(ids, itc, None, k=4, rerank_k=2)] == [3, 5, 7, 9]
-    assert [ids[p] for p in order_candidates(ids, itc, None, k=2, rerank_k=2)] == [3, 5]
-
-
-def test_rerank_orders_the_head_by_itm_then_the_rest_by_itc() -> None:
-    ids = [10, 11, 12, 13, 14, 15]
-    itc = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # already in ITC order
-    itm = [1.0, 3.0, 3.0]  # the head (rerank_k=3): 11 and 12 tie on ITM -> id ascending
-    order = [ids[p] for p in order_candidates(ids, itc, itm, k=5, rerank_k=3)]
-    assert order == [11, 12, 10, 13, 14]
-    assert [ids[p] for p in order_candidates(ids, itc, itm, k=2, rerank_k=3)] == [11, 12]
-    # fewer candidates than rerank_k: everything is re-ranked
-    assert [ids[p] for p in order_candidates(ids[:2], itc[:2], [0.0, 2.0], k=10, rerank_k=3)] == [11, 10]
-    with pytest.raises(ValueError, match="ITM scores"):
-        order_candidates(ids, itc, [1.0], k=3, rerank_k=3)
+from albef.service.engine import match_probability, public_item
 
 
 def test_match_probability_is_the_softmax_of_class_one() -> None:

@@ -5,11 +5,10 @@ then for every image its top ``k_test`` texts by ITC and for every text its top 
 with the fusion encoder; the final score is the **raw class-1 ITM logit alone** (ITC not added, no softmax)
 and every entry outside the shortlist stays -100. ``itm_eval`` ranks each row and reports recall.
 
-Ordering and ties (also what the service should use to compare with eval): both the ITC shortlist and the
-final ranking sort by descending score with a *stable* sort, so equal scores keep ascending column order
-(lower text/image id first). The official code's ``np.argsort(score)[::-1]`` would put the higher id first
-on a tie; only exact ties differ, e.g. the -100 fill, which can only matter for R@5/R@10 when
-``k_test < 10``. :func:`rank_from_scores` is that ordering.
+Ordering and ties: both the ITC shortlist and the final ranking follow :func:`albef.model.ranking.rank`, the
+rule the service uses too: descending score, equal scores in ascending column order (lower text/image id
+first). The official code's ``np.argsort(score)[::-1]`` would put the higher id first on a tie; only exact
+ties differ, e.g. the -100 fill, which can only matter for R@5/R@10 when ``k_test < 10``.
 
 Exact speed-ups, same numbers up to float rounding: a pair short-listed in both directions is scored once;
 the cross-attention keys/values of an image are computed once (``model.image_kv``) instead of once per pair
@@ -32,13 +31,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from albef.model.ranking import RANKING, rank
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 TEXT_CHUNK = 256  # texts per forward in the feature pass, as the official evaluation
 FILL = -100.0  # score of pairs outside the ITC shortlist
-RANKING = "descending score, stable: ties keep ascending id order"
 
 
 @dataclass
@@ -47,16 +46,6 @@ class ScoreMatrices:
     i2t: np.ndarray  # [n_images, n_texts] ITM logit (class 1) on the top-k_test texts, -100 elsewhere
     t2i: np.ndarray  # [n_texts, n_images] likewise
     k_test: int
-
-
-def rank_from_scores(row: np.ndarray) -> np.ndarray:
-    """Column indices in ranking order: descending score, ties broken by ascending index (stable sort)."""
-    return np.argsort(-np.asarray(row), kind="stable")
-
-
-def _rank_rows(scores: np.ndarray, k: int | None = None) -> np.ndarray:
-    order = np.argsort(-scores, axis=1, kind="stable")
-    return order if k is None else order[:, :k]
 
 
 def _unwrap(model: Any) -> Any:
@@ -250,8 +239,8 @@ def score_matrices(
     with _EvalMode(model):
         sims = (image_emb @ text_emb.T).float().cpu().numpy()
         k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_img)
-        cand_i2t = _rank_rows(sims, k_i2t)  # [n_img, k] text ids
-        cand_t2i = _rank_rows(sims.T, k_t2i)  # [n_txt, k] image ids
+        cand_i2t = rank(sims, k=k_i2t)  # [n_img, k] text ids
+        cand_t2i = rank(sims.T, k=k_t2i)  # [n_txt, k] image ids
         # Pair id = text * n_img + image, for both directions; score each distinct pair once.
         pid_i2t = cand_i2t * n_img + np.arange(n_img)[:, None]
         pid_t2i = np.arange(n_txt)[:, None] * n_img + cand_t2i
@@ -283,7 +272,7 @@ def restrict_k(scores: ScoreMatrices, k: int) -> ScoreMatrices:
         raise ValueError(f"cannot derive k={k} from a run with k_test={scores.k_test}")
 
     def cut(full: np.ndarray, sims: np.ndarray) -> np.ndarray:
-        cand = _rank_rows(sims, min(k, sims.shape[1]))
+        cand = rank(sims, k=min(k, sims.shape[1]))
         out = np.full_like(full, FILL)
         np.put_along_axis(out, cand, np.take_along_axis(full, cand, axis=1), axis=1)
         return out
@@ -295,7 +284,7 @@ def _ranks(scores: np.ndarray, gts: Sequence[Sequence[int]], chunk: int = 1024) 
     """Per row, the best position of any ground-truth column in the row's ranking (1e20 if none)."""
     ranks = np.full(scores.shape[0], 1e20)
     for start in range(0, scores.shape[0], chunk):
-        order = _rank_rows(np.asarray(scores[start : start + chunk]))
+        order = rank(np.asarray(scores[start : start + chunk]))
         pos = np.empty_like(order)
         np.put_along_axis(pos, order, np.arange(order.shape[1])[None, :].repeat(order.shape[0], 0), axis=1)
         for r in range(order.shape[0]):
