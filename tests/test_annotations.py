@@ -108,15 +108,24 @@ def test_csv_with_bad_rows_and_line_numbers(tmp_path: Path, images: Path) -> Non
     assert items[1].source == f"{csv_path}:3"
     assert [(p["source"], p["error"]) for p in problems] == [
         (f"{csv_path}:4", "image file not found"),
-        (f"{csv_path}:5", "empty caption"),
+        (f"{csv_path}:5", "missing or empty caption"),
         (f"{csv_path}:6", "row has more fields than the header"),
     ]
     assert problems[0]["path"] == str(images / "gone.png")
 
-    no_image_col = tmp_path / "bad.csv"
-    no_image_col.write_text("file,caption\na.png,x\n")
-    with pytest.raises(ValueError, match="missing image"):
-        load_pairs([no_image_col], image_root=images)
+    # The column names of the index builder: "file" names the image, "text" the caption.
+    aliases = tmp_path / "aliases.csv"
+    aliases.write_text("File,Text\na.png,x\n")
+    items, problems = load_pairs([aliases], image_root=images)
+    assert [(i.image.name, i.caption) for i in items] == [("a.png", "x")] and problems == []
+    no_image_col = tmp_path / "captions-only.csv"
+    no_image_col.write_text("picture,caption\na.png,x\n")
+    items, problems = load_pairs([no_image_col], image_root=images)
+    assert items == [] and [(p["source"], p["error"]) for p in problems] == [(f"{no_image_col}:2", "missing image")]
+    no_column = tmp_path / "bad.csv"
+    no_column.write_text("picture,words\na.png,x\n")
+    with pytest.raises(ValueError, match="needs an image column"):
+        load_pairs([no_column], image_root=images)
 
 
 def test_jsonl_with_malformed_lines(tmp_path: Path, images: Path) -> None:
@@ -134,7 +143,7 @@ def test_jsonl_with_malformed_lines(tmp_path: Path, images: Path) -> None:
         ("ok two", "sub/c.jpg", f"{path}:5"),
     ]
     assert [p["source"] for p in problems] == [f"{path}:3", f"{path}:4"]
-    assert "invalid JSON" in problems[0]["error"] and "caption" in problems[1]["error"]
+    assert "not valid JSON" in problems[0]["error"] and "caption" in problems[1]["error"]
 
 
 def test_several_sources_and_unreadable_ones(tmp_path: Path, images: Path) -> None:
@@ -148,8 +157,11 @@ def test_several_sources_and_unreadable_ones(tmp_path: Path, images: Path) -> No
     with pytest.raises(ValueError, match="not found"):
         load_pairs([tmp_path / "nope.json"])
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(ValueError, match="unknown annotation format"):
+    with pytest.raises(ValueError, match="a caption file holds no images"):
         load_pairs([tmp_path / "notes.txt"])
+    (tmp_path / "pairs.parquet").write_text("x")
+    with pytest.raises(ValueError, match="unknown source type"):
+        load_pairs([tmp_path / "pairs.parquet"])
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_pairs([tmp_path / "broken.json"])
