@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from albef.index import builder
+from albef.index import builder, publish
 from albef.index.builder import BuildOptions
 from albef.index.reader import IndexReader, current_version
 
@@ -79,17 +79,17 @@ def test_crash_while_publishing_leaves_no_trace(index_bundle, tmp_path: Path,  #
     src = make_folder(tmp_path / "src", 4, seed0=300)
     out = tmp_path / "idx"
     opts = BuildOptions(shard_size=2, progress=False)
-    real = builder._publish_version
+    real = publish.publish_version
 
     def boom(*a, **kw):  # noqa: ANN002, ANN003
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(builder, "_publish_version", boom)
+    monkeypatch.setattr(publish, "publish_version", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         builder.build(out, index_bundle, [src], opts)
     assert current_version(out) is None
     assert not (out / "versions").exists() or not list((out / "versions").iterdir())
-    monkeypatch.setattr(builder, "_publish_version", real)
+    monkeypatch.setattr(publish, "publish_version", real)
     res = builder.build(out, index_bundle, [src], opts, resume=True)
     assert res.report["resumed"] is True and res.report["throughput"]["items_encoded_this_run"] == 0
     assert sorted(p.name for p in (out / "segments").iterdir()) == ["seg-000001"]
