@@ -30,7 +30,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,7 +70,7 @@ class Row:
     source: str  # the source file or folder, resolved
     image_ref: str | None = None  # the image as written (a folder's: its path relative to the folder)
     image_id: Any = None  # the row's image_id as written; None when absent or empty
-    metadata: dict[str, Any] | None = field(default=None)
+    metadata: dict[str, Any] | None = None
 
 
 class _BadRow(ValueError):
