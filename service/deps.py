@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from albef.service.engine import SearchEngine
 from albef.service.errors import NotReadyError
 from albef.service.metrics import Metrics
+from albef.service.protocols import IndexView
 from albef.service.state import ServiceState
 from fastapi import Depends, Request
 
@@ -29,7 +30,7 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.albef.metrics
 
 
-async def lease_reader(state: Annotated[ServiceState, Depends(get_state)]) -> AsyncIterator[Any]:
+async def lease_reader(state: Annotated[ServiceState, Depends(get_state)]) -> AsyncIterator[IndexView]:
     """The index reader for this request; a hot swap during the request does not affect it."""
     with state.lease() as reader:
         yield reader
@@ -44,5 +45,5 @@ async def get_engine(state: Annotated[ServiceState, Depends(get_state)]) -> Sear
 StateDep = Annotated[ServiceState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-ReaderDep = Annotated[Any, Depends(lease_reader)]
+ReaderDep = Annotated[IndexView, Depends(lease_reader)]
 EngineDep = Annotated[SearchEngine, Depends(get_engine)]

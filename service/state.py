@@ -19,11 +19,11 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from albef.service.engine import SearchEngine, Stages
 from albef.service.errors import NotReadyError
 from albef.service.metrics import Metrics
+from albef.service.protocols import IndexView, ModelBundle
 
 from albef.settings import Settings
 
@@ -35,13 +35,13 @@ __all__ = ["ServiceState", "ReaderHandle", "bundle_path_for"]
 class ReaderHandle:
     """An index reader with a lease count; closed once retired and no request holds it."""
 
-    def __init__(self, reader: Any) -> None:
+    def __init__(self, reader: IndexView) -> None:
         self.reader = reader
         self._refs = 0
         self._retired = False
         self._lock = threading.Lock()
 
-    def acquire(self) -> Any | None:
+    def acquire(self) -> IndexView | None:
         """The reader with one more lease, or None if it was already retired and closed (a swap won the race)."""
         with self._lock:
             if self._retired and self._refs == 0:
@@ -77,7 +77,7 @@ def bundle_path_for(index_dir: Path, explicit: Path | None) -> Path:
     return Path(recorded)
 
 
-def _warm_up(bundle: Any) -> None:
+def _warm_up(bundle: ModelBundle) -> None:
     """One call of every graph, so the first request does not pay ONNX Runtime's first-run set-up."""
     import numpy as np
 
@@ -93,7 +93,7 @@ class ServiceState:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.bundle: Any | None = None
+        self.bundle: ModelBundle | None = None
         self.stages: Stages | None = None
         self.engine: SearchEngine | None = None
         self._handle: ReaderHandle | None = None
@@ -107,12 +107,12 @@ class ServiceState:
         return self.engine is not None and self._handle is not None
 
     @property
-    def reader(self) -> Any | None:
+    def reader(self) -> IndexView | None:
         h = self._handle
         return h.reader if h is not None else None
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[Any]:
+    def lease(self) -> Iterator[IndexView]:
         """The current reader, kept open for the duration of the block even if a swap happens meanwhile."""
         while True:
             handle = self._handle
@@ -178,7 +178,7 @@ class ServiceState:
         self.status = "ready"
         self.metrics.ready.set(1)
 
-    def _swap(self, reader: Any) -> None:
+    def _swap(self, reader: IndexView) -> None:
         old, self._handle = self._handle, ReaderHandle(reader)
         self.metrics.set_index(reader.version, self.bundle.bundle_id if self.bundle else "",
                                {k: reader.count(k) for k in ("image", "text")})
