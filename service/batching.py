@@ -6,8 +6,8 @@ holds ``max_cost`` units (items, or ITM pairs) or ``max_wait_ms`` has passed sin
 runs ``fn(items) -> results`` once for all of them. Inference therefore never runs on the event loop, and
 ONNX Runtime (which releases the GIL) gets whole batches.
 
-The queue is bounded: ``submit`` raises :class:`QueueFullError` when ``queue_max`` items are already waiting,
-so overload turns into quick 503s instead of unbounded memory and latency. ``max_cost=1`` turns batching off
+The queue is bounded: ``submit`` raises :class:`~albef.service.domain_errors.Overloaded` when ``queue_max``
+items are already waiting, so overload turns into quick 503s instead of unbounded memory and latency. ``max_cost=1`` turns batching off
 (one item per call, still off the event loop and still bounded).
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
-from albef.service.errors import QueueFullError
+from albef.service.domain_errors import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class MicroBatcher(Generic[T, R]):
             if self._closed:
                 raise RuntimeError(f"batcher {self.name} is closed")
             if len(self._queue) >= self.queue_max:
-                raise QueueFullError(self.name, self.retry_after_s)
+                raise Overloaded(self.name, self.retry_after_s)
             self._queue.append((item, fut))
             self._cv.notify()
         return fut

@@ -13,30 +13,35 @@ One search (either direction) is three stages:
    Text->image scores (text, candidate image) pairs; image->text computes the query image's cross-attention
    K/V once and scores every candidate text against them (exact).
 
-Model calls go through :class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run
-in worker threads. Nothing here imports torch.
+A query text is cleaned here, once (:func:`clean_query_text`), and tokenized as cleaned. Model calls go through
+:class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run in worker threads. Failures
+are :mod:`albef.service.domain_errors`; the HTTP layer gives them their status codes. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 from albef.model.ranking import itc_order, order_candidates
+from albef.model.text import pre_caption
 from albef.service.batching import MicroBatcher
-from albef.service.errors import ApiError, QueueFullError
+from albef.service.domain_errors import BadQuery, NotFound, Overloaded, WrongItemKind
 from albef.service.images import UploadPolicy, decode_upload
 from albef.service.metrics import Metrics, StageTimer
+from albef.service.protocols import IndexView, Kind, ModelBundle
 
-__all__ = ["Stages", "SearchEngine", "SearchResult", "match_probability", "public_item"]
+__all__ = ["Stages", "SearchEngine", "SearchRequest", "SearchResult", "clean_query_text", "match_probability"]
 
 Direction = Literal["t2i", "i2t"]  # t2i: text query -> images; i2t: image query -> texts
+_KINDS: dict[str, tuple[Kind, Kind]] = {"t2i": ("text", "image"), "i2t": ("image", "text")}  # (query, target)
 
 
 def match_probability(logits: np.ndarray) -> np.ndarray:
@@ -45,26 +50,20 @@ def match_probability(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(np.clip(lg[:, 0] - lg[:, 1], -700, 700)))
 
 
-def public_item(item: dict[str, Any]) -> dict[str, Any]:
-    """An index record as the API shows it: no local paths; images held as files get an ``image_url``."""
-    path = item.get("path")
-    out = {
-        "id": int(item["id"]), "kind": item["kind"], "caption": item.get("caption"),
-        "width": item.get("width"), "height": item.get("height"), "sha256": item.get("sha256"),
-        "image_id": item.get("image_id"), "metadata": item.get("metadata"), "image_url": None, "uri": None,
-    }
-    if item["kind"] == "image" and path:
-        if "://" in str(path):
-            out["uri"] = str(path)
-        else:
-            out["image_url"] = f"/v1/items/{int(item['id'])}/image"
-    return out
+def clean_query_text(text: str) -> str:
+    """A query text cleaned as the model's captions are (the official ``pre_caption``), or :class:`BadQuery`
+    if no word is left. The only place a query text is cleaned: it is tokenized as it comes out."""
+    cleaned = pre_caption(text)
+    if not cleaned.strip():
+        # Blank or punctuation-only text tokenizes to [CLS] alone: any "results" would be meaningless.
+        raise BadQuery("empty_text", "text: has no words (only white space or punctuation)", field="text")
+    return cleaned
 
 
 class Stages:
     """The model calls of a search, each behind its own micro-batcher (one worker thread each)."""
 
-    def __init__(self, bundle: Any, *, batch_max_size: int = 16, batch_max_wait_ms: float = 2.0,
+    def __init__(self, bundle: ModelBundle, *, batch_max_size: int = 16, batch_max_wait_ms: float = 2.0,
                  itm_max_pairs: int = 256, queue_max: int = 64, retry_after_s: int = 1,
                  metrics: Metrics | None = None) -> None:
         self.bundle = bundle
@@ -90,7 +89,7 @@ class Stages:
     async def _call(self, batcher: MicroBatcher, item: Any) -> Any:
         try:
             return await batcher(item)
-        except QueueFullError:
+        except Overloaded:
             if self.metrics is not None:
                 self.metrics.rejections.labels(stage=batcher.name).inc()
             raise
@@ -153,6 +152,28 @@ class Stages:
         return out  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search: exactly one of ``text`` (t2i), ``image`` (i2t, the uploaded bytes) or ``item_id``."""
+
+    direction: Direction
+    text: str | None = None
+    image: bytes | None = None
+    item_id: int | None = None
+    k: int = 10
+    rerank: bool = True
+    rerank_k: int = 32
+    exclude: Sequence[int] = ()
+
+    @property
+    def query_kind(self) -> Kind:
+        return _KINDS[self.direction][0]
+
+    @property
+    def target(self) -> Kind:
+        return _KINDS[self.direction][1]
+
+
 @dataclass
 class SearchResult:
     ids: list[int]
@@ -169,12 +190,29 @@ class _Query:
     emb: np.ndarray
     tokens: np.ndarray
     mask: np.ndarray | None = None  # text queries only
+    echo: dict[str, Any] = field(default_factory=dict)  # what the result says the query was
+
+
+@dataclass
+class _Candidates:
+    """The ANN candidates in ITC order: the re-rank head is a prefix, and a position is the ITC rank - 1."""
+
+    ids: list[int]
+    itc: list[float]
+
+
+@contextlib.contextmanager
+def _wall_ms(timings: dict[str, float], key: str) -> Iterator[None]:
+    """The wall time of a block, in ms, as ``timings[key]`` (it spans the finer stage timers inside)."""
+    t0 = time.perf_counter()
+    yield
+    timings[key] = (time.perf_counter() - t0) * 1000.0
 
 
 class SearchEngine:
     """Searches one index reader with one bundle. ``reader`` is passed per call (hot swaps)."""
 
-    def __init__(self, bundle: Any, stages: Stages, *, metrics: Metrics | None = None,
+    def __init__(self, bundle: ModelBundle, stages: Stages, *, metrics: Metrics | None = None,
                  uploads: UploadPolicy | None = None) -> None:
         self.bundle = bundle
         self.stages = stages
@@ -186,9 +224,42 @@ class SearchEngine:
         img = stages.image
         self._decode_slots = threading.BoundedSemaphore(img.queue_max + img.max_cost)
 
-    # -- query encoders -----------------------------------------------------------------------------------
-    async def _text_query(self, text: str) -> _Query:
-        ids, mask = self.bundle.tokenize([text])  # microseconds; not worth a thread hop
+    async def search(self, reader: IndexView, request: SearchRequest | Direction, /, **fields: Any) -> SearchResult:
+        """Encode the query, find the ITC candidates, re-rank the head, rank. ``request`` may also be given as
+        a direction with the other :class:`SearchRequest` fields as keywords."""
+        if not isinstance(request, SearchRequest):
+            request = SearchRequest(request, **fields)
+        t_start = time.perf_counter()
+        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
+        timer = StageTimer(self.metrics, timings)
+        with _wall_ms(timings, "encode"):
+            q = await self._encode(reader, request, timer)
+        cands = await self._candidates(reader, request, q, timer)
+        logits = await self._rerank(reader, request, q, cands, timer)
+        out = _assemble(request, q, cands, logits)
+        timings["total"] = (time.perf_counter() - t_start) * 1000.0
+        out.timings_ms = {key: round(v, 3) for key, v in timings.items() if not math.isnan(v)}
+        return out
+
+    # -- stage 1: the query -------------------------------------------------------------------------------
+    async def _encode(self, reader: IndexView, request: SearchRequest, timer: StageTimer) -> _Query:
+        if request.item_id is not None:
+            return await self._item_query(reader, int(request.item_id), request.query_kind)
+        if request.direction == "t2i":
+            assert request.text is not None
+            cleaned = clean_query_text(request.text)
+            with timer("encode_text"):
+                q = await self._text_query(cleaned)
+            q.echo = {"kind": "text", "text": request.text}
+            return q
+        assert request.image is not None
+        with timer("encode_image"):
+            q = await self._image_query(request.image, timer)
+        q.echo = {"kind": "image", "bytes": len(request.image)}
+        return q
+
+    async def _text_query(self, cleaned: str) -> _Query:
+        ids, mask = self.bundle.tokenizer([cleaned], clean=False)  # microseconds; not worth a thread hop
         emb, tok = await self.stages.encode_text(ids[0], mask[0])
         return _Query(emb, tok, mask[0])
 
@@ -200,7 +271,7 @@ class SearchEngine:
         if not self._decode_slots.acquire(blocking=False):
             if self.metrics is not None:
                 self.metrics.rejections.labels(stage="decode").inc()
-            raise QueueFullError("decode", self.stages.image.retry_after_s)
+            raise Overloaded("decode", self.stages.image.retry_after_s)
         try:
             with timer("decode"):
                 pixels = await asyncio.to_thread(prepare)
@@ -209,105 +280,71 @@ class SearchEngine:
         emb, tok = await self.stages.encode_image(pixels)
         return _Query(emb, tok)
 
-    async def _item_query(self, reader: Any, item_id: int, kind: str, route_hint: str) -> _Query:
+    async def _item_query(self, reader: IndexView, item_id: int, kind: Kind) -> _Query:
         def lookup() -> _Query:
             item = reader.item(item_id)
             if item is None:
-                raise ApiError(404, "item_not_found", f"no item {item_id} in index version {reader.version}",
+                raise NotFound("item_not_found", f"no item {item_id} in index version {reader.version}",
                                field="item_id")
             if item["kind"] != kind:
-                raise ApiError(422, "wrong_item_kind",
-                               f"item {item_id} is an {item['kind']}; {route_hint} needs an indexed {kind}",
-                               field="item_id")
+                raise WrongItemKind(item_id, item["kind"], kind)
             emb = reader.vector(kind, item_id)
+            echo = {"kind": kind, "item_id": item_id}
             if kind == "text":
                 tok, mask = reader.text_features([item_id])
-                return _Query(emb, tok[0], mask[0])
-            return _Query(emb, reader.image_tokens([item_id])[0])
+                return _Query(emb, tok[0], mask[0], echo)
+            return _Query(emb, reader.image_tokens([item_id])[0], None, echo)
 
         return await asyncio.to_thread(lookup)
 
-    # -- search -------------------------------------------------------------------------------------------
-    async def search(
-        self,
-        reader: Any,
-        direction: Direction,
-        *,
-        text: str | None = None,
-        image: bytes | None = None,
-        item_id: int | None = None,
-        k: int = 10,
-        rerank: bool = True,
-        rerank_k: int = 32,
-        exclude: Sequence[int] = (),
-    ) -> SearchResult:
-        t_start = time.perf_counter()
-        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
-        timer = StageTimer(self.metrics, timings)
-        query_kind, target = ("text", "image") if direction == "t2i" else ("image", "text")
-        route_hint = "/v1/search/images" if direction == "t2i" else "/v1/search/texts"
-
-        t0 = time.perf_counter()
-        if item_id is not None:
-            q = await self._item_query(reader, int(item_id), query_kind, route_hint)
-            query = {"kind": query_kind, "item_id": int(item_id)}
-        elif direction == "t2i":
-            assert text is not None
-            with timer("encode_text"):
-                q = await self._text_query(text)
-            query = {"kind": "text", "text": text}
-        else:
-            assert image is not None
-            with timer("encode_image"):
-                q = await self._image_query(image, timer)
-            query = {"kind": "image", "bytes": len(image)}
-        timings["encode"] = (time.perf_counter() - t0) * 1000.0
-
-        excluded = {int(i) for i in exclude}
-        n_total = reader.count(target)
-        n = min(n_total, (max(k, rerank_k) if rerank else k) + len(excluded))
+    # -- stage 2: the ITC candidates ------------------------------------------------------------------------
+    async def _candidates(self, reader: IndexView, request: SearchRequest, q: _Query,
+                          timer: StageTimer) -> _Candidates:
+        excluded = {int(i) for i in request.exclude}
+        wanted = max(request.k, request.rerank_k) if request.rerank else request.k
+        n = min(reader.count(request.target), wanted + len(excluded))
         ids: list[int] = []
         itc: list[float] = []
         if n > 0:
-            t0 = time.perf_counter()
-            with timer("ann"):
-                scores, found = await asyncio.to_thread(reader.search, target, q.emb[None, :], n)
-            for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
-                if i >= 0 and i not in excluded:
-                    ids.append(int(i))
-                    itc.append(float(s))
-            timings["ann"] = (time.perf_counter() - t0) * 1000.0
-
-        # Candidates in ITC order once: the re-rank head is its prefix, and a position is its ITC rank - 1.
+            with _wall_ms(timer.timings, "ann"):
+                with timer("ann"):
+                    scores, found = await asyncio.to_thread(reader.search, request.target, q.emb[None, :], n)
+                for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
+                    if i >= 0 and i not in excluded:
+                        ids.append(int(i))
+                        itc.append(float(s))
         by_itc = itc_order(ids, itc)
-        ids = [ids[i] for i in by_itc]
-        itc = [itc[i] for i in by_itc]
-        itm: list[float] | None = None
-        logits = np.zeros((0, 2), np.float32)
-        if rerank and ids:
-            t0 = time.perf_counter()
-            head_ids = ids[:rerank_k]
+        return _Candidates([ids[i] for i in by_itc], [itc[i] for i in by_itc])
+
+    # -- stage 3: the ITM re-rank of the head -----------------------------------------------------------------
+    async def _rerank(self, reader: IndexView, request: SearchRequest, q: _Query, cands: _Candidates,
+                      timer: StageTimer) -> np.ndarray | None:
+        """The ITM logits ``[H, 2]`` of the first ``rerank_k`` candidates, or None when not re-ranking."""
+        if not (request.rerank and cands.ids):
+            return None
+        with _wall_ms(timer.timings, "rerank"):
+            head_ids = cands.ids[: request.rerank_k]
             with timer("features"):
                 feats = await asyncio.to_thread(
-                    reader.image_tokens if target == "image" else reader.text_features, head_ids
+                    reader.image_tokens if request.target == "image" else reader.text_features, head_ids
                 )
             with timer("rerank"):
-                if direction == "t2i":
-                    logits = await self.stages.itm_t2i(q.tokens, q.mask, feats)
-                else:
-                    logits = await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
-            itm = [float(x) for x in logits[:, 1]]
-            timings["rerank"] = (time.perf_counter() - t0) * 1000.0
-        order = order_candidates(ids, itc, itm, k, rerank_k)
-        probs = match_probability(logits) if itm is not None else None
-        out = SearchResult(
-            ids=[ids[p] for p in order],
-            itc_rank=[p + 1 for p in order],
-            itc=[itc[p] for p in order],
-            itm=[itm[p] if itm is not None and p < len(itm) else None for p in order],
-            prob=[float(probs[p]) if probs is not None and p < len(probs) else None for p in order],
-            query=query,
-        )
-        timings["total"] = (time.perf_counter() - t_start) * 1000.0
-        out.timings_ms = {key: round(v, 3) for key, v in timings.items() if not math.isnan(v)}
-        return out
+                if request.direction == "t2i":
+                    return await self.stages.itm_t2i(q.tokens, q.mask, feats)
+                return await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
+
+
+def _assemble(request: SearchRequest, q: _Query, cands: _Candidates, logits: np.ndarray | None) -> SearchResult:
+    """The final top ``k`` (the rule of :mod:`albef.model.ranking`) with the scores of each result."""
+    itm = [float(x) for x in logits[:, 1]] if logits is not None else None
+    probs = match_probability(logits) if logits is not None else None
+    ids, itc = cands.ids, cands.itc
+    order = order_candidates(ids, itc, itm, request.k, request.rerank_k)
+    return SearchResult(
+        ids=[ids[p] for p in order],
+        itc_rank=[p + 1 for p in order],
+        itc=[itc[p] for p in order],
+        itm=[itm[p] if itm is not None and p < len(itm) else None for p in order],
+        prob=[float(probs[p]) if probs is not None and p < len(probs) else None for p in order],
+        query=q.echo,
+    )

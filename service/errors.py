@@ -1,8 +1,9 @@
 """Errors of the HTTP API and their handlers. Every error body is ``{"error": {"code", "message", ...}}``.
 
 Client errors are 4xx with a stable ``code``; validation errors (FastAPI's 422) are reshaped to name the
-field. Anything unexpected becomes a 500 with a generic message: no stack trace, exception text or file
-path ever reaches a response body (it is logged instead).
+field. The search's own errors (:mod:`albef.service.domain_errors`) get their status codes here. Anything
+unexpected becomes a 500 with a generic message: no stack trace, exception text or file path ever reaches a
+response body (it is logged instead).
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from albef.service.domain_errors import (
+    BadQuery,
+    NotFound,
+    Overloaded,
+    SearchError,
+    TooLarge,
+    UnsupportedFormat,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -18,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ApiError", "QueueFullError", "NotReadyError", "PayloadTooLargeError", "error_body", "install", "document_errors",
+    "ApiError", "NotReadyError", "PayloadTooLargeError", "api_error", "error_body", "install", "document_errors",
 ]
 
 
@@ -35,15 +44,6 @@ class ApiError(Exception):
         self.headers = headers
 
 
-class QueueFullError(ApiError):
-    """A stage's queue is full: the client should retry later."""
-
-    def __init__(self, stage: str, retry_after_s: int = 1) -> None:
-        super().__init__(503, "overloaded", f"the {stage} queue is full; retry later",
-                         headers={"Retry-After": str(int(retry_after_s))})
-        self.stage = stage
-
-
 class NotReadyError(ApiError):
     def __init__(self, message: str = "the model or the index is not loaded yet") -> None:
         super().__init__(503, "not_ready", message, headers={"Retry-After": "5"})
@@ -55,6 +55,19 @@ class PayloadTooLargeError(StarletteHTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body exceeds {limit} bytes")
         self.limit = limit
+
+
+# Most specific first: the first class an error is an instance of gives its status.
+_SEARCH_STATUS: tuple[tuple[type[SearchError], int], ...] = (
+    (Overloaded, 503), (NotFound, 404), (TooLarge, 413), (UnsupportedFormat, 415), (BadQuery, 422),
+)
+
+
+def api_error(exc: SearchError) -> ApiError:
+    """The HTTP form of a search error: its status code, and Retry-After when overloaded."""
+    status = next((s for cls, s in _SEARCH_STATUS if isinstance(exc, cls)), 422)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    return ApiError(status, exc.code, exc.message, field=exc.field, headers=headers)
 
 
 _STATUS_CODES = {
@@ -90,6 +103,11 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
                         headers=exc.headers)
 
 
+async def _search_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SearchError)
+    return await _api_error(request, api_error(exc))
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     raw = list(exc.errors())
@@ -121,6 +139,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(SearchError, _search_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

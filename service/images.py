@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from albef.model.image import DEFAULT_FORMATS, ImageFormatError, open_image, to_rgb, upright
-from albef.service.errors import ApiError
+from albef.service.domain_errors import BadQuery, SearchError, TooLarge, UnsupportedFormat
 from PIL import Image, UnidentifiedImageError
 
 __all__ = ["UploadPolicy", "configure_pillow", "decode_upload", "sniff_content_type"]
@@ -43,33 +43,33 @@ class UploadPolicy:
 
 
 def decode_upload(data: bytes, policy: UploadPolicy) -> Image.Image:
-    """Bytes of an uploaded image -> upright RGB PIL image, or an :class:`ApiError` (413/415/422) that says
-    why not."""
+    """Bytes of an uploaded image -> upright RGB PIL image, or a :class:`TooLarge`, :class:`UnsupportedFormat`
+    or :class:`BadQuery` that says why not."""
     if not data:
-        raise ApiError(422, "invalid_image", "the image is empty", field="image")
+        raise BadQuery("invalid_image", "the image is empty", field="image")
     if len(data) > policy.max_bytes:
-        raise ApiError(413, "payload_too_large", f"the image has {len(data)} bytes; the limit is {policy.max_bytes}",
+        raise TooLarge("payload_too_large", f"the image has {len(data)} bytes; the limit is {policy.max_bytes}",
                        field="image")
     try:
         img = open_image(data, policy.formats)
         width, height = img.size
         if width * height > policy.max_pixels:
-            raise ApiError(413, "image_too_large",
+            raise TooLarge("image_too_large",
                            f"the image has {width}x{height} pixels; the limit is {policy.max_pixels} pixels",
                            field="image")
         img.load()
         # to_rgb, as the index builder does: plain convert('RGB') clips 16-bit greyscale to white.
         rgb = to_rgb(upright(img, policy.exif_transpose))
-    except ApiError:
+    except SearchError:
         raise
     except ImageFormatError as exc:
-        raise ApiError(415, "unsupported_image_format", str(exc), field="image") from exc
+        raise UnsupportedFormat("unsupported_image_format", str(exc), field="image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ApiError(413, "image_too_large", f"the image exceeds the pixel limit ({policy.max_pixels})",
+        raise TooLarge("image_too_large", f"the image exceeds the pixel limit ({policy.max_pixels})",
                        field="image") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated/corrupt files with several exception types; none of their texts is shown.
-        raise ApiError(422, "invalid_image", "the data is not a readable image", field="image") from exc
+        raise BadQuery("invalid_image", "the data is not a readable image", field="image") from exc
     return rgb
 
 

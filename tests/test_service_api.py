@@ -256,9 +256,14 @@ def test_request_errors(client: httpx.Client, items) -> None:
     assert_error(client.post("/v1/search/images", content=b"{not json", headers={"content-type": "application/json"}),
                  422, "validation_error", "body")
     assert_error(client.post("/v1/search/images", json=[1, 2]), 422, "validation_error")
-    assert_error(client.post("/v1/search/images", json={"item_id": 987654}), 404, "item_not_found", "item_id")
-    assert_error(client.post("/v1/search/images", json={"item_id": image["id"]}), 422, "wrong_item_kind", "item_id")
-    assert_error(client.post("/v1/search/texts", json={"item_id": text["id"]}), 422, "wrong_item_kind", "item_id")
+    err = assert_error(client.post("/v1/search/images", json={"item_id": 987654}), 404, "item_not_found", "item_id")
+    assert err["message"].startswith("no item 987654 in index version ")
+    err = assert_error(client.post("/v1/search/images", json={"item_id": image["id"]}), 422, "wrong_item_kind",
+                       "item_id")
+    assert err["message"] == f"item {image['id']} is an image; /v1/search/images needs an indexed text"
+    err = assert_error(client.post("/v1/search/texts", json={"item_id": text["id"]}), 422, "wrong_item_kind",
+                       "item_id")
+    assert err["message"] == f"item {text['id']} is an text; /v1/search/texts needs an indexed image"
     assert_error(client.post("/v1/search/texts", json={"image_base64": "***"}), 422, "invalid_image", "image_base64")
     assert_error(client.post("/v1/search/texts", json={"image_base64": base64.b64encode(b"hello").decode()}),
                  422, "invalid_image", "image")

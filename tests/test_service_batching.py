@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 from albef.service.batching import MicroBatcher
-from albef.service.errors import QueueFullError
+from albef.service.domain_errors import Overloaded
+from albef.service.errors import api_error
 
 from tests.service_fixtures import index_items, live_server, service_index, service_synth, settings
 
@@ -80,9 +81,11 @@ def test_bounded_queue_errors_and_cancellation() -> None:
             time.sleep(0.005)
         queued = [b.submit(13), b.submit(3)]
         assert b.depth == 2
-        with pytest.raises(QueueFullError) as info:
+        with pytest.raises(Overloaded) as info:
             b.submit(4)
-        assert info.value.status == 503 and info.value.headers == {"Retry-After": "7"}
+        assert info.value.stage == "t" and info.value.retry_after_s == 7
+        # the HTTP layer's view of it: 503 with Retry-After
+        assert api_error(info.value).status == 503 and api_error(info.value).headers == {"Retry-After": "7"}
         assert queued[1].cancel()  # a waiter that gave up: its item never reaches the model
         gate.set()
         assert first.result(timeout=10) == 1

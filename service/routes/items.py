@@ -18,7 +18,6 @@ import stat
 from typing import Any
 
 from albef.service.deps import ReaderDep
-from albef.service.engine import public_item
 from albef.service.errors import ApiError
 from albef.service.images import sniff_content_type
 from albef.service.schemas import ErrorResponse, Item
@@ -28,6 +27,23 @@ from fastapi.responses import Response
 _MAX_ID = 2**63 - 1  # ids are int64; larger numbers are simply not items (and would overflow SQLite)
 
 router = APIRouter(prefix="/v1/items", tags=["items"])
+
+
+def public_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An index record as the API shows it: no local paths; images held as files get an ``image_url`` (the
+    route below)."""
+    path = item.get("path")
+    out = {
+        "id": int(item["id"]), "kind": item["kind"], "caption": item.get("caption"),
+        "width": item.get("width"), "height": item.get("height"), "sha256": item.get("sha256"),
+        "image_id": item.get("image_id"), "metadata": item.get("metadata"), "image_url": None, "uri": None,
+    }
+    if item["kind"] == "image" and path:
+        if "://" in str(path):
+            out["uri"] = str(path)
+        else:
+            out["image_url"] = f"{router.prefix}/{int(item['id'])}/image"
+    return out
 
 
 @router.get("/{item_id}", response_model=Item, responses={404: {"model": ErrorResponse}})

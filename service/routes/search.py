@@ -14,10 +14,12 @@ import binascii
 import json
 from typing import Any
 
-from albef.model.text import pre_caption
 from albef.service.deps import EngineDep, ReaderDep, SettingsDep
-from albef.service.engine import SearchResult, public_item
+from albef.service.domain_errors import WrongItemKind
+from albef.service.engine import SearchEngine, SearchRequest, SearchResult
 from albef.service.errors import ApiError
+from albef.service.protocols import IndexView
+from albef.service.routes.items import public_item
 from albef.service.schemas import ErrorResponse, Hit, ImageSearchRequest, SearchResponse, TextSearchRequest
 from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +45,18 @@ def _limits(body: ImageSearchRequest | TextSearchRequest, settings: Settings) ->
     return k, rerank_k
 
 
-async def _respond(result: SearchResult, reader: Any, engine: Any, k: int, rerank: bool, rerank_k: int) -> SearchResponse:
+async def _search(engine: SearchEngine, reader: IndexView, request: SearchRequest, path: str) -> SearchResponse:
+    try:
+        result = await engine.search(reader, request)
+    except WrongItemKind as exc:
+        # The engine knows directions, not URLs: name the route that was called.
+        raise ApiError(422, exc.code, f"item {exc.item_id} is an {exc.kind}; {path} needs an indexed {exc.wanted}",
+                       field=exc.field) from exc
+    return await _respond(result, reader, engine, request)
+
+
+async def _respond(result: SearchResult, reader: IndexView, engine: SearchEngine,
+                   request: SearchRequest) -> SearchResponse:
     items = {it["id"]: it for it in await asyncio.to_thread(reader.items, result.ids)}
     hits = [
         Hit(id=i, rank=r + 1, itc_rank=c, itc_score=s, itm_score=m, match_probability=p,
@@ -52,8 +65,9 @@ async def _respond(result: SearchResult, reader: Any, engine: Any, k: int, reran
                                                 strict=True))
         if i in items
     ]
-    return SearchResponse(results=hits, timings_ms=result.timings_ms, k=k, rerank=rerank, rerank_k=rerank_k,
-                          query=result.query, index_version=reader.version, bundle_id=engine.bundle.bundle_id)
+    return SearchResponse(results=hits, timings_ms=result.timings_ms, k=request.k, rerank=request.rerank,
+                          rerank_k=request.rerank_k, query=result.query, index_version=reader.version,
+                          bundle_id=engine.bundle.bundle_id)
 
 
 def _require_json(request: Request) -> None:
@@ -70,12 +84,10 @@ async def search_images(body: ImageSearchRequest, settings: SettingsDep, reader:
     k, rerank_k = _limits(body, settings)
     if body.text is not None and len(body.text) > settings.max_text_chars:
         raise ApiError(422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text")
-    if body.text is not None and not pre_caption(body.text).strip():
-        # Blank or punctuation-only text tokenizes to [CLS] alone: any "results" would be meaningless.
-        raise ApiError(422, "empty_text", "text: has no words (only white space or punctuation)", field="text")
-    result = await engine.search(reader, "t2i", text=body.text, item_id=body.item_id, k=k, rerank=body.rerank,
-                                 rerank_k=rerank_k, exclude=body.exclude)
-    return await _respond(result, reader, engine, k, body.rerank, rerank_k)
+    # A text without words is refused by the engine, where the text is cleaned for the model.
+    request = SearchRequest("t2i", text=body.text, item_id=body.item_id, k=k, rerank=body.rerank,
+                            rerank_k=rerank_k, exclude=body.exclude)
+    return await _search(engine, reader, request, f"{router.prefix}/images")
 
 
 def _validate(model: type[TextSearchRequest], data: Any) -> TextSearchRequest:
@@ -159,6 +171,6 @@ async def search_texts(request: Request, settings: SettingsDep, reader: ReaderDe
                        engine: EngineDep) -> SearchResponse:
     body, data = await _parse_texts_request(request, settings)
     k, rerank_k = _limits(body, settings)
-    result = await engine.search(reader, "i2t", image=data, item_id=body.item_id, k=k, rerank=body.rerank,
-                                 rerank_k=rerank_k, exclude=body.exclude)
-    return await _respond(result, reader, engine, k, body.rerank, rerank_k)
+    request = SearchRequest("i2t", image=data, item_id=body.item_id, k=k, rerank=body.rerank, rerank_k=rerank_k,
+                            exclude=body.exclude)
+    return await _search(engine, reader, request, f"{router.prefix}/texts")
