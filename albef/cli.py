@@ -26,7 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "albef.model.export_cli",
     "albef.index.cli",
     "albef.service.cli",
-    "albef.service.demo_cli",
+    "albef.demo_cli",
 )
 
 

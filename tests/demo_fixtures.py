@@ -1,5 +1,5 @@
 """Fixtures of the demo and browser tests: the demo cache (the shipped tiny model exported, a small synthetic
-gallery, its index) prepared once per session with :func:`albef.service.demo.prepare`.
+gallery, its index) prepared once per session with :func:`albef.demo.prepare`.
 
 Import into a test module with ``from tests.demo_fixtures import ...`` (fixtures by name, so pytest sees them).
 """
@@ -19,13 +19,13 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 @dataclass
 class PreparedDemo:
     cache: Path
-    result: object  # albef.service.demo.DemoResult of the cold run
+    result: object  # albef.demo.DemoResult of the cold run
     lines: list[str]  # the progress lines the cold run printed
 
 
 @pytest.fixture(scope="session")
 def demo_checkpoint() -> Path:
-    from albef.service.demo import shipped_checkpoint
+    from albef.demo import shipped_checkpoint
 
     path = shipped_checkpoint()
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file(), \
@@ -36,7 +36,7 @@ def demo_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def prepared_demo(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> PreparedDemo:
     """A cold ``prepare`` into an empty cache (export, gallery, index)."""
-    from albef.service.demo import prepare
+    from albef.demo import prepare
 
     cache = tmp_path_factory.mktemp("demo") / "cache"
     lines: list[str] = []

@@ -35,7 +35,8 @@ def _copy_cache(src: Path, dst: Path) -> Path:
 def test_cold_run_builds_every_step(prepared_demo: PreparedDemo, demo_checkpoint: Path) -> None:  # noqa: F811
     from albef.index import IndexReader
     from albef.model.runtime import read_manifest
-    from albef.service.demo import checkpoint_sha256
+
+    from albef.demo import checkpoint_sha256
 
     res = prepared_demo.result
     assert res.rebuilt == {"bundle": True, "data": True, "index": True}
@@ -80,7 +81,8 @@ def test_warm_run_reuses_the_cache_without_torch(prepared_demo: PreparedDemo, tm
 def test_changed_gallery_rebuilds_data_and_index_only(prepared_demo: PreparedDemo, demo_checkpoint: Path,  # noqa: F811
                                                      tmp_path: Path) -> None:
     from albef.index import IndexReader
-    from albef.service.demo import prepare
+
+    from albef.demo import prepare
 
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     synth = {**TEST_SYNTH, "images": 200}
@@ -103,7 +105,8 @@ def test_changed_checkpoint_rebuilds_the_bundle_and_index(prepared_demo: Prepare
     """Another checkpoint (other weights): a new bundle, hence a new index; the gallery is kept."""
     from albef.index import IndexReader
     from albef.model.runtime import read_manifest
-    from albef.service.demo import checkpoint_sha256, prepare
+
+    from albef.demo import checkpoint_sha256, prepare
 
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     old_id = _stamp(cache)["bundle"]["bundle_id"]
@@ -119,8 +122,19 @@ def test_changed_checkpoint_rebuilds_the_bundle_and_index(prepared_demo: Prepare
         assert reader.manifest["bundle_id"] == new_id
 
 
+def test_the_demo_lives_outside_the_service() -> None:
+    """service/ is serving only: the demo (export, synthetic data, index builds) is albef.demo."""
+    import importlib.util
+
+    from albef.cli import COMMAND_MODULES
+
+    assert importlib.util.find_spec("albef.service.demo") is None
+    assert importlib.util.find_spec("albef.service.demo_cli") is None
+    assert "albef.demo_cli" in COMMAND_MODULES
+
+
 def test_cache_dir_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from albef.service.demo import default_cache_dir
+    from albef.demo import default_cache_dir
 
     monkeypatch.delenv("ALBEF_DEMO_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -132,7 +146,8 @@ def test_cache_dir_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 def test_gallery_is_the_recipes_test_split() -> None:
     """The demo's data are the tiny recipe's (same scenes, seed and size), so its test split is held out."""
     import yaml
-    from albef.service.demo import DEMO_SYNTH
+
+    from albef.demo import DEMO_SYNTH
 
     recipe = yaml.safe_load((REPO / "model" / "train" / "recipes" / "tiny-synth.yaml").read_text())
     assert DEMO_SYNTH == {k: recipe["data"]["synth"][k] for k in ("images", "seed", "size")}

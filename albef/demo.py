@@ -188,6 +188,7 @@ def _index_ok(path: Path) -> bool:
 # -- the steps -------------------------------------------------------------------------------------------------
 def _export(checkpoint: Path, out: Path, progress: bool) -> str:
     import torch
+
     from albef.model.export import export_bundle
     from albef.model.factory import create_model
 

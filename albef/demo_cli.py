@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from albef.errors import CLIError, UsageError
 
 if TYPE_CHECKING:
-    from albef.service.demo import DemoResult
+    from albef.demo import DemoResult
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,8 +45,7 @@ def demo_command(args: argparse.Namespace) -> int:
     import os
     import time
 
-    from albef.service.demo import DEMO_SYNTH, DemoError, prepare
-
+    from albef.demo import DEMO_SYNTH, DemoError, prepare
 
     # The numbered progress lines and tqdm bars are the demo's output; JSON info logs would drown them
     # (ALBEF_LOG_LEVEL=INFO brings them back).
