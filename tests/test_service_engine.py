@@ -120,12 +120,15 @@ class _Reader:
         return {"id": item_id, "kind": "text" if item_id == 20 else "image"} if item_id in (*self.ITC, 20) else None
 
 
-def _search(**fields: Any) -> SearchResult:
+def _search(*, keywords: bool = False, **fields: Any) -> SearchResult:
     bundle = _Bundle()
     stages = Stages(bundle, batch_max_size=1)  # type: ignore[arg-type]
     try:
         engine = SearchEngine(bundle, stages)  # type: ignore[arg-type]
-        return asyncio.run(engine.search(_Reader(), SearchRequest("t2i", **fields)))  # type: ignore[arg-type]
+        reader: Any = _Reader()
+        if keywords:
+            return asyncio.run(engine.search(reader, "t2i", **fields))
+        return asyncio.run(engine.search(reader, SearchRequest("t2i", **fields)))
     finally:
         stages.close()
 
@@ -141,6 +144,8 @@ def test_search_reranks_the_head_and_keeps_the_tail_in_itc_order() -> None:
     # without re-ranking: ITC order, ties by id; excluded ids leave the candidates
     plain = _search(text="a red circle", k=4, rerank=False, exclude=[11])
     assert plain.ids == [10, 12, 13, 14] and plain.itm == [None] * 4
+    # a direction with keywords is the same request
+    assert _search(keywords=True, text="a red circle", k=5, rerank_k=3).ids == res.ids
 
 
 def test_item_queries_raise_domain_errors() -> None:
