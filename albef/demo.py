@@ -67,11 +67,12 @@ class DemoResult:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("ALBEF_DEMO_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "albef-search" / "demo"
+    from albef.settings import DemoSettings
+
+    env = DemoSettings()
+    if env.demo_cache is not None:
+        return env.demo_cache.expanduser()
+    return (env.xdg_cache_home or Path.home() / ".cache") / "albef-search" / "demo"
 
 
 def shipped_checkpoint() -> Path:

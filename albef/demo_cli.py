@@ -42,14 +42,14 @@ def _say(line: str) -> None:
 
 def demo_command(args: argparse.Namespace) -> int:
     import logging
-    import os
     import time
 
     from albef.demo import DEMO_SYNTH, DemoError, prepare
+    from albef.settings import LogSettings
 
     # The numbered progress lines and tqdm bars are the demo's output; JSON info logs would drown them
     # (ALBEF_LOG_LEVEL=INFO brings them back).
-    quiet = "ALBEF_LOG_LEVEL" not in os.environ
+    quiet = LogSettings().log_level is None
     if quiet:
         logging.getLogger().setLevel(logging.WARNING)
     if not 0 <= args.port <= 65535:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -35,11 +34,14 @@ class JSONFormatter(logging.Formatter):
 
 def setup_logging(level: str | None = None) -> None:
     """Configure the root logger once; later calls only change the level."""
-    level = (level or os.environ.get("ALBEF_LOG_LEVEL", "INFO")).upper()
+    from albef.settings import LogSettings  # pydantic: imported when a command runs, not at `albef --help`
+
+    env = LogSettings()
+    level = level.upper() if level else env.level
     root = logging.getLogger()
     if not any(getattr(h, "_albef", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        if os.environ.get("ALBEF_LOG_FORMAT", "json").lower() == "text":
+        if env.text_format:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         else:
             handler.setFormatter(JSONFormatter())

