@@ -6,8 +6,8 @@ Every field can be set as ``ALBEF_<FIELD NAME IN CAPITALS>`` (``ALBEF_INDEX_DIR=
 
 :class:`Settings` configures the search service (``albef serve``). The other parts read small classes of
 their own, so that one command does not fail on another's variable, nor pay for building it:
-:class:`LogSettings` (every command), :class:`ModelSettings` (the vocabulary) and :class:`DemoSettings`
-(``albef demo``).
+:class:`LogSettings` (every command), :class:`ModelSettings` (the vocabulary), :class:`DemoSettings`
+(``albef demo``) and :class:`IndexBuildSettings` (``albef index build|add``, prefix ``ALBEF_INDEX_``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
     "DEFAULT_LOG_LEVEL", "Settings", "get_settings", "LogSettings", "ModelSettings", "DemoSettings",
+    "IndexBuildSettings", "INDEX_BUILD_DEFAULTS",
 ]
 
 DEFAULT_LOG_LEVEL = "INFO"
@@ -188,3 +189,35 @@ class DemoSettings(BaseSettings):
     demo_cache: Path | None = Field(None, description="the demo's cache folder")
     # The XDG base-directory variable (no ALBEF_ prefix: a validation alias is read as it is).
     xdg_cache_home: Path | None = Field(None, validation_alias="XDG_CACHE_HOME")
+
+
+class IndexBuildSettings(BaseSettings):
+    """Defaults of ``albef index build|add`` (their flags override): ``ALBEF_INDEX_<FIELD>``.
+
+    The fields' own defaults are also :class:`albef.index.options.BuildOptions`'s (through
+    :data:`INDEX_BUILD_DEFAULTS`). No bounds here: ``BuildOptions.check`` validates flags and variables
+    alike, with the messages the builder has always given. None defers to the ANN policy's own defaults
+    (``albef.index.ann``), which stay there."""
+
+    model_config = SettingsConfigDict(env_prefix="ALBEF_INDEX_", extra="ignore", env_ignore_empty=True)
+
+    threads: int | None = Field(None, description="ONNX Runtime intra-op threads (default: all)")
+    batch_size: int = Field(16, description="images per encoder call")
+    text_batch_size: int = Field(64, description="texts per encoder call")
+    shard_size: int = Field(256, description="images per committed shard")
+    text_shard_size: int = Field(1024, description="texts per committed shard")
+    workers: int = Field(4, description="image reading/decoding threads")
+    max_memory: str | None = Field(
+        None, description="memory budget of each FAISS index (default: for add, the budget the index was built "
+        "under; for build, albef.index.ann.DEFAULT_MAX_MEMORY)"
+    )
+    flat_below: int | None = Field(
+        None, description="exact search below this many vectors (default: albef.index.ann.FLAT_BELOW)"
+    )
+    target_recall: float = Field(0.95, description="ANN recall@10 the search settings aim for")
+    keep_versions: int = Field(5, description="index versions to keep")
+
+
+# The declared defaults, without reading the environment: library callers (BuildOptions) get the same
+# defaults as the CLI whatever the environment holds.
+INDEX_BUILD_DEFAULTS = IndexBuildSettings.model_construct()

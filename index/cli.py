@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,71 @@ from albef.errors import CLIError, UsageError
 FORMATS_HELP = "JPEG,PNG,WEBP,GIF,BMP,TIFF"
 
 
+class _FromSettings:
+    """The default of an option that ``albef.settings.IndexBuildSettings`` holds: ``ALBEF_INDEX_<NAME>`` if
+    set, else the field's declared default, filled in when the command runs (:func:`_apply_settings`).
+
+    A marker rather than the value because registration stays import-light: pydantic (and, for the ANN
+    policy's figures, faiss) is imported only when ``--help`` renders ``%(default)s``."""
+
+    def __init__(self, name: str, shown: Callable[[], object] | None = None) -> None:
+        self.name = name
+        self.shown = shown
+
+    def __str__(self) -> str:
+        if self.shown is not None:
+            return str(self.shown())
+        from albef.settings import INDEX_BUILD_DEFAULTS
+
+        return str(getattr(INDEX_BUILD_DEFAULTS, self.name))
+
+
+def _ann_default(name: str) -> Callable[[], object]:
+    def shown() -> object:
+        from albef.index import ann
+
+        return getattr(ann, name)
+
+    return shown
+
+
+def _apply_settings(args: argparse.Namespace) -> None:
+    """Options left at their default take ``ALBEF_INDEX_*`` (or the declared default); flags win."""
+    from pydantic import ValidationError
+
+    from albef.settings import IndexBuildSettings
+
+    names = [n for n in IndexBuildSettings.model_fields if hasattr(args, n)]
+    given = {n: getattr(args, n) for n in names if not isinstance(getattr(args, n), _FromSettings)}
+    try:
+        settings = IndexBuildSettings(**given)
+    except ValidationError as exc:  # only the environment can be wrong here: flags are typed by argparse
+        err = exc.errors()[0]
+        field = "".join(str(x) for x in err.get("loc", ())[:1])
+        raise UsageError(f"invalid setting ALBEF_INDEX_{field.upper()}: {err.get('msg')}") from exc
+    for n in names:
+        if isinstance(getattr(args, n), _FromSettings):
+            setattr(args, n, getattr(settings, n))
+
+
 def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None:
+    p.epilog = ("The defaults of --threads, --batch-size, --text-batch-size, --shard-size, --text-shard-size, "
+                "--workers, --max-memory, --flat-below, --target-recall and --keep-versions can be set in the "
+                "environment as ALBEF_INDEX_<OPTION> (e.g. ALBEF_INDEX_BATCH_SIZE=32); a flag wins.")
     g = p.add_argument_group("encoding")
     g.add_argument("--variant", default="fp32", help="bundle variant to encode with (fp32, int8, ...)")
-    g.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
-    g.add_argument("--batch-size", type=int, default=16, help="images per encoder call (default 16)")
-    g.add_argument("--text-batch-size", type=int, default=64, help="texts per encoder call (default 64)")
-    g.add_argument("--shard-size", type=int, default=256, help="images per committed shard (default 256)")
-    g.add_argument("--text-shard-size", type=int, default=1024, help="texts per committed shard (default 1024)")
-    g.add_argument("--workers", type=int, default=4, help="image reading/decoding threads (default 4)")
+    g.add_argument("--threads", type=int, default=_FromSettings("threads", lambda: "all"),
+                   help="ONNX Runtime intra-op threads (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=_FromSettings("batch_size"),
+                   help="images per encoder call (default %(default)s)")
+    g.add_argument("--text-batch-size", type=int, default=_FromSettings("text_batch_size"),
+                   help="texts per encoder call (default %(default)s)")
+    g.add_argument("--shard-size", type=int, default=_FromSettings("shard_size"),
+                   help="images per committed shard (default %(default)s)")
+    g.add_argument("--text-shard-size", type=int, default=_FromSettings("text_shard_size"),
+                   help="texts per committed shard (default %(default)s)")
+    g.add_argument("--workers", type=int, default=_FromSettings("workers"),
+                   help="image reading/decoding threads (default %(default)s)")
     g.add_argument("--official-loader", action="store_true",
                    help="decode images as the official ALBEF loader does: EXIF orientation ignored (for "
                         "benchmark parity; by default photos are turned upright by their EXIF orientation)")
@@ -45,12 +102,15 @@ def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None
                             "at query time). Default tokens")
     g.add_argument("--factory", default=None, help='FAISS factory string, e.g. "IVF256,PQ32" or "HNSW32" '
                                                    "(default: chosen under --max-memory)")
-    g.add_argument("--max-memory", default=None,
+    g.add_argument("--max-memory", default=_FromSettings("max_memory", _ann_default("DEFAULT_MAX_MEMORY")),
                    help="memory budget of each FAISS index (default: for add, the budget the index was built "
-                        "under; for build, 4G)")
-    g.add_argument("--flat-below", type=int, default=50_000, help="exact search below this many vectors")
-    g.add_argument("--target-recall", type=float, default=0.95, help="ANN recall@10 the search settings aim for")
-    g.add_argument("--keep-versions", type=int, default=5, help="index versions to keep (default 5)")
+                        "under; for build, %(default)s)")
+    g.add_argument("--flat-below", type=int, default=_FromSettings("flat_below", _ann_default("FLAT_BELOW")),
+                   help="exact search below this many vectors (default %(default)s)")
+    g.add_argument("--target-recall", type=float, default=_FromSettings("target_recall"),
+                   help="ANN recall@10 the search settings aim for (default %(default)s)")
+    g.add_argument("--keep-versions", type=int, default=_FromSettings("keep_versions"),
+                   help="index versions to keep (default %(default)s)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,11 +153,13 @@ def _options(args: argparse.Namespace) -> Any:
     from albef.index.builder import BuildOptions
     from albef.model.image import DEFAULT_FORMATS, parse_formats
 
+    # flat_below None (neither flag nor variable): BuildOptions' default, the ANN policy's
+    ann = {"flat_below": args.flat_below} if args.flat_below is not None else {}
     return BuildOptions(
         batch_size=args.batch_size, text_batch_size=args.text_batch_size, shard_size=args.shard_size,
         text_shard_size=args.text_shard_size, workers=args.workers,
         token_dtype=getattr(args, "token_dtype", "fp16"), text_features=getattr(args, "text_features", "tokens"),
-        factory=args.factory, max_memory=args.max_memory, flat_below=args.flat_below,
+        factory=args.factory, max_memory=args.max_memory, **ann,
         target_recall=args.target_recall, keep_versions=args.keep_versions,
         image_root=str(args.image_root.resolve()) if args.image_root else None, progress=not args.no_progress,
         exif_transpose=not args.official_loader, image_formats=parse_formats(args.image_formats) if args.image_formats else DEFAULT_FORMATS,
@@ -163,6 +225,7 @@ def build_command(args: argparse.Namespace) -> int:
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
+    _apply_settings(args)
     bundle = _load_bundle(args.model, args)
     opts = _run(_options, args)
     result = _run(builder.build, args.out, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
@@ -176,6 +239,7 @@ def add_command(args: argparse.Namespace) -> int:
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
+    _apply_settings(args)
     model = args.model
     if model is None:
         try:

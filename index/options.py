@@ -16,6 +16,8 @@ from albef.index.errors import IndexError_
 from albef.index.features import TEXT_FEATURES, TOKEN_DTYPES
 from albef.model.image import DEFAULT_FORMATS
 
+from albef.settings import INDEX_BUILD_DEFAULTS as _D
+
 KINDS = ("image", "text")
 
 
@@ -37,18 +39,20 @@ class Encoder(Protocol):
 
 @dataclass
 class BuildOptions:
-    batch_size: int = 16  # images per encoder call
-    text_batch_size: int = 64
-    shard_size: int = 256  # images per committed shard
-    text_shard_size: int = 1024
-    workers: int = 4  # image reading/decoding threads
+    # The numbers' defaults are albef.settings.IndexBuildSettings' (the CLI's too, there overridable by
+    # ALBEF_INDEX_*); the ANN policy's stay in albef.index.ann.
+    batch_size: int = _D.batch_size  # images per encoder call
+    text_batch_size: int = _D.text_batch_size
+    shard_size: int = _D.shard_size  # images per committed shard
+    text_shard_size: int = _D.text_shard_size
+    workers: int = _D.workers  # image reading/decoding threads
     token_dtype: str = "fp16"  # image token features: fp16 | int8
     text_features: str = "tokens"  # text re-rank features: tokens (fp16) | ids (re-encoded at query time)
     factory: str | None = None  # FAISS factory string; None = choose under max_memory
     max_memory: str | None = None  # None: the index's recorded budget (add), else ann.DEFAULT_MAX_MEMORY
     flat_below: int = ann.FLAT_BELOW
-    target_recall: float = 0.95
-    keep_versions: int = 5
+    target_recall: float = _D.target_recall
+    keep_versions: int = _D.keep_versions
     image_root: str | None = None
     progress: bool = True
     exif_transpose: bool = True  # False: the official loader (EXIF orientation ignored)
