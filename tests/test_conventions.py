@@ -1,8 +1,10 @@
 """What users of photos, servers and CLIs expect: upright photos, an allow-list of decoders, honest metrics,
-unspoofable logs with an access log and request ids, conventional exit codes and --json, a typed package."""
+unspoofable logs with an access log and request ids, conventional exit codes and --json, a typed package,
+and one home for configuration (albef.settings)."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
@@ -263,3 +265,118 @@ def test_serving_dependencies_are_only_what_serving_needs() -> None:
     base = {d.split(">")[0].split("=")[0].strip() for d in project["dependencies"]}
     assert not base & {"httpx", "safetensors", "transformers", "torch"}
     assert project["license"] == "BSD-3-Clause"
+
+
+# -- configuration: the environment is read in albef.settings only ------------------------------------------
+ENV_SCANNED = ("albef", "model", "index", "service")
+# torch.distributed's launcher protocol, read where the process group is set up.
+ENV_READS_ALLOWED = {("model/train/trainer.py", "WORLD_SIZE"), ("model/train/trainer.py", "LOCAL_RANK")}
+
+
+def _environment_reads(source: str) -> list[tuple[int, str | None]]:
+    """(line, variable name or None if not a literal) of every use of ``os.environ``/``os.getenv``."""
+    tree = ast.parse(source)
+    os_names = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+                if a.name == "os"}
+    env_attrs = ("environ", "environb", "getenv", "getenvb")
+    uses = {id(n): n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in env_attrs
+            and isinstance(n.value, ast.Name) and n.value.id in os_names}
+    keys: dict[int, str | None] = {}
+    for n in ast.walk(tree):
+        target = None
+        if isinstance(n, ast.Subscript):
+            target, arg = n.value, n.slice
+        elif isinstance(n, ast.Call) and n.args:
+            func = n.func
+            target = func.value if isinstance(func, ast.Attribute) and func.attr in ("get", "pop") else func
+            arg = n.args[0]
+        if target is not None and id(target) in uses and isinstance(arg, ast.Constant):
+            keys[id(target)] = str(arg.value)
+    reads = [(n.lineno, keys.get(i)) for i, n in uses.items()]
+    reads += [(n.lineno, None) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "os"
+              and any(a.name in env_attrs for a in n.names)]
+    return sorted(reads, key=lambda r: r[0])
+
+
+def test_the_scan_sees_every_form_of_environment_read() -> None:
+    code = ("import os\nimport os as o\nfrom os import getenv\nos.environ.get('A')\no.getenv('B', '1')\n"
+            "os.environ['C']\n'D' in os.environ\nos.cpu_count()\n")
+    assert _environment_reads(code) == [(3, None), (4, "A"), (5, "B"), (6, "C"), (7, None)]
+
+
+def test_no_environment_reads_outside_the_settings() -> None:
+    found = []
+    for top in ENV_SCANNED:
+        for path in sorted((REPO / top).rglob("*.py")):
+            rel = path.relative_to(REPO).as_posix()
+            if rel == "albef/settings.py":
+                continue
+            found += [f"{rel}:{line} {key}" for line, key in _environment_reads(path.read_text())
+                      if (rel, key) not in ENV_READS_ALLOWED]
+    assert not found, "read the environment through albef.settings: " + ", ".join(found)
+
+
+def test_environment_variables_reach_their_fields(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from albef.model.text import default_vocab_path
+
+    from albef.demo import default_cache_dir
+    from albef.settings import DemoSettings, LogSettings, ModelSettings
+
+    monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "vocab.txt"))
+    assert ModelSettings().vocab == default_vocab_path() == tmp_path / "vocab.txt"
+    monkeypatch.setenv("ALBEF_LOG_LEVEL", "debug")
+    monkeypatch.setenv("ALBEF_LOG_FORMAT", "TEXT")
+    assert LogSettings().level == "DEBUG" and LogSettings().text_format
+    monkeypatch.setenv("ALBEF_LOG_LEVEL", "")  # set but empty: the default level, and counted as asked for
+    assert LogSettings().level == "INFO" and LogSettings().log_level is not None
+    monkeypatch.delenv("ALBEF_DEMO_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert DemoSettings().xdg_cache_home == tmp_path / "xdg"
+    monkeypatch.setenv("ALBEF_DEMO_CACHE", "")  # empty: unset, as before
+    assert default_cache_dir() == tmp_path / "xdg" / "albef-search" / "demo"
+    monkeypatch.setenv("ALBEF_DEMO_CACHE", str(tmp_path / "mine"))
+    assert DemoSettings().demo_cache == default_cache_dir() == tmp_path / "mine"
+
+
+def test_index_build_defaults_are_written_once_and_read_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from albef.index import ann
+    from albef.index import cli as index_cli
+    from albef.index.options import BuildOptions
+
+    from albef.cli import build_parser
+    from albef.errors import UsageError
+    from albef.settings import INDEX_BUILD_DEFAULTS, IndexBuildSettings
+
+    for key in [k for k in os.environ if k.startswith("ALBEF_INDEX_")]:
+        monkeypatch.delenv(key)
+
+    def options(*flags: str) -> BuildOptions:
+        args = build_parser().parse_args(["index", "build", "--model", "m", "--out", "o", *flags, "src"])
+        index_cli._apply_settings(args)
+        return index_cli._options(args)
+
+    # the library, the CLI and the settings share one set of defaults; the ANN policy's stay in albef.index.ann
+    shared = set(IndexBuildSettings.model_fields) & set(BuildOptions.__dataclass_fields__) - {"max_memory",
+                                                                                               "flat_below"}
+    assert options() == BuildOptions()
+    assert {n: getattr(BuildOptions(), n) for n in shared} == {n: getattr(INDEX_BUILD_DEFAULTS, n) for n in shared}
+    assert BuildOptions().flat_below == ann.FLAT_BELOW and BuildOptions().max_memory is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["index", "build", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"images per encoder call (default {INDEX_BUILD_DEFAULTS.batch_size})" in help_text
+    assert f"for build, {ann.DEFAULT_MAX_MEMORY})" in help_text and f"(default {ann.FLAT_BELOW})" in help_text
+    # a variable sets a default, a flag wins over it, a bad value names the variable
+    monkeypatch.setenv("ALBEF_INDEX_BATCH_SIZE", "8")
+    monkeypatch.setenv("ALBEF_INDEX_MAX_MEMORY", "64M")
+    monkeypatch.setenv("ALBEF_INDEX_FLAT_BELOW", "10")
+    monkeypatch.setenv("ALBEF_INDEX_THREADS", "")  # empty: unset
+    got = options()
+    assert (got.batch_size, got.max_memory, got.flat_below) == (8, "64M", 10)
+    assert options("--batch-size", "3", "--flat-below", "20").batch_size == 3
+    monkeypatch.setenv("ALBEF_INDEX_WORKERS", "many")
+    with pytest.raises(UsageError, match="ALBEF_INDEX_WORKERS"):
+        options()
