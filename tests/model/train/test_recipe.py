@@ -1,0 +1,110 @@
+"""The tiny recipe and its shipped checkpoint (model/weights/albef-tiny-synth): it loads, and it learned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+SHIPPED = REPO / "model" / "weights" / "albef-tiny-synth"
+RECIPE = REPO / "model" / "train" / "recipes" / "tiny-synth.yaml"
+
+
+def test_recipe_is_valid_and_reproducible_from_its_seeds():
+    from albef.model.train.cli import recipe_path
+    from albef.model.train.settings import load_config
+
+    assert recipe_path("tiny-synth") == RECIPE
+    cfg = load_config(RECIPE)
+    assert cfg["mode"] == "retrieval" and cfg["train"]["itm"] and not cfg["train"]["mlm"]
+    assert cfg["model"]["config"] == "albef-tiny"
+    assert cfg["data"]["synth"]["seed"] == 0 and isinstance(cfg["seed"], int)
+    assert cfg["augment"]["hflip"] is False  # captions speak about left/right
+    assert cfg["train"]["queue_size"] % cfg["train"]["batch_size"] == 0
+    assert cfg["final"]["dtype"] == "float16"
+
+
+def test_shipped_checkpoint_is_small_fp16_and_loads_as_float32():
+    from albef.model.factory import create_model
+    from safetensors import safe_open
+
+    weights = SHIPPED / "model.safetensors"
+    assert weights.stat().st_size < 20 * 2**20
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("itm_head.weight").dtype == torch.float16
+    meta = json.loads((SHIPPED / "config.json").read_text())
+    assert meta["dtype"] == "float16" and meta["model"]["name"] == "albef-tiny"
+    model = create_model(None, SHIPPED)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not model.training
+    with safe_open(str(weights), "pt") as f:
+        assert torch.equal(model.itm_head.weight, f.get_tensor("itm_head.weight").float())
+
+
+def test_shipped_eval_report_shows_itm_reranking_beats_itc():
+    report = json.loads((SHIPPED / "eval.json").read_text())
+    itc, itm = report["itc"], report["itm"]
+    assert itm["txt_r1"] > itc["txt_r1"]
+    assert itm["img_r1"] > itc["img_r1"]
+    assert report["n_images"] >= 300 and report["k_test"] >= 8
+    assert report["training"]["steps"] > 0
+
+
+@pytest.fixture(scope="module")
+def fresh_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """New scenes from the same generator (another seed: none of them was seen in training), all splits
+    pooled into one official-format eval file."""
+    from albef.model.data.synth import generate
+
+    root = tmp_path_factory.mktemp("fresh") / "synth"
+    generate(root, 160, seed=20261128, size=128, progress=False)
+    rows = [*json.loads((root / "val.json").read_text()), *json.loads((root / "test.json").read_text())]
+    by_image: dict[str, list[str]] = {}
+    for r in json.loads((root / "train.json").read_text()):
+        by_image.setdefault(r["image"], []).append(r["caption"])
+    rows += [{"image": img, "caption": caps} for img, caps in by_image.items()]
+    (root / "all.json").write_text(json.dumps(rows))
+    return root / "all.json"
+
+
+def test_quick_eval_on_unseen_scenes_itm_beats_itc(fresh_scenes: Path, tokenizer):
+    from albef.model.data.annotations import load_eval_set
+    from albef.model.factory import create_model
+    from albef.model.train.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    model = create_model(None, SHIPPED)
+    report = evaluate(model, load_eval_set(fresh_scenes), tokenizer, k_test=4, progress=False)
+    assert report["n_images"] == 160
+    assert report["itm"]["txt_r1"] > report["itc"]["txt_r1"]
+    assert report["itm"]["img_r1"] > report["itc"]["img_r1"]
+    # and the model is far from chance (1 / 160 images)
+    assert report["itm"]["txt_r1"] > 5 * 100 / 160 and report["itm"]["img_r1"] > 5 * 100 / 160
+
+
+def test_shipped_checkpoint_exports_int8_within_its_bounds(fresh_scenes: Path, tmp_path, monkeypatch) -> None:
+    """A fresh `pip install -e '.[train]'` has no vocab package: the shipped folder carries its vocab.txt. The
+    int8 variant meets every bound on this CPU, re-ranking agreement on unseen scenes included."""
+    import hashlib
+
+    from albef.model.export import export_bundle, make_evaluator
+    from albef.model.factory import create_model
+    from albef.model.quantize import INT8_BOUNDS
+
+    monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "absent-vocab.txt"))
+    out = tmp_path / "bundle"
+    manifest = export_bundle(create_model(None, SHIPPED), out, variants=["fp32", "int8"], checkpoint=SHIPPED,
+                             progress=False, evaluator=make_evaluator(fresh_scenes, k_test=16))
+    digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
+    assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+    assert "int8" in manifest["variants"], manifest["variants_not_shipped"]
+    val = manifest["variants"]["int8"]["validation"]
+    assert val["failed"] == []
+    for d in ("t2i", "i2t"):
+        assert val[f"rerank_top1_agreement_{d}"] >= INT8_BOUNDS.min_rerank_top1_agreement
+        assert val[f"rerank_top1_strict_agreement_{d}"] <= val[f"rerank_top1_agreement_{d}"]
+    assert "scores" not in manifest["variants"]["int8"]["eval"]
