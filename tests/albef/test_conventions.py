@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers import REPO
-from tests.helpers.service import live_server, service_index, service_synth, settings  # noqa: F401
+from tests.helpers.service import live_server, settings
 
 
 # -- photos ------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def _pcx_bytes() -> bytes:
     return buf.getvalue()
 
 
-def test_upload_outside_the_allow_list_is_415_naming_the_format(service_index: Path) -> None:  # noqa: F811
+def test_upload_outside_the_allow_list_is_415_naming_the_format(service_index: Path) -> None:
     with live_server(settings(service_index, image_formats="png,jpeg")) as srv, srv.client() as c:
         r = c.post("/v1/search/texts", files={"image": ("x.pcx", _pcx_bytes())})
         assert r.status_code == 415, r.text
@@ -130,7 +130,7 @@ def test_format_names_are_validated() -> None:
 
 
 # -- metrics, logs, request ids ----------------------------------------------------------------------------
-def test_metrics_label_real_routes_and_only_real_404s_as_unmatched(service_index: Path) -> None:  # noqa: F811
+def test_metrics_label_real_routes_and_only_real_404s_as_unmatched(service_index: Path) -> None:
     with live_server(settings(service_index)) as srv, srv.client() as c:
         for path in ("/", "/static/app.js", "/openapi.json", "/docs", "/v1/items/0", "/nowhere"):
             c.get(path)
@@ -164,7 +164,7 @@ def test_log_extra_cannot_replace_core_keys() -> None:
     assert line["extra_ts"] == "1970" and line["extra_logger"] == "root"
 
 
-def test_access_log_and_request_ids(service_index: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+def test_access_log_and_request_ids(service_index: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="albef.access")
     with live_server(settings(service_index)) as srv, srv.client() as c:
         given = c.get("/v1/items/0", headers={"X-Request-ID": "trace-42"})

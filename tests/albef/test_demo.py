@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.helpers import REPO
-from tests.helpers.demo import TEST_SYNTH, PreparedDemo, demo_checkpoint, prepared_demo  # noqa: F401 - fixtures
+from tests.helpers.demo import TEST_SYNTH, PreparedDemo
 from tests.helpers.readiness import accepts_connections, wait_until_ready
 
 
@@ -31,7 +31,7 @@ def _copy_cache(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_cold_run_builds_every_step(prepared_demo: PreparedDemo, demo_checkpoint: Path) -> None:  # noqa: F811
+def test_cold_run_builds_every_step(prepared_demo: PreparedDemo, demo_checkpoint: Path) -> None:
     from albef.index import IndexReader
     from albef.model.runtime import read_manifest
 
@@ -55,7 +55,7 @@ def test_cold_run_builds_every_step(prepared_demo: PreparedDemo, demo_checkpoint
     assert not [p.name for p in prepared_demo.cache.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-def test_warm_run_reuses_the_cache_without_torch(prepared_demo: PreparedDemo, tmp_path: Path) -> None:  # noqa: F811
+def test_warm_run_reuses_the_cache_without_torch(prepared_demo: PreparedDemo, tmp_path: Path) -> None:
     """The CLI in a fresh interpreter: every step cached, nothing rewritten, torch never imported."""
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != ".lock"}
@@ -77,7 +77,7 @@ def test_warm_run_reuses_the_cache_without_torch(prepared_demo: PreparedDemo, tm
     assert after == before
 
 
-def test_changed_gallery_rebuilds_data_and_index_only(prepared_demo: PreparedDemo, demo_checkpoint: Path,  # noqa: F811
+def test_changed_gallery_rebuilds_data_and_index_only(prepared_demo: PreparedDemo, demo_checkpoint: Path,
                                                      tmp_path: Path) -> None:
     from albef.index import IndexReader
 
@@ -99,7 +99,7 @@ def test_changed_gallery_rebuilds_data_and_index_only(prepared_demo: PreparedDem
     assert res2.rebuilt == {"bundle": False, "data": False, "index": True}
 
 
-def test_changed_checkpoint_rebuilds_the_bundle_and_index(prepared_demo: PreparedDemo, tmp_path: Path,  # noqa: F811
+def test_changed_checkpoint_rebuilds_the_bundle_and_index(prepared_demo: PreparedDemo, tmp_path: Path,
                                                            tiny_checkpoint: Path) -> None:
     """Another checkpoint (other weights): a new bundle, hence a new index; the gallery is kept."""
     from albef.index import IndexReader
@@ -172,7 +172,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert not (tmp_path / "c2").exists()
 
 
-def test_demo_command_serves_the_page_and_the_api(prepared_demo: PreparedDemo, tmp_path: Path) -> None:  # noqa: F811
+def test_demo_command_serves_the_page_and_the_api(prepared_demo: PreparedDemo, tmp_path: Path) -> None:
     """``albef demo --port 0`` on a warm cache: the page at /, a real search over HTTP, Ctrl+C stops it."""
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     proc = subprocess.Popen(

@@ -1,56 +1,12 @@
-"""Fixtures and helpers for the index tests (import them into a test module with ``from tests.helpers.index
-import ...``). The model bundle is the shared ``tiny_bundle`` (random albef-tiny exported once per session)."""
+"""Helpers of the index tests: small image folders, and snapshots of what a reader of an index version sees.
+The bundle fixtures (``index_bundle_dir``, ``other_bundle_dir``, ``index_bundle``) are in the conftest.py files."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-
-@pytest.fixture(scope="session")
-def index_bundle_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny random bundle: the shared ``tiny_bundle`` if conftest has it, else exported here."""
-    try:
-        return Path(request.getfixturevalue("tiny_bundle"))
-    except pytest.FixtureLookupError:
-        import torch
-        from albef.model.export import export_bundle
-        from albef.model.factory import create_model
-
-        torch.manual_seed(0)
-        out = tmp_path_factory.mktemp("index-bundle") / "albef-tiny-random"
-        export_bundle(create_model("albef-tiny"), out, variants=["fp32"], progress=False)
-        return out
-
-
-@pytest.fixture(scope="session")
-def index_bundle(index_bundle_dir: Path):
-    from albef.model.runtime import Bundle
-
-    return Bundle.load(index_bundle_dir, intra_op_threads=1)
-
-
-@pytest.fixture(scope="session")
-def other_bundle_dir(index_bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A different, valid bundle: same graphs but another vocab.txt file, hence another bundle id."""
-    from albef.model.runtime import bundle_id_from_files
-
-    out = tmp_path_factory.mktemp("other-bundle") / "bundle"
-    shutil.copytree(index_bundle_dir, out)
-    vocab = out / "vocab.txt"
-    vocab.write_bytes(vocab.read_bytes() + b"[extra]\n")
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"]["vocab.txt"] = {"sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
-                                      "bytes": vocab.stat().st_size}
-    manifest["bundle_id"] = bundle_id_from_files(manifest["files"])
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
 
 
 def make_image(path: Path, seed: int, size: tuple[int, int] = (40, 32)) -> Path:

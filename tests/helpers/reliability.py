@@ -1,8 +1,8 @@
 """Helpers for the reliability and security tests (issue 9): a service run as a separate process (so that it
 can be SIGKILLed and its memory measured), error-body checks, and reference answers of a pinned index version.
 
-The index and the in-thread server come from :mod:`tests.helpers.service` (``service_index``, ``live_server``);
-nothing here duplicates them.
+The index is the ``service_index`` fixture (tests/conftest.py) and the in-thread server is
+:func:`tests.helpers.service.live_server`; nothing here duplicates them.
 """
 
 from __future__ import annotations

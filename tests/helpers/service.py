@@ -1,13 +1,11 @@
-"""Fixtures and helpers for the service tests: a synthetic test split, an index of it built with the shared
-random ``tiny_bundle``, and a real uvicorn server on 127.0.0.1 (a free port) run in a background thread.
-
-Import into a test module with ``from tests.helpers.service import ...`` (fixtures by name, so pytest sees them).
+"""Helpers of the service tests: service settings for tests, a real uvicorn server on 127.0.0.1 (a free port)
+run in a background thread, index copies and items. The synthetic split and its index (``service_synth``,
+``service_index``) are fixtures of tests/conftest.py, ``agreement_setup`` one of tests/service/conftest.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import threading
@@ -18,37 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from tests.helpers import REPO
 from tests.helpers.readiness import wait_until_ready
-
-SYNTH_IMAGES = 400  # the synthetic generator keeps 10% for test: 40 images, about 160 captions
-SYNTH_SEED = 0
-# The tiny model trained on the synthetic benchmark (helper A); the agreement tests use it when it is there.
-TRAINED_CHECKPOINT = REPO / "model" / "weights" / "albef-tiny-synth"
-
-
-@pytest.fixture(scope="session")
-def service_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``albef data synth`` output (128 px, as the benchmark); the index is built from its test split."""
-    from albef.model.data.synth import generate
-
-    out = tmp_path_factory.mktemp("service-synth") / "synth"
-    generate(out, SYNTH_IMAGES, SYNTH_SEED, size=128, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def service_index(service_synth: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An exact (Flat) index of the synthetic test split, built with the random tiny bundle. Read-only:
-    tests that change an index copy it first (:func:`copy_index`)."""
-    from albef.index.builder import BuildOptions, build
-    from albef.model.runtime import Bundle
-
-    out = tmp_path_factory.mktemp("service-index") / "index"
-    build(out, Bundle.load(tiny_bundle), [service_synth / "test.json"], BuildOptions(progress=False, workers=2))
-    return out
 
 
 @dataclass
@@ -57,27 +26,6 @@ class ModelSetup:
     bundle: Path  # the same weights exported for the service
     index: Path  # the synthetic test split indexed with that bundle
     trained: bool
-
-
-@pytest.fixture(scope="session")
-def agreement_setup(request: pytest.FixtureRequest, service_synth: Path,
-                    tmp_path_factory: pytest.TempPathFactory) -> ModelSetup:
-    """The shipped trained tiny checkpoint exported and indexed once, if it is in the tree
-    (``ALBEF_TEST_CHECKPOINT`` may name another); else the shared random tiny model and ``service_index``."""
-    ckpt = Path(os.environ.get("ALBEF_TEST_CHECKPOINT", TRAINED_CHECKPOINT))
-    if not (ckpt / "config.json").is_file():
-        return ModelSetup(request.getfixturevalue("tiny_checkpoint"), request.getfixturevalue("tiny_bundle"),
-                          request.getfixturevalue("service_index"), trained=False)
-    from albef.index.builder import BuildOptions, build
-    from albef.model.export import export_bundle
-    from albef.model.factory import create_model
-    from albef.model.runtime import Bundle
-
-    root = tmp_path_factory.mktemp("agreement")
-    export_bundle(create_model(None, ckpt), root / "bundle", variants=["fp32"], checkpoint=ckpt, progress=False)
-    build(root / "index", Bundle.load(root / "bundle"), [service_synth / "test.json"],
-          BuildOptions(progress=False, workers=2))
-    return ModelSetup(ckpt, root / "bundle", root / "index", trained=True)
 
 
 def copy_index(src: Path, dst: Path) -> Path:

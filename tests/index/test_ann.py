@@ -7,8 +7,6 @@ import pytest
 from albef.index import ann
 from albef.index.errors import IndexError_
 
-from tests.helpers.service import service_index, service_synth  # noqa: F401 - fixtures
-
 
 def clustered(n: int, d: int = 32, clusters: int = 50, noise: float = 0.35, seed: int = 0) -> np.ndarray:
     """Normalised vectors around random centres: the structure real embeddings have (unlike uniform noise)."""
@@ -124,7 +122,7 @@ def test_search_threads_are_the_callers_and_restored_after() -> None:
     assert np.array_equal(i1, i2) and np.array_equal(i1, i3[:2]) and (i1[:, 0] == [0, 1]).all()
 
 
-def test_reader_searches_with_the_services_faiss_threads(service_index) -> None:  # noqa: F811
+def test_reader_searches_with_the_services_faiss_threads(service_index) -> None:
     from albef.index.reader import IndexReader
     from albef.service.metrics import Metrics
     from albef.service.state import ServiceState

@@ -18,13 +18,7 @@ from albef.index.errors import IndexError_, IndexMismatchError, ResumeError
 from albef.index.reader import IndexReader, current_version
 
 from albef.cli import main as cli_main
-from tests.helpers.index import (  # noqa: F401 - fixtures
-    index_bundle,
-    index_bundle_dir,
-    make_folder,
-    make_image,
-    other_bundle_dir,
-)
+from tests.helpers.index import make_folder, make_image
 
 OPTS = dict(batch_size=4, shard_size=5, text_shard_size=4, workers=2, progress=False)
 
@@ -54,7 +48,7 @@ def all_sources(s: dict[str, Path]) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def built(sources: dict[str, Path], index_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def built(sources: dict[str, Path], index_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("idx") / "index"
     builder.build(out, index_bundle, all_sources(sources), BuildOptions(**OPTS))
     return out
@@ -105,7 +99,7 @@ def test_every_format_bad_images_and_duplicates(built: Path, sources: dict[str, 
         assert caps["line one"]["sha256"] == hashlib.sha256(b"line one").hexdigest()
 
 
-def test_stored_vectors_and_features_equal_the_runtime(built: Path, sources: dict[str, Path], index_bundle) -> None:  # noqa: F811
+def test_stored_vectors_and_features_equal_the_runtime(built: Path, sources: dict[str, Path], index_bundle) -> None:
     path = sources["root"] / "extra" / "e1.png"
     emb, tok = index_bundle.encode_images([path])
     temb, ttok, tmask = index_bundle.encode_texts(["a red thing", "line one"])
@@ -151,7 +145,7 @@ def test_reader_api_edges(built: Path) -> None:
         assert r.image_tokens([]).shape == (0, *r.image_tokens_shape)
 
 
-def test_bundle_mismatch_is_refused(built: Path, other_bundle_dir: Path, sources: dict[str, Path],  # noqa: F811
+def test_bundle_mismatch_is_refused(built: Path, other_bundle_dir: Path, sources: dict[str, Path],
                                     capsys: pytest.CaptureFixture[str]) -> None:
     from albef.model.runtime import Bundle
 
@@ -167,7 +161,7 @@ def test_bundle_mismatch_is_refused(built: Path, other_bundle_dir: Path, sources
     assert layout.list_versions(built) == ["000001"]
 
 
-def test_add_delete_versions_and_retention(built: Path, sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:  # noqa: F811
+def test_add_delete_versions_and_retention(built: Path, sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:
     idx = tmp_path / "index"
     shutil.copytree(built, idx)
     old = IndexReader.open(idx)
@@ -208,7 +202,7 @@ def test_add_delete_versions_and_retention(built: Path, sources: dict[str, Path]
         assert r.item(0) is not None  # old versions stay readable by name
 
 
-def test_int8_tokens_and_id_only_texts(sources: dict[str, Path], index_bundle, built: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_int8_tokens_and_id_only_texts(sources: dict[str, Path], index_bundle, built: Path, tmp_path: Path) -> None:
     idx = tmp_path / "small"
     builder.build(idx, index_bundle, [sources["folder"]],
                   BuildOptions(**OPTS, token_dtype="int8", text_features="ids"))
@@ -233,7 +227,7 @@ def test_int8_tokens_and_id_only_texts(sources: dict[str, Path], index_bundle, b
         assert np.array_equal(mask, wmask)
 
 
-def test_factory_override_is_kept_and_hnsw_delete_rebuilds(sources: dict[str, Path], index_bundle,  # noqa: F811
+def test_factory_override_is_kept_and_hnsw_delete_rebuilds(sources: dict[str, Path], index_bundle,
                                                            tmp_path: Path) -> None:
     idx = tmp_path / "hnsw"
     res = builder.build(idx, index_bundle, [sources["folder"], sources["txt"]], BuildOptions(**OPTS, factory="HNSW8"))
@@ -249,7 +243,7 @@ def test_factory_override_is_kept_and_hnsw_delete_rebuilds(sources: dict[str, Pa
         assert 0 not in found[0].tolist() and (found[0, :6] >= 0).all()
 
 
-def test_pending_build_needs_resume_or_restart(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:  # noqa: F811
+def test_pending_build_needs_resume_or_restart(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:
     idx = tmp_path / "pending"
     wdir = idx / "work" / "pending"
     wdir.mkdir(parents=True)
@@ -267,7 +261,7 @@ def test_pending_build_needs_resume_or_restart(sources: dict[str, Path], index_b
         assert (f == -1).all() and np.isneginf(s).all()
 
 
-def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path, tmp_path: Path,  # noqa: F811
+def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli-index"
     rc = cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), "--no-progress",
@@ -304,7 +298,7 @@ def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path,
         assert msg in err and err.count("\n") == 1, err
 
 
-def test_index_package_never_imports_torch(built: Path, index_bundle_dir: Path, sources: dict[str, Path],  # noqa: F811
+def test_index_package_never_imports_torch(built: Path, index_bundle_dir: Path, sources: dict[str, Path],
                                            tmp_path: Path) -> None:
     code = f"""
 import sys
@@ -322,7 +316,7 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_add_and_delete_keep_the_recorded_memory_budget(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:  # noqa: F811
+def test_add_and_delete_keep_the_recorded_memory_budget(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:
     out = tmp_path / "ix"
     builder.build(out, index_bundle, [sources["txt"]], BuildOptions(**OPTS, max_memory="64M"))
     builder.add(out, index_bundle, [sources["folder"]], BuildOptions(**OPTS))  # no budget given: the recorded one

@@ -17,20 +17,14 @@ from albef.index.reader import IndexReader, current_version
 
 from albef.cli import main as cli_main
 from tests.helpers import SLOW_SHARDS
-from tests.helpers.index import (  # noqa: F401 - fixtures
-    assert_same_snapshot,
-    index_bundle,
-    index_bundle_dir,
-    make_folder,
-    snapshot,
-)
+from tests.helpers.index import assert_same_snapshot, make_folder, snapshot
 
 N_IMAGES = 24
 ARGS = ["--shard-size", "3", "--text-shard-size", "4", "--batch-size", "2", "--workers", "2", "--threads", "1",
         "--no-progress"]
 
 
-def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_bundle_dir: Path,  # noqa: F811
+def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_bundle_dir: Path,
                                                             tmp_path: Path) -> None:
     src = make_folder(tmp_path / "src", N_IMAGES, seed0=200)
     (src / "part0" / "zz-broken.png").write_bytes(b"garbage")
@@ -72,7 +66,7 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_
     assert not (out / "work" / "pending").exists()
 
 
-def test_crash_while_publishing_leaves_no_trace(index_bundle, tmp_path: Path,  # noqa: F811
+def test_crash_while_publishing_leaves_no_trace(index_bundle, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A failure after the segment is written but before the version is renamed: the pointer does not move,
     temporary folders are removed, and the next attempt (resume) publishes normally."""

@@ -24,9 +24,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.reliability import answer, assert_error, assert_no_leak, same_answer
-from tests.helpers.service import live_server, service_index, service_synth, settings
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
+from tests.helpers.service import live_server, settings
 
 MAX_UPLOAD = 1_000_000
 MAX_PIXELS = 4_000_000

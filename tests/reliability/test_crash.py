@@ -29,9 +29,7 @@ from albef.cli import main as cli_main
 from tests.helpers import REPO, SLOW_SHARDS
 from tests.helpers.index import assert_same_snapshot, make_folder, snapshot
 from tests.helpers.reliability import ServerProcess, answer, reference_answers, same_answer
-from tests.helpers.service import copy_index, index_items, service_index, service_synth
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
+from tests.helpers.service import copy_index, index_items
 
 N_NEW = 10
 OPTS = ["--shard-size", "2", "--text-shard-size", "3", "--batch-size", "2", "--workers", "1", "--threads", "1",

@@ -25,10 +25,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.helpers.service import live_server, service_index, service_synth
+from tests.helpers.service import live_server
 from tests.helpers.service import settings as service_settings
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance, negative_data_rejection]

@@ -20,16 +20,7 @@ import httpx
 from albef.cli import main as cli_main
 from tests.helpers.index import make_folder
 from tests.helpers.reliability import answer, reference_answers, same_answer
-from tests.helpers.service import (
-    copy_index,
-    index_items,
-    live_server,
-    service_index,
-    service_synth,
-    settings,
-)
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
+from tests.helpers.service import copy_index, index_items, live_server, settings
 
 K, RERANK_K = 5, 8
 CLIENTS = 4

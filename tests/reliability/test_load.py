@@ -21,9 +21,6 @@ import httpx
 
 from tests.helpers import REPO
 from tests.helpers.reliability import ServerProcess, rss_bytes
-from tests.helpers.service import service_index, service_synth
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
 
 RSS_BOUND = 64 * 2**20  # bytes the server may grow by during the short run (allocator warm-up, thread stacks)
 CONCURRENCY = 24

@@ -22,17 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers.service import (
-    ModelSetup,
-    agreement_setup,
-    index_items,
-    live_server,
-    service_index,
-    service_synth,
-    settings,
-)
-
-__all__ = ["agreement_setup", "service_index", "service_synth"]
+from tests.helpers.service import ModelSetup, index_items, live_server, settings
 
 K = 16  # k = rerank_k = k_test
 

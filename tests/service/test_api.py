@@ -17,9 +17,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers.service import index_items, live_server, service_index, service_synth, settings
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
+from tests.helpers.service import index_items, live_server, settings
 
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 100_000

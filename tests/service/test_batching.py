@@ -15,9 +15,7 @@ from albef.service.batching import MicroBatcher
 from albef.service.domain_errors import Overloaded
 from albef.service.errors import api_error
 
-from tests.helpers.service import index_items, live_server, service_index, service_synth, settings
-
-__all__ = ["service_index", "service_synth"]
+from tests.helpers.service import index_items, live_server, settings
 
 
 # -- the batcher -----------------------------------------------------------------------------------------

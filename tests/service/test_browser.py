@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers.demo import ARTIFACTS, PreparedDemo, demo_checkpoint, prepared_demo  # noqa: F401 - fixtures
+from tests.helpers.demo import ARTIFACTS, PreparedDemo
 from tests.helpers.service import live_server, settings
 
 CHROMIUM = "/usr/bin/chromium"
@@ -46,14 +46,14 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def server(prepared_demo: PreparedDemo) -> Iterator[Any]:  # noqa: F811
+def server(prepared_demo: PreparedDemo) -> Iterator[Any]:
     res = prepared_demo.result
     with live_server(settings(res.index, bundle=res.bundle)) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def gallery(prepared_demo: PreparedDemo) -> list[Path]:  # noqa: F811
+def gallery(prepared_demo: PreparedDemo) -> list[Path]:
     data = prepared_demo.result.data
     return [data / e["image"] for e in json.loads((data / "test.json").read_text())]
 
@@ -130,7 +130,7 @@ def assert_timings_shown(tab: Page) -> None:
     assert tab.page.is_visible("#timings")
 
 
-def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prepared_demo: PreparedDemo) -> None:  # noqa: F811
+def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prepared_demo: PreparedDemo) -> None:
     test_split = json.loads((prepared_demo.result.data / "test.json").read_text())
     assert any(QUERY in e["caption"] for e in test_split)  # the query describes an image of the gallery
     page = tab.open()
@@ -230,7 +230,7 @@ def test_image_upload_and_drop_show_captions(tab: Page, server: Any, gallery: li
     assert_cards_match(tab.cards(), expected_item)
 
 
-def test_page_works_with_an_api_key(browser: Any, prepared_demo: PreparedDemo) -> None:  # noqa: F811
+def test_page_works_with_an_api_key(browser: Any, prepared_demo: PreparedDemo) -> None:
     res = prepared_demo.result
     with live_server(settings(res.index, bundle=res.bundle, api_key=API_KEY)) as srv:
         with httpx.Client(base_url=srv.url) as anon:

@@ -16,11 +16,8 @@ import pytest
 
 from albef.cli import main
 from albef.settings import Settings
-from tests.helpers.index import index_bundle_dir, other_bundle_dir
 from tests.helpers.readiness import accepts_connections, wait_until_ready
-from tests.helpers.service import live_server, service_index, service_synth, settings
-
-__all__ = ["service_index", "service_synth", "index_bundle_dir", "other_bundle_dir"]
+from tests.helpers.service import live_server, settings
 
 KEY = "s3cret-key"
 

@@ -12,16 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.helpers.service import (
-    copy_index,
-    index_items,
-    live_server,
-    service_index,
-    service_synth,
-    settings,
-)
-
-__all__ = ["service_index", "service_synth"]
+from tests.helpers.service import copy_index, index_items, live_server, settings
 
 
 def _wait_version(c: httpx.Client, version: str, timeout: float = 30.0) -> None:

@@ -17,16 +17,7 @@ from starlette.routing import Mount
 
 from tests.helpers.index import make_folder
 from tests.helpers.reliability import assert_error, assert_no_leak
-from tests.helpers.service import (
-    LiveServer,
-    index_items,
-    live_server,
-    service_index,
-    service_synth,
-    settings,
-)
-
-__all__ = ["service_index", "service_synth"]  # fixtures used by name
+from tests.helpers.service import LiveServer, index_items, live_server, settings
 
 KEY = "s3cret-Key-0123456789"
 PROBES = {"/healthz", "/readyz"}
