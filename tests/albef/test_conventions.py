@@ -266,6 +266,38 @@ def test_serving_dependencies_are_only_what_serving_needs() -> None:
     assert project["license"] == "BSD-3-Clause"
 
 
+# -- code style: ruff format and ruff check over all of the repository's Python code ----------------------
+RUFF_PATHS = ("model", "index", "service", "albef", "tests", "bench", "scripts")
+
+
+def _ruff(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``ruff ARGS`` in the repository root with its pyproject.toml settings, writing no cache."""
+    return subprocess.run([sys.executable, "-m", "ruff", *args, "--no-cache"], input=stdin, capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def test_ruff_sorts_every_albef_import_into_one_first_party_group() -> None:
+    """albef.model/index/service live in model/, index/, service/ (package-dir): without known-first-party
+    ruff would file them apart from albef.settings."""
+    code = "import numpy\n\nfrom albef.model.image import load_image\n\nfrom albef.settings import Settings\n"
+    r = _ruff("check", "--select", "I", "--output-format", "json", "--stdin-filename", "tests/x.py", "-", stdin=code)
+    assert [f["code"] for f in json.loads(r.stdout)] == ["I001"], r.stdout + r.stderr
+
+
+def test_python_code_is_ruff_formatted_and_lint_clean() -> None:
+    fmt = _ruff("format", "--check", "--diff", *RUFF_PATHS)
+    assert fmt.returncode in (0, 1), fmt.stderr
+    unformatted = sorted({line[4:].strip() for line in fmt.stdout.splitlines() if line.startswith("+++ ")})
+    lint = _ruff("check", "--no-fix", "--output-format", "json", *RUFF_PATHS)
+    assert lint.returncode in (0, 1), lint.stderr
+    findings = sorted({f"{Path(f['filename']).relative_to(REPO).as_posix()}: {f['code']}"
+                       for f in json.loads(lint.stdout)})
+    problems = [f"ruff format would change {len(unformatted)} files (run `ruff format`):", *unformatted,
+                f"ruff check finds problems in {len(findings)} file/rule pairs (`ruff check --fix` fixes most):",
+                *findings]
+    assert not unformatted and not findings, "\n".join(problems)
+
+
 # -- configuration: the environment is read in albef.settings only ------------------------------------------
 ENV_SCANNED = ("albef", "model", "index", "service")
 # torch.distributed's launcher protocol, read where the process group is set up.
