@@ -39,6 +39,7 @@ def tokenizer(vocab_path: Path):
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised albef-tiny (seed 0) saved in our format."""
     import torch
+
     from albef.model.checkpoint import save_albef
     from albef.model.factory import create_model
 
@@ -57,8 +58,12 @@ def tiny_bundle(tiny_checkpoint: Path, vocab_path: Path, tmp_path_factory: pytes
 
     out = tmp_path_factory.mktemp("bundle") / "albef-tiny-random"
     export_bundle(
-        create_model(None, tiny_checkpoint), out, variants=["fp32", "int8"], vocab=vocab_path,
-        checkpoint=tiny_checkpoint, progress=False,
+        create_model(None, tiny_checkpoint),
+        out,
+        variants=["fp32", "int8"],
+        vocab=vocab_path,
+        checkpoint=tiny_checkpoint,
+        progress=False,
     )
     return out
 
@@ -80,8 +85,10 @@ def other_bundle_dir(index_bundle_dir: Path, tmp_path_factory: pytest.TempPathFa
     vocab = out / "vocab.txt"
     vocab.write_bytes(vocab.read_bytes() + b"[extra]\n")
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["files"]["vocab.txt"] = {"sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
-                                      "bytes": vocab.stat().st_size}
+    manifest["files"]["vocab.txt"] = {
+        "sha256": hashlib.sha256(vocab.read_bytes()).hexdigest(),
+        "bytes": vocab.stat().st_size,
+    }
     manifest["bundle_id"] = bundle_id_from_files(manifest["files"])
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
@@ -106,7 +113,9 @@ def service_index(service_synth: Path, tiny_bundle: Path, tmp_path_factory: pyte
     from albef.model.runtime import Bundle
 
     out = tmp_path_factory.mktemp("service-index") / "index"
-    build(out, Bundle.load(tiny_bundle), [service_synth / "test.json"], BuildOptions(progress=False, workers=2))
+    build(
+        out, Bundle.load(tiny_bundle), [service_synth / "test.json"], BuildOptions(progress=False, workers=2)
+    )
     return out
 
 
@@ -116,8 +125,9 @@ def demo_checkpoint() -> Path:
     from albef.demo import shipped_checkpoint
 
     path = shipped_checkpoint()
-    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file(), \
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file(), (
         f"the shipped tiny checkpoint is missing: {path}"
+    )
     return path
 
 

@@ -46,7 +46,9 @@ def test_exif_orientation_is_applied_unless_the_official_loader_is_asked_for(tmp
     jpeg, png = _photo_pair(tmp_path)
     assert load_image(jpeg).size == (20, 40) and load_image(jpeg, exif_transpose=False).size == (40, 20)
     assert np.array_equal(np.asarray(load_image(jpeg)), np.asarray(load_image(png)))
-    up, ref, official = (preprocess([p], 32, exif_transpose=e) for p, e in ((jpeg, True), (png, True), (jpeg, False)))
+    up, ref, official = (
+        preprocess([p], 32, exif_transpose=e) for p, e in ((jpeg, True), (png, True), (jpeg, False))
+    )
     assert np.array_equal(up, ref) and not np.allclose(official, ref, atol=0.1)
 
 
@@ -64,10 +66,18 @@ def test_exif_rotated_photo_is_indexed_and_queried_upright(tiny_bundle: Path, tm
     bundle = Bundle.load(tiny_bundle)
     vectors = {}
     for name, official in (("idx", False), ("official", True)):
-        build(tmp_path / name, bundle, [folder, folder / "caption.txt"],
-              BuildOptions(progress=False, workers=1, exif_transpose=not official))
+        build(
+            tmp_path / name,
+            bundle,
+            [folder, folder / "caption.txt"],
+            BuildOptions(progress=False, workers=1, exif_transpose=not official),
+        )
         with IndexReader.open(tmp_path / name) as r:
-            items = {Path(it["path"]).name: it for it in r.items(range(r.manifest["next_id"])) if it["kind"] == "image"}
+            items = {
+                Path(it["path"]).name: it
+                for it in r.items(range(r.manifest["next_id"]))
+                if it["kind"] == "image"
+            }
             vectors[name] = {n: r.vector("image", it["id"]) for n, it in items.items()}
             sizes = {n: (it["width"], it["height"]) for n, it in items.items()}
         assert sizes["phone.jpg"] == ((40, 20) if official else (20, 40)) and sizes["upright.png"] == (20, 40)
@@ -75,8 +85,10 @@ def test_exif_rotated_photo_is_indexed_and_queried_upright(tiny_bundle: Path, tm
     assert not np.array_equal(vectors["official"]["phone.jpg"], vectors["official"]["upright.png"])
 
     with live_server(settings(tmp_path / "idx")) as srv, srv.client() as c:
-        answers = [c.post("/v1/search/texts", files={"image": (p.name, p.read_bytes())}, data={"k": "1"}).json()
-                   for p in (jpeg, png)]
+        answers = [
+            c.post("/v1/search/texts", files={"image": (p.name, p.read_bytes())}, data={"k": "1"}).json()
+            for p in (jpeg, png)
+        ]
     assert answers[0]["results"] == answers[1]["results"] and answers[0]["results"]
 
 
@@ -108,7 +120,9 @@ def test_index_build_reports_and_skips_a_refused_format(tiny_bundle: Path, tmp_p
     folder.mkdir()
     Image.new("RGB", (16, 16), (1, 2, 3)).save(folder / "ok.png")
     (folder / "disguised.png").write_bytes(_pcx_bytes())  # a PCX file with a .png name
-    result = build(tmp_path / "index", Bundle.load(tiny_bundle), [folder], BuildOptions(progress=False, workers=1))
+    result = build(
+        tmp_path / "index", Bundle.load(tiny_bundle), [folder], BuildOptions(progress=False, workers=1)
+    )
     assert result.manifest["counts"]["image"] == 1
     failed = result.report["failed"]
     assert len(failed) == 1 and failed[0]["path"].endswith("disguised.png")
@@ -117,7 +131,6 @@ def test_index_build_reports_and_skips_a_refused_format(tiny_bundle: Path, tmp_p
 
 def test_format_names_are_validated() -> None:
     from albef.model.image import DEFAULT_FORMATS, parse_formats
-
     from albef.settings import Settings
 
     assert parse_formats(" jpeg ,PNG") == ("JPEG", "PNG")
@@ -135,8 +148,14 @@ def test_metrics_label_real_routes_and_only_real_404s_as_unmatched(service_index
         for path in ("/", "/static/app.js", "/openapi.json", "/docs", "/v1/items/0", "/nowhere"):
             c.get(path)
         text = c.get("/metrics").text
-    for route, status in (("/", 200), ("/static/{path}", 200), ("/openapi.json", 200), ("/docs", 200),
-                          ("/v1/items/{item_id}", 200), ("unmatched", 404)):
+    for route, status in (
+        ("/", 200),
+        ("/static/{path}", 200),
+        ("/openapi.json", 200),
+        ("/docs", 200),
+        ("/v1/items/{item_id}", 200),
+        ("unmatched", 404),
+    ):
         assert f'route="{route}",status="{status}"' in text, route
     assert 'route="unmatched",status="200"' not in text
     assert "_created" not in text
@@ -155,8 +174,15 @@ def test_log_extra_cannot_replace_core_keys() -> None:
     from albef.log import JSONFormatter
 
     record = logging.getLogger("albef.test").makeRecord(
-        "albef.test", logging.INFO, __file__, 1, "real message", None, None,
-        extra={"level": "critical", "ts": "1970", "logger": "root", "exc": "forged", "user": "u1"})
+        "albef.test",
+        logging.INFO,
+        __file__,
+        1,
+        "real message",
+        None,
+        None,
+        extra={"level": "critical", "ts": "1970", "logger": "root", "exc": "forged", "user": "u1"},
+    )
     line = json.loads(JSONFormatter().format(record))
     assert line["level"] == "info" and line["logger"] == "albef.test" and line["msg"] == "real message"
     assert line["ts"] != "1970" and "exc" not in line
@@ -189,8 +215,14 @@ def test_access_log_and_request_ids(service_index: Path, caplog: pytest.LogCaptu
 def _albef(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "albef", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "ALBEF_LOG_LEVEL": "WARNING", **(env or {})}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "albef", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "ALBEF_LOG_LEVEL": "WARNING", **(env or {})},
+        timeout=300,
+    )
 
 
 def test_exit_codes_and_messages_name_the_subcommand(tmp_path: Path) -> None:
@@ -199,18 +231,24 @@ def test_exit_codes_and_messages_name_the_subcommand(tmp_path: Path) -> None:
     r = _albef("index", "info", str(tmp_path / "none"))
     assert r.returncode == 1 and r.stderr.startswith("albef index info: error:"), r.stderr
     r = _albef("index", "delete", "--index", str(tmp_path), "--ids", "a,b")
-    assert r.returncode == 2 and "albef index delete: error: --ids must be comma-separated integers" in r.stderr
+    assert (
+        r.returncode == 2 and "albef index delete: error: --ids must be comma-separated integers" in r.stderr
+    )
     assert _albef("index", "info").returncode == 2  # argparse's own usage error
     assert main(["serve", "--index", str(tmp_path / "missing")]) == 1
     assert main(["serve", "--index", str(tmp_path), "--port", "99999"]) == 2
 
 
-def test_json_outputs_of_index_commands_and_export(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_json_outputs_of_index_commands_and_export(
+    tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
     for i in range(3):
         Image.new("RGB", (16, 16), (40 * i, 10, 200)).save(folder / f"{i}.png")
-    r = _albef("index", "build", "--model", str(tiny_bundle), "--out", str(tmp_path / "ix"), "--json", str(folder))
+    r = _albef(
+        "index", "build", "--model", str(tiny_bundle), "--out", str(tmp_path / "ix"), "--json", str(folder)
+    )
     assert r.returncode == 0, r.stderr
     built = json.loads(r.stdout)
     assert built["version"] == "000001" and built["counts"] == {"image": 3, "text": 0}
@@ -218,7 +256,9 @@ def test_json_outputs_of_index_commands_and_export(tiny_bundle: Path, tiny_check
     Image.new("RGB", (16, 16), (1, 1, 1)).save(folder / "3.png")
     added = json.loads(_albef("index", "add", "--index", str(tmp_path / "ix"), "--json", str(folder)).stdout)
     assert added["version"] == "000002" and added["counts"]["image"] == 4
-    deleted = json.loads(_albef("index", "delete", "--index", str(tmp_path / "ix"), "--ids", "0", "--json").stdout)
+    deleted = json.loads(
+        _albef("index", "delete", "--index", str(tmp_path / "ix"), "--ids", "0", "--json").stdout
+    )
     assert deleted["version"] == "000003" and deleted["deleted"] == 1 and deleted["counts"]["image"] == 3
     info = json.loads(_albef("index", "info", str(tmp_path / "ix"), "--at", "000001", "--json").stdout)
     assert info["version"] == "000001"
@@ -240,9 +280,8 @@ def test_progress_bars_only_on_a_terminal(capsys: pytest.CaptureFixture[str]) ->
 
 # -- package -----------------------------------------------------------------------------------------------
 def test_package_is_typed_and_the_api_declares_its_key_and_operation_ids() -> None:
-    from albef.service.app import create_app
-
     import albef
+    from albef.service.app import create_app
     from albef.settings import Settings
 
     assert (Path(albef.__file__).parent / "py.typed").is_file()
@@ -250,9 +289,19 @@ def test_package_is_typed_and_the_api_declares_its_key_and_operation_ids() -> No
     schemes = spec["components"]["securitySchemes"]
     assert schemes["apiKey"] == {**schemes["apiKey"], "type": "apiKey", "in": "header", "name": "X-API-Key"}
     assert schemes["bearer"]["scheme"] == "bearer"
-    ops = {op["operationId"]: (path, op) for path, methods in spec["paths"].items() for op in methods.values()}
-    assert {"search_images", "search_texts", "get_item", "get_item_image", "get_index", "get_metrics", "healthz",
-            "readyz"} == set(ops)
+    ops = {
+        op["operationId"]: (path, op) for path, methods in spec["paths"].items() for op in methods.values()
+    }
+    assert {
+        "search_images",
+        "search_texts",
+        "get_item",
+        "get_item_image",
+        "get_index",
+        "get_metrics",
+        "healthz",
+        "readyz",
+    } == set(ops)
     for op_id, (_path, op) in ops.items():
         assert ("security" in op) == (op_id not in ("healthz", "readyz")), op_id
 
@@ -272,15 +321,23 @@ RUFF_PATHS = ("model", "index", "service", "albef", "tests", "bench", "scripts")
 
 def _ruff(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """``ruff ARGS`` in the repository root with its pyproject.toml settings, writing no cache."""
-    return subprocess.run([sys.executable, "-m", "ruff", *args, "--no-cache"], input=stdin, capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ruff", *args, "--no-cache"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
 
 
 def test_ruff_sorts_every_albef_import_into_one_first_party_group() -> None:
     """albef.model/index/service live in model/, index/, service/ (package-dir): without known-first-party
     ruff would file them apart from albef.settings."""
     code = "import numpy\n\nfrom albef.model.image import load_image\n\nfrom albef.settings import Settings\n"
-    r = _ruff("check", "--select", "I", "--output-format", "json", "--stdin-filename", "tests/x.py", "-", stdin=code)
+    r = _ruff(
+        "check", "--select", "I", "--output-format", "json", "--stdin-filename", "tests/x.py", "-", stdin=code
+    )
     assert [f["code"] for f in json.loads(r.stdout)] == ["I001"], r.stdout + r.stderr
 
 
@@ -290,11 +347,15 @@ def test_python_code_is_ruff_formatted_and_lint_clean() -> None:
     unformatted = sorted({line[4:].strip() for line in fmt.stdout.splitlines() if line.startswith("+++ ")})
     lint = _ruff("check", "--no-fix", "--output-format", "json", *RUFF_PATHS)
     assert lint.returncode in (0, 1), lint.stderr
-    findings = sorted({f"{Path(f['filename']).relative_to(REPO).as_posix()}: {f['code']}"
-                       for f in json.loads(lint.stdout)})
-    problems = [f"ruff format would change {len(unformatted)} files (run `ruff format`):", *unformatted,
-                f"ruff check finds problems in {len(findings)} file/rule pairs (`ruff check --fix` fixes most):",
-                *findings]
+    findings = sorted(
+        {f"{Path(f['filename']).relative_to(REPO).as_posix()}: {f['code']}" for f in json.loads(lint.stdout)}
+    )
+    problems = [
+        f"ruff format would change {len(unformatted)} files (run `ruff format`):",
+        *unformatted,
+        f"ruff check finds problems in {len(findings)} file/rule pairs (`ruff check --fix` fixes most):",
+        *findings,
+    ]
     assert not unformatted and not findings, "\n".join(problems)
 
 
@@ -307,11 +368,22 @@ ENV_READS_ALLOWED = {("model/train/trainer.py", "WORLD_SIZE"), ("model/train/tra
 def _environment_reads(source: str) -> list[tuple[int, str | None]]:
     """(line, variable name or None if not a literal) of every use of ``os.environ``/``os.getenv``."""
     tree = ast.parse(source)
-    os_names = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
-                if a.name == "os"}
+    os_names = {
+        a.asname or a.name
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import)
+        for a in n.names
+        if a.name == "os"
+    }
     env_attrs = ("environ", "environb", "getenv", "getenvb")
-    uses = {id(n): n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in env_attrs
-            and isinstance(n.value, ast.Name) and n.value.id in os_names}
+    uses = {
+        id(n): n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and n.attr in env_attrs
+        and isinstance(n.value, ast.Name)
+        and n.value.id in os_names
+    }
     keys: dict[int, str | None] = {}
     for n in ast.walk(tree):
         target = None
@@ -324,14 +396,19 @@ def _environment_reads(source: str) -> list[tuple[int, str | None]]:
         if target is not None and id(target) in uses and isinstance(arg, ast.Constant):
             keys[id(target)] = str(arg.value)
     reads = [(n.lineno, keys.get(i)) for i, n in uses.items()]
-    reads += [(n.lineno, None) for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "os"
-              and any(a.name in env_attrs for a in n.names)]
+    reads += [
+        (n.lineno, None)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom) and n.module == "os" and any(a.name in env_attrs for a in n.names)
+    ]
     return sorted(reads, key=lambda r: r[0])
 
 
 def test_the_scan_sees_every_form_of_environment_read() -> None:
-    code = ("import os\nimport os as o\nfrom os import getenv\nos.environ.get('A')\no.getenv('B', '1')\n"
-            "os.environ['C']\n'D' in os.environ\nos.cpu_count()\n")
+    code = (
+        "import os\nimport os as o\nfrom os import getenv\nos.environ.get('A')\no.getenv('B', '1')\n"
+        "os.environ['C']\n'D' in os.environ\nos.cpu_count()\n"
+    )
     assert _environment_reads(code) == [(3, None), (4, "A"), (5, "B"), (6, "C"), (7, None)]
 
 
@@ -342,15 +419,17 @@ def test_no_environment_reads_outside_the_settings() -> None:
             rel = path.relative_to(REPO).as_posix()
             if rel == "albef/settings.py":
                 continue
-            found += [f"{rel}:{line} {key}" for line, key in _environment_reads(path.read_text())
-                      if (rel, key) not in ENV_READS_ALLOWED]
+            found += [
+                f"{rel}:{line} {key}"
+                for line, key in _environment_reads(path.read_text())
+                if (rel, key) not in ENV_READS_ALLOWED
+            ]
     assert not found, "read the environment through albef.settings: " + ", ".join(found)
 
 
 def test_environment_variables_reach_their_fields(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from albef.model.text import default_vocab_path
-
     from albef.demo import default_cache_dir
+    from albef.model.text import default_vocab_path
     from albef.settings import DemoSettings, LogSettings, ModelSettings
 
     monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "vocab.txt"))
@@ -370,15 +449,15 @@ def test_environment_variables_reach_their_fields(monkeypatch: pytest.MonkeyPatc
 
 
 def test_index_build_defaults_are_written_once_and_read_from_the_environment(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import os
-
-    from albef.index import ann
-    from albef.index import cli as index_cli
-    from albef.index.options import BuildOptions
 
     from albef.cli import build_parser
     from albef.errors import UsageError
+    from albef.index import ann
+    from albef.index import cli as index_cli
+    from albef.index.options import BuildOptions
     from albef.settings import INDEX_BUILD_DEFAULTS, IndexBuildSettings
 
     for key in [k for k in os.environ if k.startswith("ALBEF_INDEX_")]:
@@ -390,10 +469,14 @@ def test_index_build_defaults_are_written_once_and_read_from_the_environment(
         return index_cli._options(args)
 
     # the library, the CLI and the settings share one set of defaults; the ANN policy's stay in albef.index.ann
-    shared = set(IndexBuildSettings.model_fields) & set(BuildOptions.__dataclass_fields__) - {"max_memory",
-                                                                                               "flat_below"}
+    shared = set(IndexBuildSettings.model_fields) & set(BuildOptions.__dataclass_fields__) - {
+        "max_memory",
+        "flat_below",
+    }
     assert options() == BuildOptions()
-    assert {n: getattr(BuildOptions(), n) for n in shared} == {n: getattr(INDEX_BUILD_DEFAULTS, n) for n in shared}
+    assert {n: getattr(BuildOptions(), n) for n in shared} == {
+        n: getattr(INDEX_BUILD_DEFAULTS, n) for n in shared
+    }
     assert BuildOptions().flat_below == ann.FLAT_BELOW and BuildOptions().max_memory is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["index", "build", "--help"])

@@ -32,10 +32,9 @@ def _copy_cache(src: Path, dst: Path) -> Path:
 
 
 def test_cold_run_builds_every_step(prepared_demo: PreparedDemo, demo_checkpoint: Path) -> None:
+    from albef.demo import checkpoint_sha256
     from albef.index import IndexReader
     from albef.model.runtime import read_manifest
-
-    from albef.demo import checkpoint_sha256
 
     res = prepared_demo.result
     assert res.rebuilt == {"bundle": True, "data": True, "index": True}
@@ -59,29 +58,45 @@ def test_warm_run_reuses_the_cache_without_torch(prepared_demo: PreparedDemo, tm
     """The CLI in a fresh interpreter: every step cached, nothing rewritten, torch never imported."""
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != ".lock"}
-    code = ("import sys; from albef.cli import main; rc = main(sys.argv[1:]); "
-            "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)")
+    code = (
+        "import sys; from albef.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
     proc = subprocess.run(
-        [sys.executable, "-c", code, "demo", "--no-serve", "--cache", str(cache), "--images",
-         str(TEST_SYNTH["images"])],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "demo",
+            "--no-serve",
+            "--cache",
+            str(cache),
+            "--images",
+            str(TEST_SYNTH["images"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
         env={**os.environ, "ALBEF_LOG_LEVEL": "WARNING"},
     )
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if re.match(r"\d/4 ", ln)]
-    assert lines == [f"1/4 model bundle: cached ({cache / 'bundle'})",
-                     f"2/4 synthetic gallery: cached ({cache / 'data'})",
-                     f"3/4 index: cached ({cache / 'index'})"], proc.stderr
+    assert lines == [
+        f"1/4 model bundle: cached ({cache / 'bundle'})",
+        f"2/4 synthetic gallery: cached ({cache / 'data'})",
+        f"3/4 index: cached ({cache / 'index'})",
+    ], proc.stderr
     assert "albef serve --index" in proc.stderr
     after = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
 
 
-def test_changed_gallery_rebuilds_data_and_index_only(prepared_demo: PreparedDemo, demo_checkpoint: Path,
-                                                     tmp_path: Path) -> None:
-    from albef.index import IndexReader
-
+def test_changed_gallery_rebuilds_data_and_index_only(
+    prepared_demo: PreparedDemo, demo_checkpoint: Path, tmp_path: Path
+) -> None:
     from albef.demo import prepare
+    from albef.index import IndexReader
 
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     synth = {**TEST_SYNTH, "images": 200}
@@ -99,13 +114,13 @@ def test_changed_gallery_rebuilds_data_and_index_only(prepared_demo: PreparedDem
     assert res2.rebuilt == {"bundle": False, "data": False, "index": True}
 
 
-def test_changed_checkpoint_rebuilds_the_bundle_and_index(prepared_demo: PreparedDemo, tmp_path: Path,
-                                                           tiny_checkpoint: Path) -> None:
+def test_changed_checkpoint_rebuilds_the_bundle_and_index(
+    prepared_demo: PreparedDemo, tmp_path: Path, tiny_checkpoint: Path
+) -> None:
     """Another checkpoint (other weights): a new bundle, hence a new index; the gallery is kept."""
+    from albef.demo import checkpoint_sha256, prepare
     from albef.index import IndexReader
     from albef.model.runtime import read_manifest
-
-    from albef.demo import checkpoint_sha256, prepare
 
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     old_id = _stamp(cache)["bundle"]["bundle_id"]
@@ -155,7 +170,10 @@ def test_gallery_is_the_recipes_test_split() -> None:
 def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from albef.cli import main
 
-    assert main(["demo", "--no-serve", "--cache", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert (
+        main(["demo", "--no-serve", "--cache", str(tmp_path / "c"), "--checkpoint", str(tmp_path / "nope")])
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("albef demo: error: model checkpoint not found")
     assert main(["demo", "--no-serve", "--port", "70000"]) == 2
@@ -176,9 +194,22 @@ def test_demo_command_serves_the_page_and_the_api(prepared_demo: PreparedDemo, t
     """``albef demo --port 0`` on a warm cache: the page at /, a real search over HTTP, Ctrl+C stops it."""
     cache = _copy_cache(prepared_demo.cache, tmp_path / "cache")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "albef", "demo", "--cache", str(cache), "--port", "0", "--images",
-         str(TEST_SYNTH["images"])],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "albef",
+            "demo",
+            "--cache",
+            str(cache),
+            "--port",
+            "0",
+            "--images",
+            str(TEST_SYNTH["images"]),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
         env={**os.environ, "ALBEF_LOG_LEVEL": "WARNING", "ALBEF_API_KEY": ""},
     )
     try:

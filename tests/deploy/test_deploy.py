@@ -124,7 +124,7 @@ def map_paths(value: str, mapping: Mapping[str, Path]) -> str:
     """Rewrite a container path (or a path under one) onto the host folder its mount maps to."""
     for target in sorted(mapping, key=len, reverse=True):
         if value == target or value.startswith(target.rstrip("/") + "/"):
-            return str(mapping[target]) + value[len(target.rstrip("/")):]
+            return str(mapping[target]) + value[len(target.rstrip("/")) :]
     return value
 
 
@@ -173,7 +173,7 @@ def copy_sources(parser: DockerfileParser) -> Iterator[str]:
             continue
         paths = [w for w in words if not w.startswith("--")]
         if paths and paths[0].startswith("["):  # JSON form
-            paths = json.loads(ins["value"][ins["value"].index("["):])
+            paths = json.loads(ins["value"][ins["value"].index("[") :])
         yield from paths[:-1]
 
 
@@ -187,13 +187,26 @@ def pip_installs(instructions: list[dict[str, Any]]) -> list[list[str]]:
             words = shlex.split(part)
             for i in range(len(words) - 1):
                 if words[i].endswith("pip") and words[i + 1] == "install":
-                    calls.append(words[i + 2:])
+                    calls.append(words[i + 2 :])
                     break
     return calls
 
 
-_PIP_VALUE_OPTIONS = {"-f", "--find-links", "-i", "--index-url", "--extra-index-url", "-c", "--constraint",
-                      "-t", "--target", "--prefix", "--root", "--platform", "--python-version"}
+_PIP_VALUE_OPTIONS = {
+    "-f",
+    "--find-links",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-c",
+    "--constraint",
+    "-t",
+    "--target",
+    "--prefix",
+    "--root",
+    "--platform",
+    "--python-version",
+}
 
 
 def pip_requirements(args: list[str]) -> list[str]:
@@ -226,7 +239,9 @@ def build_context() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def built_wheel(build_context: set[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Any, str]:
+def built_wheel(
+    build_context: set[str], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[str], Any, str]:
     """The wheel both builder stages build, from exactly the files `docker build` would send:
     (file names, METADATA, entry_points.txt)."""
     tmp = tmp_path_factory.mktemp("wheel")
@@ -236,12 +251,29 @@ def built_wheel(build_context: set[str], tmp_path_factory: pytest.TempPathFactor
             (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, ctx / rel)
     out = tmp / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--wheel-dir", str(out), str(ctx)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            str(out),
+            str(ctx),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = out.glob("albef_search-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
-        meta = Parser().parsestr(zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
+        meta = Parser().parsestr(
+            zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        )
         entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     return names, meta, entry_points
 
@@ -281,8 +313,14 @@ def test_compose_file_validates_against_the_compose_specification() -> None:
     schema = json.loads(SCHEMA_FILE.read_text())
     validator = jsonschema.Draft7Validator(schema)
     # As written, and as compose sees it after interpolation (no variables set, and some set).
-    for compose in (load_compose(), load_compose({}), load_compose({"API_BIND": "0.0.0.0:9000", "INDEX_NAME": "v2"})):
-        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)]
+    for compose in (
+        load_compose(),
+        load_compose({}),
+        load_compose({"API_BIND": "0.0.0.0:9000", "INDEX_NAME": "v2"}),
+    ):
+        errors = [
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose)
+        ]
         assert errors == []
     # The validator does reject what compose would: a misspelt key and a wrongly typed value.
     broken = load_compose()
@@ -336,7 +374,9 @@ def test_compose_services_are_wired_as_documented() -> None:
     # Images come from the two Dockerfiles.
     for name, svc in services.items():
         dockerfile = svc["build"]["dockerfile"]
-        assert (ROOT / svc["build"]["context"] / dockerfile).resolve() in {p.resolve() for p in DOCKERFILES.values()}
+        assert (ROOT / svc["build"]["context"] / dockerfile).resolve() in {
+            p.resolve() for p in DOCKERFILES.values()
+        }
         if name in ("api", "indexer", "indexer-update"):
             assert dockerfile.endswith("Dockerfile.serve")
 
@@ -348,8 +388,11 @@ def test_compose_environment_names_are_real_settings(monkeypatch: pytest.MonkeyP
 
     prefix = Settings.model_config.get("env_prefix", "")
     assert prefix == "ALBEF_"
-    known = {prefix + name.upper() for name in Settings.model_fields} | {"ALBEF_LOG_LEVEL", "ALBEF_LOG_FORMAT",
-                                                                        "ALBEF_VOCAB"}
+    known = {prefix + name.upper() for name in Settings.model_fields} | {
+        "ALBEF_LOG_LEVEL",
+        "ALBEF_LOG_FORMAT",
+        "ALBEF_VOCAB",
+    }
     services = load_compose({})["services"]
     for name, svc in services.items():
         unknown = set(svc.get("environment") or {}) - known
@@ -419,7 +462,7 @@ def test_build_context_holds_no_tests_data_or_secrets(build_context: set[str]) -
 def test_healthcheck_uses_readyz_without_curl() -> None:
     parser = parse_dockerfile(DOCKERFILES["serve"])
     (hc,) = [i["value"] for i in stages(parser)[-1] if i["instruction"] == "HEALTHCHECK"]
-    argv = json.loads(hc[hc.index("CMD") + 3:].strip())
+    argv = json.loads(hc[hc.index("CMD") + 3 :].strip())
     assert argv[:2] == ["python", "-c"] and "urllib.request" in argv[2] and "/readyz" in argv[2]
     assert "curl" not in hc and "wget" not in hc
     compose_hc = load_compose({})["services"]["api"]["healthcheck"]["test"]
@@ -442,8 +485,13 @@ def test_serving_image_requirements_exclude_torch(built_wheel: tuple[list[str], 
 
     names, meta, entry_points = built_wheel
     assert "albef = albef.cli:main" in entry_points
-    for pkg in ("albef/cli.py", "albef/model/runtime.py", "albef/index/reader.py", "albef/service/__init__.py",
-                "albef/model/configs/albef-tiny.json"):
+    for pkg in (
+        "albef/cli.py",
+        "albef/model/runtime.py",
+        "albef/index/reader.py",
+        "albef/service/__init__.py",
+        "albef/model/configs/albef-tiny.json",
+    ):
         assert pkg in names, f"{pkg} missing from the wheel"
     requires = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
     base = [r for r in requires if r.marker is None or r.marker.evaluate({"extra": ""})]
@@ -476,9 +524,13 @@ def test_wheel_ships_what_the_compose_defaults_use(built_wheel: tuple[list[str],
     services = load_compose({})["services"]
     recipe = services["trainer"]["command"][services["trainer"]["command"].index("--config") + 1]
     assert f"albef/model/train/recipes/{recipe}.yaml" in names
-    for rel in ("model/weights/albef-tiny-synth/config.json", "model/weights/albef-tiny-synth/model.safetensors",
-                "service/static/index.html"):
+    for rel in (
+        "model/weights/albef-tiny-synth/config.json",
+        "model/weights/albef-tiny-synth/model.safetensors",
+        "service/static/index.html",
+    ):
         assert f"albef/{rel}" in names, f"{rel} is not in the wheel"
+
 
 def test_training_image_pins_torch_as_pyproject_does() -> None:
     parser = parse_dockerfile(DOCKERFILES["train"])
@@ -489,12 +541,19 @@ def test_training_image_pins_torch_as_pyproject_does() -> None:
             args[name] = value.strip('"')
     # The image pins the pair CI tests with (scripts/constraints.txt); the published extra only states ranges
     # that admit it (no exact pins in what users install).
-    ci = dict(line.split("==") for line in (ROOT / "scripts" / "constraints.txt").read_text().splitlines()
-              if line and not line.startswith("#"))
+    ci = dict(
+        line.split("==")
+        for line in (ROOT / "scripts" / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert ci == {"torch": args["TORCH_VERSION"], "torchvision": args["TORCHVISION_VERSION"]}
-    for extra in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"].values():
+    for extra in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ].values():
         for req in map(Requirement, extra):
-            assert not any(sp.operator == "==" for sp in req.specifier) or not req.name.startswith("torch"), req
+            assert not any(sp.operator == "==" for sp in req.specifier) or not req.name.startswith("torch"), (
+                req
+            )
     train = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
     pins = {canonicalize_name(r.name): r for r in map(Requirement, train)}
     assert pins["torch"].specifier.contains(args["TORCH_VERSION"])
@@ -520,8 +579,12 @@ def test_every_compose_command_is_a_real_albef_command() -> None:
             build_parser().parse_args(argv)
         except SystemExit as exc:
             raise AssertionError(f"{name}: `albef {' '.join(argv)}` does not parse") from exc
-        procs[name] = (path, subprocess.Popen([ALBEF, *path, "--help"], stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True))
+        procs[name] = (
+            path,
+            subprocess.Popen(
+                [ALBEF, *path, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
+        )
     for name, (path, proc) in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{name}: albef {' '.join(path)} --help: {err}"
@@ -582,9 +645,14 @@ class ComposeRunner:
         return path
 
     def mapping(self, service: str) -> dict[str, Path]:
-        return {target: self.folder(source) for source, target, _ in service_mounts(self.compose["services"][service])}
+        return {
+            target: self.folder(source)
+            for source, target, _ in service_mounts(self.compose["services"][service])
+        }
 
-    def command(self, service: str, overrides: Mapping[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    def command(
+        self, service: str, overrides: Mapping[str, str] | None = None
+    ) -> tuple[list[str], dict[str, str]]:
         """argv and environment of a service's process. Services of the serving image run without torch."""
         svc = self.compose["services"][service]
         which = "serve" if svc["build"]["dockerfile"].endswith("Dockerfile.serve") else "train"
@@ -620,8 +688,12 @@ def test_compose_services_run_index_serve_query_and_hot_swap(tiny_bundle: Path, 
     # A tiny synthetic gallery (albef data synth) in the indexer's bind mount; the model bundle (albef export
     # of the tiny checkpoint) where the exporter would have written it.
     synth = tmp_path / "synth"
-    subprocess.run([ALBEF, "data", "synth", "--images", "12", "--seed", "3", str(synth)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        [ALBEF, "data", "synth", "--images", "12", "--seed", "3", str(synth)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     images = sorted((synth / "images").glob("*.png"))
     gallery = runner.mapping("indexer")["/data/gallery"]
     for img in images[:8]:
@@ -636,12 +708,15 @@ def test_compose_services_run_index_serve_query_and_hot_swap(tiny_bundle: Path, 
 
     # api: on loopback (compose binds 0.0.0.0 inside its own network namespace) and a free port.
     port = _free_port()
-    argv, env = runner.command("api", {"ALBEF_HOST": "127.0.0.1", "ALBEF_PORT": str(port),
-                                       "ALBEF_RELOAD_INTERVAL_S": "0.5"})
+    argv, env = runner.command(
+        "api", {"ALBEF_HOST": "127.0.0.1", "ALBEF_PORT": str(port), "ALBEF_RELOAD_INTERVAL_S": "0.5"}
+    )
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(runner.blocker)  # the api runs without torch
     hc = services["api"]["healthcheck"]["test"][1:]
     assert _healthcheck(hc, env) != 0  # nothing listens yet: unhealthy
-    api = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    api = subprocess.Popen(
+        argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 90
         while _healthcheck(hc, env) != 0:
@@ -668,14 +743,21 @@ def test_compose_services_run_index_serve_query_and_hot_swap(tiny_bundle: Path, 
                 assert time.monotonic() < deadline, f"api still serves {info['version']}"
                 time.sleep(0.25)
             assert info["counts"]["image"] == 12 and api.poll() is None
-            r = client.post("/v1/search/images", json={"text": "a red square above a green circle", "k": 12,
-                                                       "rerank": False})
+            r = client.post(
+                "/v1/search/images",
+                json={"text": "a red square above a green circle", "k": 12, "rerank": False},
+            )
             assert r.status_code == 200, r.text
             ids = [h["id"] for h in r.json()["results"]]
             assert len(ids) == 12 == len(set(ids)) and first_ids <= set(ids)
             # The image's own HEALTHCHECK (as written in the Dockerfile) agrees.
-            df_hc = json.loads(next(i["value"] for i in stages(parse_dockerfile(DOCKERFILES["serve"]))[-1]
-                                    if i["instruction"] == "HEALTHCHECK").split("CMD", 1)[1])
+            df_hc = json.loads(
+                next(
+                    i["value"]
+                    for i in stages(parse_dockerfile(DOCKERFILES["serve"]))[-1]
+                    if i["instruction"] == "HEALTHCHECK"
+                ).split("CMD", 1)[1]
+            )
             assert _healthcheck(df_hc, env) == 0
     finally:
         api.terminate()
@@ -693,8 +775,13 @@ def test_demo_in_a_serving_only_install_names_the_extra_it_needs(tmp_path: Path)
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(_NO_TORCH.format(BLOCKED=sorted(TORCH_STACK)))
     env = {**os.environ, "PYTHONPATH": str(blocker), "ALBEF_LOG_LEVEL": "WARNING"}
-    r = subprocess.run([ALBEF, "demo", "--no-serve", "--cache", str(tmp_path / "cache")], env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [ALBEF, "demo", "--no-serve", "--cache", str(tmp_path / "cache")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 1, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("albef demo: error: building the demo needs the train extra")

@@ -26,7 +26,9 @@ def make_folder(root: Path, n: int, seed0: int = 0, captions: bool = True) -> Pa
     for i in range(n):
         p = make_image(root / f"part{i % 2}" / f"img{i:03d}.png", seed0 + i)
         if captions and i % 2 == 0:
-            p.with_suffix(".txt").write_text(f"a picture number {seed0 + i}\nanother view of item {seed0 + i}\n")
+            p.with_suffix(".txt").write_text(
+                f"a picture number {seed0 + i}\nanother view of item {seed0 + i}\n"
+            )
     return root
 
 

@@ -6,6 +6,7 @@ Every tensor gets a distinct fill so a test can check that each key landed in th
 from __future__ import annotations
 
 import torch
+
 from albef.model.config import AlbefConfig
 
 
@@ -22,12 +23,18 @@ def vit_keys(cfg: AlbefConfig, prefix: str, grid_tokens: int) -> dict[str, tuple
         b = f"{prefix}.blocks.{i}"
         keys.update(
             {
-                f"{b}.norm1.weight": (w,), f"{b}.norm1.bias": (w,),
-                f"{b}.attn.qkv.weight": (3 * w, w), f"{b}.attn.qkv.bias": (3 * w,),
-                f"{b}.attn.proj.weight": (w, w), f"{b}.attn.proj.bias": (w,),
-                f"{b}.norm2.weight": (w,), f"{b}.norm2.bias": (w,),
-                f"{b}.mlp.fc1.weight": (hidden, w), f"{b}.mlp.fc1.bias": (hidden,),
-                f"{b}.mlp.fc2.weight": (w, hidden), f"{b}.mlp.fc2.bias": (w,),
+                f"{b}.norm1.weight": (w,),
+                f"{b}.norm1.bias": (w,),
+                f"{b}.attn.qkv.weight": (3 * w, w),
+                f"{b}.attn.qkv.bias": (3 * w,),
+                f"{b}.attn.proj.weight": (w, w),
+                f"{b}.attn.proj.bias": (w,),
+                f"{b}.norm2.weight": (w,),
+                f"{b}.norm2.bias": (w,),
+                f"{b}.mlp.fc1.weight": (hidden, w),
+                f"{b}.mlp.fc1.bias": (hidden,),
+                f"{b}.mlp.fc2.weight": (w, hidden),
+                f"{b}.mlp.fc2.bias": (w,),
             }
         )
     keys[f"{prefix}.norm.weight"] = (w,)
@@ -53,18 +60,26 @@ def bert_keys(cfg: AlbefConfig, prefix: str) -> dict[str, tuple[int, ...]]:
             kv_in = t.encoder_width if blk == "crossattention" else h
             keys.update(
                 {
-                    f"{b}.{blk}.self.query.weight": (h, h), f"{b}.{blk}.self.query.bias": (h,),
-                    f"{b}.{blk}.self.key.weight": (h, kv_in), f"{b}.{blk}.self.key.bias": (h,),
-                    f"{b}.{blk}.self.value.weight": (h, kv_in), f"{b}.{blk}.self.value.bias": (h,),
-                    f"{b}.{blk}.output.dense.weight": (h, h), f"{b}.{blk}.output.dense.bias": (h,),
-                    f"{b}.{blk}.output.LayerNorm.weight": (h,), f"{b}.{blk}.output.LayerNorm.bias": (h,),
+                    f"{b}.{blk}.self.query.weight": (h, h),
+                    f"{b}.{blk}.self.query.bias": (h,),
+                    f"{b}.{blk}.self.key.weight": (h, kv_in),
+                    f"{b}.{blk}.self.key.bias": (h,),
+                    f"{b}.{blk}.self.value.weight": (h, kv_in),
+                    f"{b}.{blk}.self.value.bias": (h,),
+                    f"{b}.{blk}.output.dense.weight": (h, h),
+                    f"{b}.{blk}.output.dense.bias": (h,),
+                    f"{b}.{blk}.output.LayerNorm.weight": (h,),
+                    f"{b}.{blk}.output.LayerNorm.bias": (h,),
                 }
             )
         keys.update(
             {
-                f"{b}.intermediate.dense.weight": (inter, h), f"{b}.intermediate.dense.bias": (inter,),
-                f"{b}.output.dense.weight": (h, inter), f"{b}.output.dense.bias": (h,),
-                f"{b}.output.LayerNorm.weight": (h,), f"{b}.output.LayerNorm.bias": (h,),
+                f"{b}.intermediate.dense.weight": (inter, h),
+                f"{b}.intermediate.dense.bias": (inter,),
+                f"{b}.output.dense.weight": (h, inter),
+                f"{b}.output.dense.bias": (h,),
+                f"{b}.output.LayerNorm.weight": (h,),
+                f"{b}.output.LayerNorm.bias": (h,),
             }
         )
     return keys
@@ -87,8 +102,10 @@ def mlm_keys(cfg: AlbefConfig, prefix: str) -> dict[str, tuple[int, ...]]:
 def head_keys(cfg: AlbefConfig, suffix: str = "") -> dict[str, tuple[int, ...]]:
     d, vw, th = cfg.embed_dim, cfg.vision.width, cfg.text.hidden_size
     keys = {
-        f"vision_proj{suffix}.weight": (d, vw), f"vision_proj{suffix}.bias": (d,),
-        f"text_proj{suffix}.weight": (d, th), f"text_proj{suffix}.bias": (d,),
+        f"vision_proj{suffix}.weight": (d, vw),
+        f"vision_proj{suffix}.bias": (d,),
+        f"text_proj{suffix}.weight": (d, th),
+        f"text_proj{suffix}.bias": (d,),
     }
     return keys
 
@@ -99,7 +116,11 @@ def _fill(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tens
     for i, (key, shape) in enumerate(shapes.items()):
         if key.endswith("position_ids"):
             out[key] = torch.arange(shape[1]).unsqueeze(0)
-        elif key.endswith("pos_embed") or len(shape) <= 1 or shape[0] * (shape[1] if len(shape) > 1 else 1) < 5e5:
+        elif (
+            key.endswith("pos_embed")
+            or len(shape) <= 1
+            or shape[0] * (shape[1] if len(shape) > 1 else 1) < 5e5
+        ):
             out[key] = torch.randn(shape, generator=gen) * 0.02
         else:  # big matrices: a distinct constant per key keeps generation fast
             out[key] = torch.full(shape, 1e-4 * (i + 1))
@@ -119,7 +140,9 @@ def official_state(cfg: AlbefConfig, container: str, queue_size: int = 256, seed
         state["temp"] = torch.tensor(0.07)
         return state
     assert container == "pretrain"
-    grid = (cfg.vision.image_res * 2 // 3 // cfg.vision.patch_size) ** 2 + 1  # a 256 px file for a 384 px model
+    grid = (
+        cfg.vision.image_res * 2 // 3 // cfg.vision.patch_size
+    ) ** 2 + 1  # a 256 px file for a 384 px model
     shapes = {"temp": ()}
     shapes.update(vit_keys(cfg, "visual_encoder", grid))
     shapes.update(bert_keys(cfg, "text_encoder.bert"))
@@ -136,6 +159,8 @@ def official_state(cfg: AlbefConfig, container: str, queue_size: int = 256, seed
     state["text_queue"] = torch.nn.functional.normalize(torch.randn(cfg.embed_dim, queue_size), dim=0)
     state["queue_ptr"] = torch.zeros(1, dtype=torch.long)
     # tied tensors, as in the saved files
-    state["text_encoder.cls.predictions.decoder.weight"] = state["text_encoder.bert.embeddings.word_embeddings.weight"]
+    state["text_encoder.cls.predictions.decoder.weight"] = state[
+        "text_encoder.bert.embeddings.word_embeddings.weight"
+    ]
     state["text_encoder.cls.predictions.decoder.bias"] = state["text_encoder.cls.predictions.bias"]
     return {"model": state, "config": {"image_res": 256}, "epoch": 29}

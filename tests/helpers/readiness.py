@@ -14,8 +14,14 @@ from urllib.parse import urlsplit
 import httpx
 
 
-def wait_until_ready(url: str, *, proc: subprocess.Popen | None = None, timeout: float = 90.0,
-                     path: str = "/readyz", poll_s: float = 0.05) -> dict[str, Any]:
+def wait_until_ready(
+    url: str,
+    *,
+    proc: subprocess.Popen | None = None,
+    timeout: float = 90.0,
+    path: str = "/readyz",
+    poll_s: float = 0.05,
+) -> dict[str, Any]:
     """Poll ``url + path`` until it answers 200 and return its JSON body. Connection errors (nothing
     listening yet) and other statuses are retried; fails when ``proc`` exits or the deadline passes."""
     deadline = time.monotonic() + timeout

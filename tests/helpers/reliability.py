@@ -23,12 +23,21 @@ from tests.helpers import REPO
 from tests.helpers.readiness import wait_until_ready
 
 # What must never appear in an error body: stack traces, exception reprs, file system paths, source files.
-_LEAKS = re.compile(r"Traceback|File \"|\.py\b|site-packages|/tmp/|/work/|/home/|/root/|/usr/|/proc/|/etc/"
-                    r"|Errno|Exception\(|Error\(|0x[0-9a-f]{6,}", re.IGNORECASE)
+_LEAKS = re.compile(
+    r"Traceback|File \"|\.py\b|site-packages|/tmp/|/work/|/home/|/root/|/usr/|/proc/|/etc/"
+    r"|Errno|Exception\(|Error\(|0x[0-9a-f]{6,}",
+    re.IGNORECASE,
+)
 
 
-def assert_error(r: httpx.Response, status: int, code: str | None = None, field: str | None = None,
-                 *, secrets: tuple[str, ...] = ()) -> dict[str, Any]:
+def assert_error(
+    r: httpx.Response,
+    status: int,
+    code: str | None = None,
+    field: str | None = None,
+    *,
+    secrets: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """``r`` is the documented error: ``status``, JSON ``{"error": {"code", "message"}}``, no leaks."""
     assert r.status_code == status, (r.status_code, r.text[:500])
     assert r.headers["content-type"].startswith("application/json"), r.headers["content-type"]
@@ -67,7 +76,9 @@ def rss_bytes(pid: int) -> int:
 class ServerProcess:
     """``albef serve`` in a child process on a free loopback port (real CLI, real uvicorn)."""
 
-    def __init__(self, index_dir: Path, *, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, index_dir: Path, *, env: dict[str, str] | None = None, log_path: Path | None = None
+    ) -> None:
         self.index_dir = Path(index_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -78,8 +89,23 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - child owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "albef", "serve", "--index", str(self.index_dir), "--host", "127.0.0.1",
-             "--port", str(self.port)], env=self.env, stdout=out, stderr=out, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "albef",
+                "serve",
+                "--index",
+                str(self.index_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=self.env,
+            stdout=out,
+            stderr=out,
+            cwd=REPO,
+        )
         if out is not subprocess.DEVNULL:
             out.close()
         return self
@@ -119,16 +145,21 @@ class ServerProcess:
 
 def answer(body: dict[str, Any]) -> list[tuple[int, float]]:
     """The part of a search response that must equal the reference: ids with their ranking scores."""
-    return [(h["id"], h["itm_score"] if h["itm_score"] is not None else h["itc_score"]) for h in body["results"]]
+    return [
+        (h["id"], h["itm_score"] if h["itm_score"] is not None else h["itc_score"]) for h in body["results"]
+    ]
 
 
 def same_answer(a: list[tuple[int, float]], b: list[tuple[int, float]], tol: float = 1e-4) -> bool:
     """Same ids in the same order, scores equal up to float noise (batched vs single model calls)."""
-    return [i for i, _ in a] == [i for i, _ in b] and all(abs(x - y) <= tol for (_, x), (_, y) in zip(a, b, strict=False))
+    return [i for i, _ in a] == [i for i, _ in b] and all(
+        abs(x - y) <= tol for (_, x), (_, y) in zip(a, b, strict=False)
+    )
 
 
-def reference_answers(index_dir: Path, version: str, bundle_dir: Path, texts: list[str], *, k: int,
-                      rerank_k: int) -> dict[str, list[tuple[int, float]]]:
+def reference_answers(
+    index_dir: Path, version: str, bundle_dir: Path, texts: list[str], *, k: int, rerank_k: int
+) -> dict[str, list[tuple[int, float]]]:
     """Text->image answers of index ``version`` computed offline: the runtime bundle and a reader pinned to
     that version, through the service's search logic without HTTP, batching or hot swaps."""
     from albef.index import IndexReader
@@ -140,6 +171,7 @@ def reference_answers(index_dir: Path, version: str, bundle_dir: Path, texts: li
     try:
         engine = SearchEngine(bundle, stages)
         with IndexReader.open(index_dir, version=version, bundle_id=bundle.bundle_id) as reader:
+
             async def run() -> dict[str, list[tuple[int, float]]]:
                 out = {}
                 for t in texts:

@@ -37,8 +37,13 @@ def settings(index_dir: Path | None, **overrides: Any) -> Any:
     """Service settings for tests: loopback, fast polling, everything else as given."""
     from albef.settings import Settings
 
-    values: dict[str, Any] = {"index_dir": index_dir, "host": "127.0.0.1", "port": 0, "threads": 1,
-                              "reload_interval_s": 0}
+    values: dict[str, Any] = {
+        "index_dir": index_dir,
+        "host": "127.0.0.1",
+        "port": 0,
+        "threads": 1,
+        "reload_interval_s": 0,
+    }
     values.update(overrides)
     return Settings(**values)
 
@@ -80,7 +85,9 @@ class LiveServer:
     def client(self, **kwargs: Any) -> httpx.Client:
         # TCP_NODELAY: httpx writes headers and body separately; with Nagle + delayed ACK that costs 40 ms.
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30), transport=transport, **kwargs)
+        return httpx.Client(
+            base_url=self.url, timeout=kwargs.pop("timeout", 30), transport=transport, **kwargs
+        )
 
     def stop(self) -> None:
         self.server.should_exit = True

@@ -14,9 +14,8 @@ from typing import Any
 
 
 def main() -> int:
-    from albef.index import builder
-
     from albef.cli import main as albef_main
+    from albef.index import builder
 
     pause = float(sys.argv[1])
     save = builder._save_npz

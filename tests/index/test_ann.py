@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from albef.index import ann
 from albef.index.errors import IndexError_
 
@@ -65,7 +66,9 @@ def test_ann_recall_is_measured_and_tuned(factory: str) -> None:
     entry = ann.tune(index, factory, x, ids, queries=q, n_queries=len(q), target_recall=0.9)
     assert entry["family"] == ann.family(factory)
     assert entry["n_queries"] == 300 and entry["query_source"] == "other-modality"
-    assert entry["params"] == next(t["params"] for t in entry["tuning"] if t["recall_at_k"] == entry["recall_at_k"])
+    assert entry["params"] == next(
+        t["params"] for t in entry["tuning"] if t["recall_at_k"] == entry["recall_at_k"]
+    )
     # the recall in the manifest entry is what search gives with the chosen parameters (set on the index)
     _, found = ann.search(index, q, 10, tie_margin=0)
     assert round(ann.recall_at(found, ids[ann.exact_topk(x, q, 10)]), 4) == entry["recall_at_k"]
@@ -126,7 +129,6 @@ def test_reader_searches_with_the_services_faiss_threads(service_index) -> None:
     from albef.index.reader import IndexReader
     from albef.service.metrics import Metrics
     from albef.service.state import ServiceState
-
     from tests.helpers.service import settings
 
     with IndexReader.open(service_index, search_threads=2) as r:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from albef.cli import main as cli_main
 from albef.index import builder, layout
 from albef.index.builder import BuildOptions
 from albef.index.errors import IndexError_, IndexMismatchError, ResumeError
 from albef.index.reader import IndexReader, current_version
-
-from albef.cli import main as cli_main
 from tests.helpers.index import make_folder, make_image
 
 OPTS = dict(batch_size=4, shard_size=5, text_shard_size=4, workers=2, progress=False)
@@ -29,18 +29,28 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     imgs = make_folder(root / "imgs", 6)  # img000..img005, captions beside 0, 2, 4
     shutil.copyfile(imgs / "part0" / "img000.png", imgs / "part1" / "copy.png")  # same bytes, other path
     (imgs / "part0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
-    train = [{"image": "imgs/part0/img000.png", "caption": "First caption!", "image_id": "t_0"},
-             {"image": "missing.png", "caption": "caption of a missing image"}]
+    train = [
+        {"image": "imgs/part0/img000.png", "caption": "First caption!", "image_id": "t_0"},
+        {"image": "missing.png", "caption": "caption of a missing image"},
+    ]
     (root / "train.json").write_text(json.dumps(train))
     make_image(root / "extra" / "e1.png", 101, size=(50, 20))
     make_image(root / "extra" / "e2.png", 102)
-    (root / "items.csv").write_text('image,caption,metadata\nextra/e1.png,a red thing,"{""k"": 1}"\n'
-                                    ",only a caption,\n")
-    (root / "items.jsonl").write_text(json.dumps({"image": "extra/e2.png", "captions": ["x y",
-                                                  "A picture number 0."]}) + "\n")
+    (root / "items.csv").write_text(
+        'image,caption,metadata\nextra/e1.png,a red thing,"{""k"": 1}"\n,only a caption,\n'
+    )
+    (root / "items.jsonl").write_text(
+        json.dumps({"image": "extra/e2.png", "captions": ["x y", "A picture number 0."]}) + "\n"
+    )
     (root / "captions.txt").write_text("line one\nLine one!!\n")
-    return {"root": root, "folder": imgs, "train": root / "train.json", "csv": root / "items.csv",
-            "jsonl": root / "items.jsonl", "txt": root / "captions.txt"}
+    return {
+        "root": root,
+        "folder": imgs,
+        "train": root / "train.json",
+        "csv": root / "items.csv",
+        "jsonl": root / "items.jsonl",
+        "txt": root / "captions.txt",
+    }
 
 
 def all_sources(s: dict[str, Path]) -> list[Path]:
@@ -56,13 +66,19 @@ def built(sources: dict[str, Path], index_bundle, tmp_path_factory: pytest.TempP
 
 def by_path(reader: IndexReader, path: Path) -> dict:
     want = str(path.resolve())
-    hits = [it for it in reader.items(range(reader.manifest["next_id"])) if it["kind"] == "image" and it["path"] == want]
+    hits = [
+        it
+        for it in reader.items(range(reader.manifest["next_id"]))
+        if it["kind"] == "image" and it["path"] == want
+    ]
     assert len(hits) == 1, want
     return hits[0]
 
 
 def texts_by_caption(reader: IndexReader) -> dict[str, dict]:
-    return {it["caption"]: it for it in reader.items(range(reader.manifest["next_id"])) if it["kind"] == "text"}
+    return {
+        it["caption"]: it for it in reader.items(range(reader.manifest["next_id"])) if it["kind"] == "text"
+    }
 
 
 def test_every_format_bad_images_and_duplicates(built: Path, sources: dict[str, Path]) -> None:
@@ -76,8 +92,9 @@ def test_every_format_bad_images_and_duplicates(built: Path, sources: dict[str, 
     with IndexReader.open(built) as r:
         assert (r.count("image"), r.count("text")) == (8, 12)
         img0 = by_path(r, sources["folder"] / "part0" / "img000.png")
-        assert report["duplicate_images"] == [{"path": str((sources["folder"] / "part1" / "copy.png").resolve()),
-                                               "same_as_id": img0["id"]}]
+        assert report["duplicate_images"] == [
+            {"path": str((sources["folder"] / "part1" / "copy.png").resolve()), "same_as_id": img0["id"]}
+        ]
         # ids: unique, images first, then texts, in plan order
         items = r.items(range(r.manifest["next_id"]))
         assert [it["id"] for it in items] == list(range(20))
@@ -89,17 +106,32 @@ def test_every_format_bad_images_and_duplicates(built: Path, sources: dict[str, 
         assert e1["caption"] == "a red thing" and e1["source"] == str(sources["csv"].resolve())
         assert img0["metadata"] == {"image_id": "t_0"} and img0["caption"] == "a picture number 0"
         caps = texts_by_caption(r)
-        assert set(caps) == {"a picture number 0", "another view of item 0", "a picture number 2",
-                             "another view of item 2", "a picture number 4", "another view of item 4",
-                             "First caption!", "a red thing", "only a caption", "x y", "line one",
-                             "caption of a missing image"}
-        assert caps["First caption!"]["image_id"] == img0["id"] and caps["a picture number 0"]["image_id"] == img0["id"]
+        assert set(caps) == {
+            "a picture number 0",
+            "another view of item 0",
+            "a picture number 2",
+            "another view of item 2",
+            "a picture number 4",
+            "another view of item 4",
+            "First caption!",
+            "a red thing",
+            "only a caption",
+            "x y",
+            "line one",
+            "caption of a missing image",
+        }
+        assert (
+            caps["First caption!"]["image_id"] == img0["id"]
+            and caps["a picture number 0"]["image_id"] == img0["id"]
+        )
         assert caps["only a caption"]["image_id"] is None and caps["line one"]["path"] is None
         assert caps["caption of a missing image"]["image_id"] is None  # its image failed to load
         assert caps["line one"]["sha256"] == hashlib.sha256(b"line one").hexdigest()
 
 
-def test_stored_vectors_and_features_equal_the_runtime(built: Path, sources: dict[str, Path], index_bundle) -> None:
+def test_stored_vectors_and_features_equal_the_runtime(
+    built: Path, sources: dict[str, Path], index_bundle
+) -> None:
     path = sources["root"] / "extra" / "e1.png"
     emb, tok = index_bundle.encode_images([path])
     temb, ttok, tmask = index_bundle.encode_texts(["a red thing", "line one"])
@@ -116,7 +148,9 @@ def test_stored_vectors_and_features_equal_the_runtime(built: Path, sources: dic
         assert mask.dtype == np.int64 and np.array_equal(mask, tmask)
         np.testing.assert_allclose(feats, ttok, rtol=2e-3, atol=2e-3)
         tid, tm = r.text_token_ids(ids)
-        assert np.array_equal(tid, index_bundle.tokenize(["a red thing", "line one"])[0]) and np.array_equal(tm, tmask)
+        assert np.array_equal(tid, index_bundle.tokenize(["a red thing", "line one"])[0]) and np.array_equal(
+            tm, tmask
+        )
         # every image finds itself first; text->image search with a real text query returns valid ids
         all_imgs = [it["id"] for it in r.items(range(r.manifest["next_id"])) if it["kind"] == "image"]
         q = np.stack([r.vector("image", i) for i in all_imgs])
@@ -124,7 +158,11 @@ def test_stored_vectors_and_features_equal_the_runtime(built: Path, sources: dic
         assert found[:, 0].tolist() == all_imgs
         assert (np.diff(scores, axis=1) <= 0).all()
         s, f = r.search("text", emb, 50)
-        assert (f[0, :12] >= 0).all() and (f[0, 12:] == -1).all() and set(f[0, :12].tolist()) == set(range(8, 20))
+        assert (
+            (f[0, :12] >= 0).all()
+            and (f[0, 12:] == -1).all()
+            and set(f[0, :12].tolist()) == set(range(8, 20))
+        )
 
 
 def test_reader_api_edges(built: Path) -> None:
@@ -145,8 +183,9 @@ def test_reader_api_edges(built: Path) -> None:
         assert r.image_tokens([]).shape == (0, *r.image_tokens_shape)
 
 
-def test_bundle_mismatch_is_refused(built: Path, other_bundle_dir: Path, sources: dict[str, Path],
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_bundle_mismatch_is_refused(
+    built: Path, other_bundle_dir: Path, sources: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     from albef.model.runtime import Bundle
 
     other = Bundle.load(other_bundle_dir)
@@ -154,21 +193,35 @@ def test_bundle_mismatch_is_refused(built: Path, other_bundle_dir: Path, sources
         IndexReader.open(built, bundle_id=other.bundle_id)
     with pytest.raises(IndexMismatchError):
         builder.add(built, other, [sources["txt"]], BuildOptions(**OPTS))
-    rc = cli_main(["index", "add", "--index", str(built), "--model", str(other_bundle_dir), "--no-progress",
-                   str(sources["txt"])])
+    rc = cli_main(
+        [
+            "index",
+            "add",
+            "--index",
+            str(built),
+            "--model",
+            str(other_bundle_dir),
+            "--no-progress",
+            str(sources["txt"]),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "albef index add: error:" in err and "built with model bundle" in err
     assert layout.list_versions(built) == ["000001"]
 
 
-def test_add_delete_versions_and_retention(built: Path, sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:
+def test_add_delete_versions_and_retention(
+    built: Path, sources: dict[str, Path], index_bundle, tmp_path: Path
+) -> None:
     idx = tmp_path / "index"
     shutil.copytree(built, idx)
     old = IndexReader.open(idx)
     new_dir = make_folder(tmp_path / "new", 3, seed0=50)
     shutil.copyfile(sources["root"] / "extra" / "e1.png", new_dir / "again.png")  # already indexed
     (tmp_path / "more.txt").write_text("line one\na brand new caption\n")
-    res = builder.add(idx, index_bundle, [new_dir, tmp_path / "more.txt"], BuildOptions(**OPTS, keep_versions=2))
+    res = builder.add(
+        idx, index_bundle, [new_dir, tmp_path / "more.txt"], BuildOptions(**OPTS, keep_versions=2)
+    )
     assert res.version == "000002" == current_version(idx)
     assert res.report["images"] == {"planned": 4, "indexed": 3, "duplicates": 1, "failed": 0}
     assert res.report["texts"]["indexed"] == 5  # 4 sidecar captions + 1 new line; "line one" is known
@@ -202,10 +255,13 @@ def test_add_delete_versions_and_retention(built: Path, sources: dict[str, Path]
         assert r.item(0) is not None  # old versions stay readable by name
 
 
-def test_int8_tokens_and_id_only_texts(sources: dict[str, Path], index_bundle, built: Path, tmp_path: Path) -> None:
+def test_int8_tokens_and_id_only_texts(
+    sources: dict[str, Path], index_bundle, built: Path, tmp_path: Path
+) -> None:
     idx = tmp_path / "small"
-    builder.build(idx, index_bundle, [sources["folder"]],
-                  BuildOptions(**OPTS, token_dtype="int8", text_features="ids"))
+    builder.build(
+        idx, index_bundle, [sources["folder"]], BuildOptions(**OPTS, token_dtype="int8", text_features="ids")
+    )
     with IndexReader.open(idx) as r, IndexReader.open(built) as ref:
         img = by_path(r, sources["folder"] / "part0" / "img002.png")
         ref_img = by_path(ref, sources["folder"] / "part0" / "img002.png")
@@ -227,14 +283,22 @@ def test_int8_tokens_and_id_only_texts(sources: dict[str, Path], index_bundle, b
         assert np.array_equal(mask, wmask)
 
 
-def test_factory_override_is_kept_and_hnsw_delete_rebuilds(sources: dict[str, Path], index_bundle,
-                                                           tmp_path: Path) -> None:
+def test_factory_override_is_kept_and_hnsw_delete_rebuilds(
+    sources: dict[str, Path], index_bundle, tmp_path: Path
+) -> None:
     idx = tmp_path / "hnsw"
-    res = builder.build(idx, index_bundle, [sources["folder"], sources["txt"]], BuildOptions(**OPTS, factory="HNSW8"))
+    res = builder.build(
+        idx, index_bundle, [sources["folder"], sources["txt"]], BuildOptions(**OPTS, factory="HNSW8")
+    )
     a = res.manifest["ann"]["image"]
-    assert a["factory"] == "HNSW8" and a["pinned"] and a["recall_at_k"] is not None and "efSearch" in a["params"]
+    assert (
+        a["factory"] == "HNSW8" and a["pinned"] and a["recall_at_k"] is not None and "efSearch" in a["params"]
+    )
     res = builder.add(idx, index_bundle, [sources["csv"]], BuildOptions(**OPTS))
-    assert res.manifest["ann"]["image"]["factory"] == "HNSW8" and res.manifest["ann"]["image"]["update"] == "added"
+    assert (
+        res.manifest["ann"]["image"]["factory"] == "HNSW8"
+        and res.manifest["ann"]["image"]["update"] == "added"
+    )
     res = builder.delete(idx, [0])
     assert res.manifest["ann"]["image"]["update"] == "rebuilt"
     with IndexReader.open(idx) as r:
@@ -243,12 +307,18 @@ def test_factory_override_is_kept_and_hnsw_delete_rebuilds(sources: dict[str, Pa
         assert 0 not in found[0].tolist() and (found[0, :6] >= 0).all()
 
 
-def test_pending_build_needs_resume_or_restart(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:
+def test_pending_build_needs_resume_or_restart(
+    sources: dict[str, Path], index_bundle, tmp_path: Path
+) -> None:
     idx = tmp_path / "pending"
     wdir = idx / "work" / "pending"
     wdir.mkdir(parents=True)
-    plan = {"base_version": None, "bundle_id": index_bundle.bundle_id, "sources": ["/elsewhere"],
-            "options": BuildOptions(**OPTS).plan_key()}
+    plan = {
+        "base_version": None,
+        "bundle_id": index_bundle.bundle_id,
+        "sources": ["/elsewhere"],
+        "options": BuildOptions(**OPTS).plan_key(),
+    }
     (wdir / "plan.json").write_text(json.dumps(plan))
     with pytest.raises(ResumeError, match="pass --resume"):
         builder.build(idx, index_bundle, [sources["txt"]], BuildOptions(**OPTS))
@@ -261,11 +331,27 @@ def test_pending_build_needs_resume_or_restart(sources: dict[str, Path], index_b
         assert (f == -1).all() and np.isneginf(s).all()
 
 
-def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path, tmp_path: Path,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_build_info_delete(
+    sources: dict[str, Path], index_bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cli-index"
-    rc = cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), "--no-progress",
-                   "--shard-size", "3", "--workers", "2", str(sources["folder"]), str(sources["txt"])])
+    rc = cli_main(
+        [
+            "index",
+            "build",
+            "--model",
+            str(index_bundle_dir),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--shard-size",
+            "3",
+            "--workers",
+            "2",
+            str(sources["folder"]),
+            str(sources["txt"]),
+        ]
+    )
     assert rc == 0
     assert "version 000001: 6 images, 7 texts" in capsys.readouterr().out
     assert cli_main(["index", "info", str(out)]) == 0
@@ -283,14 +369,52 @@ def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path,
         (["index", "delete", "--index", str(out), "--ids", "a,b"], "comma-separated integers", 2),
         (["index", "delete", "--index", str(out), "--ids", "1"], "unknown ids", 1),
         (["index", "info", str(tmp_path / "nothing")], "no index", 1),
-        (["index", "build", "--model", str(index_bundle_dir), "--out", str(out), str(sources["txt"])], "already holds",
-         1),
-        (["index", "build", "--model", str(tmp_path / "nobundle"), "--out", str(tmp_path / "x"), str(sources["txt"])],
-         "bundle not found", 1),
-        (["index", "build", "--model", str(index_bundle_dir), "--out", str(tmp_path / "y"), "--max-memory", "lots",
-          str(sources["txt"])], "bad size", 2),
-        (["index", "build", "--model", str(index_bundle_dir), "--out", str(tmp_path / "z"),
-          str(tmp_path / "nope.csv")], "source not found", 1),
+        (
+            ["index", "build", "--model", str(index_bundle_dir), "--out", str(out), str(sources["txt"])],
+            "already holds",
+            1,
+        ),
+        (
+            [
+                "index",
+                "build",
+                "--model",
+                str(tmp_path / "nobundle"),
+                "--out",
+                str(tmp_path / "x"),
+                str(sources["txt"]),
+            ],
+            "bundle not found",
+            1,
+        ),
+        (
+            [
+                "index",
+                "build",
+                "--model",
+                str(index_bundle_dir),
+                "--out",
+                str(tmp_path / "y"),
+                "--max-memory",
+                "lots",
+                str(sources["txt"]),
+            ],
+            "bad size",
+            2,
+        ),
+        (
+            [
+                "index",
+                "build",
+                "--model",
+                str(index_bundle_dir),
+                "--out",
+                str(tmp_path / "z"),
+                str(tmp_path / "nope.csv"),
+            ],
+            "source not found",
+            1,
+        ),
     ]:
         assert cli_main(argv) == code, argv
         err = capsys.readouterr().err
@@ -298,8 +422,9 @@ def test_cli_build_info_delete(sources: dict[str, Path], index_bundle_dir: Path,
         assert msg in err and err.count("\n") == 1, err
 
 
-def test_index_package_never_imports_torch(built: Path, index_bundle_dir: Path, sources: dict[str, Path],
-                                           tmp_path: Path) -> None:
+def test_index_package_never_imports_torch(
+    built: Path, index_bundle_dir: Path, sources: dict[str, Path], tmp_path: Path
+) -> None:
     code = f"""
 import sys
 from albef.model.runtime import Bundle
@@ -316,15 +441,21 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_add_and_delete_keep_the_recorded_memory_budget(sources: dict[str, Path], index_bundle, tmp_path: Path) -> None:
+def test_add_and_delete_keep_the_recorded_memory_budget(
+    sources: dict[str, Path], index_bundle, tmp_path: Path
+) -> None:
     out = tmp_path / "ix"
     builder.build(out, index_bundle, [sources["txt"]], BuildOptions(**OPTS, max_memory="64M"))
-    builder.add(out, index_bundle, [sources["folder"]], BuildOptions(**OPTS))  # no budget given: the recorded one
+    builder.add(
+        out, index_bundle, [sources["folder"]], BuildOptions(**OPTS)
+    )  # no budget given: the recorded one
     assert layout.read_manifest(layout.version_path(out))["max_memory"] == "64M"
     first_text = min(it["id"] for it in IndexReader.open(out).items(range(3)) if it["kind"] == "text")
     builder.delete(out, [first_text])
     assert layout.read_manifest(layout.version_path(out))["max_memory"] == "64M"
-    builder.add(out, index_bundle, [sources["csv"]], BuildOptions(**OPTS, max_memory="128M"))  # named: that one
+    builder.add(
+        out, index_bundle, [sources["csv"]], BuildOptions(**OPTS, max_memory="128M")
+    )  # named: that one
     assert layout.read_manifest(layout.version_path(out))["max_memory"] == "128M"
     fresh = tmp_path / "fresh"
     builder.build(fresh, index_bundle, [sources["txt"]], BuildOptions(**OPTS))

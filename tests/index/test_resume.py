@@ -11,29 +11,56 @@ import time
 from pathlib import Path
 
 import pytest
+
+from albef.cli import main as cli_main
 from albef.index import builder, publish
 from albef.index.builder import BuildOptions
 from albef.index.reader import IndexReader, current_version
-
-from albef.cli import main as cli_main
 from tests.helpers import SLOW_SHARDS
 from tests.helpers.index import assert_same_snapshot, make_folder, snapshot
 
 N_IMAGES = 24
-ARGS = ["--shard-size", "3", "--text-shard-size", "4", "--batch-size", "2", "--workers", "2", "--threads", "1",
-        "--no-progress"]
+ARGS = [
+    "--shard-size",
+    "3",
+    "--text-shard-size",
+    "4",
+    "--batch-size",
+    "2",
+    "--workers",
+    "2",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
-def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_bundle_dir: Path,
-                                                            tmp_path: Path) -> None:
+def test_sigkill_mid_build_then_resume_equals_uninterrupted(
+    index_bundle, index_bundle_dir: Path, tmp_path: Path
+) -> None:
     src = make_folder(tmp_path / "src", N_IMAGES, seed0=200)
     (src / "part0" / "zz-broken.png").write_bytes(b"garbage")
     ref = tmp_path / "ref"
-    builder.build(ref, index_bundle, [src], BuildOptions(shard_size=3, text_shard_size=4, batch_size=2, workers=2,
-                                                         progress=False))
+    builder.build(
+        ref,
+        index_bundle,
+        [src],
+        BuildOptions(shard_size=3, text_shard_size=4, batch_size=2, workers=2, progress=False),
+    )
     out = tmp_path / "crashed"
-    cmd = [sys.executable, str(SLOW_SHARDS), "0.4", "index", "build", "--model", str(index_bundle_dir),
-           "--out", str(out), *ARGS, str(src)]
+    cmd = [
+        sys.executable,
+        str(SLOW_SHARDS),
+        "0.4",
+        "index",
+        "build",
+        "--model",
+        str(index_bundle_dir),
+        "--out",
+        str(out),
+        *ARGS,
+        str(src),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = out / "work" / "pending" / "shards"
     try:
@@ -52,9 +79,26 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_
     assert 3 <= len(committed) < 9 + 6 and current_version(out) is None  # nothing published
     assert not list(shards.glob("*.tmp"))  # a half-written shard would be a *.tmp, never an *.npz
     # without --resume the interrupted build is not silently discarded
-    assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, str(src)]) == 1
-    assert cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, "--resume",
-                     str(src)]) == 0
+    assert (
+        cli_main(["index", "build", "--model", str(index_bundle_dir), "--out", str(out), *ARGS, str(src)])
+        == 1
+    )
+    assert (
+        cli_main(
+            [
+                "index",
+                "build",
+                "--model",
+                str(index_bundle_dir),
+                "--out",
+                str(out),
+                *ARGS,
+                "--resume",
+                str(src),
+            ]
+        )
+        == 0
+    )
     with IndexReader.open(out) as r:
         report = r.manifest
     rep = json.loads((out / "versions" / "000001" / "report.json").read_text())
@@ -66,8 +110,9 @@ def test_sigkill_mid_build_then_resume_equals_uninterrupted(index_bundle, index_
     assert not (out / "work" / "pending").exists()
 
 
-def test_crash_while_publishing_leaves_no_trace(index_bundle, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_while_publishing_leaves_no_trace(
+    index_bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A failure after the segment is written but before the version is renamed: the pointer does not move,
     temporary folders are removed, and the next attempt (resume) publishes normally."""
     src = make_folder(tmp_path / "src", 4, seed0=300)

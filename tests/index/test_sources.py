@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
 from albef.index.errors import SourceError
 from albef.index.sources import read_sources
 from albef.model.data.annotations import load_pairs
-from PIL import Image
-
 from tests.helpers.index import make_folder, make_image
 
 
@@ -26,14 +26,19 @@ def test_folder_recursive_sorted_with_sidecar_captions(tmp_path: Path) -> None:
 
 def test_official_annotation_json_train_and_eval_formats(tmp_path: Path) -> None:
     make_image(tmp_path / "root" / "a.png", 1)
-    train = [{"image": "a.png", "caption": "first caption", "image_id": "x_1"},
-             {"image": "a.png", "caption": "second caption", "image_id": "x_1"}]
+    train = [
+        {"image": "a.png", "caption": "first caption", "image_id": "x_1"},
+        {"image": "a.png", "caption": "second caption", "image_id": "x_1"},
+    ]
     test = [{"image": "a.png", "caption": ["c1", "c2", "c3"]}]
     (tmp_path / "ann").mkdir()
     (tmp_path / "ann" / "train.json").write_text(json.dumps(train))
     (tmp_path / "ann" / "test.json").write_text(json.dumps(test))
-    recs = list(read_sources([tmp_path / "ann" / "train.json", tmp_path / "ann" / "test.json"],
-                             image_root=tmp_path / "root"))
+    recs = list(
+        read_sources(
+            [tmp_path / "ann" / "train.json", tmp_path / "ann" / "test.json"], image_root=tmp_path / "root"
+        )
+    )
     assert [r.captions for r in recs] == [["first caption"], ["second caption"], ["c1", "c2", "c3"]]
     assert {r.image for r in recs} == {str((tmp_path / "root" / "a.png").resolve())}
     assert recs[0].metadata == {"image_id": "x_1"} and recs[2].metadata is None
@@ -41,10 +46,13 @@ def test_official_annotation_json_train_and_eval_formats(tmp_path: Path) -> None
 
 def test_csv_tsv_jsonl_and_caption_lines(tmp_path: Path) -> None:
     make_image(tmp_path / "p.png", 2)
-    (tmp_path / "a.csv").write_text('image,caption,metadata\np.png,a red thing,"{""k"": 1}"\n,only a caption,\n')
+    (tmp_path / "a.csv").write_text(
+        'image,caption,metadata\np.png,a red thing,"{""k"": 1}"\n,only a caption,\n'
+    )
     (tmp_path / "b.tsv").write_text("path\tmetadata\np.png\t\n")
-    (tmp_path / "c.jsonl").write_text('{"image_path": "p.png", "captions": ["x", "y"], "metadata": {"m": [1]}}\n\n'
-                                      '{"text": "just text"}\n')
+    (tmp_path / "c.jsonl").write_text(
+        '{"image_path": "p.png", "captions": ["x", "y"], "metadata": {"m": [1]}}\n\n{"text": "just text"}\n'
+    )
     (tmp_path / "d.txt").write_text("line one\n\n  line two  \n")
     recs = list(read_sources([tmp_path / n for n in ("a.csv", "b.tsv", "c.jsonl", "d.txt")]))
     img = str((tmp_path / "p.png").resolve())
@@ -102,8 +110,12 @@ def _same_data(tmp_path: Path, fmt: str) -> tuple[Path, Path | None]:
     make_image(root / "b.png", 1)
     make_image(root / "sub" / "a.png", 2)
     Image.open(make_image(tmp_path / "c.png", 3)).save(root / "c.ppm")
-    rows = [("b.png", "a red band"), ("b.png", "the same band, again"), ("sub/a.png", "a nested picture"),
-            (str(root / "c.ppm"), "a portable pixmap")]
+    rows = [
+        ("b.png", "a red band"),
+        ("b.png", "the same band, again"),
+        ("sub/a.png", "a nested picture"),
+        (str(root / "c.ppm"), "a portable pixmap"),
+    ]
     if fmt == "folder":
         (root / "b.txt").write_text("a red band\n\n  the same band, again \n")
         (root / "sub" / "a.txt").write_text("a nested picture\n")
@@ -123,9 +135,15 @@ def _same_data(tmp_path: Path, fmt: str) -> tuple[Path, Path | None]:
         path.write_text(json.dumps([{"image": img, "caption": cap, "image_id": img} for img, cap in rows]))
     else:  # json-eval: one entry per image, a list of captions
         path = tmp_path / "test.json"
-        path.write_text(json.dumps([{"image": "b.png", "caption": ["a red band", "the same band, again"]},
-                                    {"image": "sub/a.png", "caption": ["a nested picture"]},
-                                    {"image": str(root / "c.ppm"), "caption": ["a portable pixmap"]}]))
+        path.write_text(
+            json.dumps(
+                [
+                    {"image": "b.png", "caption": ["a red band", "the same band, again"]},
+                    {"image": "sub/a.png", "caption": ["a nested picture"]},
+                    {"image": str(root / "c.ppm"), "caption": ["a portable pixmap"]},
+                ]
+            )
+        )
     return path, root
 
 
@@ -135,8 +153,12 @@ def test_index_and_training_read_the_same_rows(tmp_path: Path, fmt: str) -> None
     rows = _via_index([source], image_root)
     assert rows == _via_training([source], image_root)
     img = {name: str((tmp_path / "imgs" / name).resolve()) for name in ("b.png", "sub/a.png", "c.ppm")}
-    expected = [(img["b.png"], "a red band"), (img["b.png"], "the same band, again"),
-                (img["sub/a.png"], "a nested picture"), (img["c.ppm"], "a portable pixmap")]
+    expected = [
+        (img["b.png"], "a red band"),
+        (img["b.png"], "the same band, again"),
+        (img["sub/a.png"], "a nested picture"),
+        (img["c.ppm"], "a portable pixmap"),
+    ]
     if fmt == "folder":  # sorted by path relative to the folder
         expected = [expected[0], expected[1], expected[3], expected[2]]
     assert rows == expected
@@ -153,19 +175,29 @@ def _bad_folder(tmp_path: Path) -> tuple[Path, str, str]:
 
 BAD_ROWS = [  # file, content, where (after the file), error
     ("extra.csv", "image,caption\np.png,one\np.png,two,three\n", ":3", "row has more fields than the header"),
-    ("meta.csv", "image,caption,metadata\np.png,one,\np.png,two,{oops}\n", ":3", "metadata is not valid JSON"),
+    (
+        "meta.csv",
+        "image,caption,metadata\np.png,one,\np.png,two,{oops}\n",
+        ":3",
+        "metadata is not valid JSON",
+    ),
     ("empty.tsv", "image\tcaption\np.png\tone\n\t\n", ":3", "row has neither an image nor a caption"),
     ("line.jsonl", '{"image": "p.png", "caption": "one"}\n{nope\n', ":2", "not valid JSON"),
     ("list.jsonl", '{"image": "p.png", "caption": "one"}\n[1]\n', ":2", "expected a JSON object, got list"),
     ("cap.json", '[{"image": "p.png", "caption": ["one", 7]}]', ":[0]/caption[1]", "caption is not a string"),
-    ("img.json", '[{"image": "p.png", "caption": "one"}, {"image": 3, "caption": "x"}]', ":[1]",
-     "image must be a string path"),
+    (
+        "img.json",
+        '[{"image": "p.png", "caption": "one"}, {"image": 3, "caption": "x"}]',
+        ":[1]",
+        "image must be a string path",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "content", "where", "error"), BAD_ROWS + [("folder", None, None, None)])
-def test_strict_raises_where_skip_reports(tmp_path: Path, name: str, content: str | None, where: str | None,
-                                          error: str | None) -> None:
+def test_strict_raises_where_skip_reports(
+    tmp_path: Path, name: str, content: str | None, where: str | None, error: str | None
+) -> None:
     if content is None:
         path, where, error = _bad_folder(tmp_path)
         good = ["a good caption"]

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from albef.cli import main as albef_main
 from albef.model.checkpoint import CheckpointError, load_strict, official_to_albef
 from albef.model.config import get_config
 from albef.model.factory import create_model
 from albef.model.vit import interpolate_pos_embed
-
-from albef.cli import main as albef_main
 from tests.helpers.official_layout import official_state
 
 
@@ -45,7 +45,9 @@ def test_base_official_container_loads_exactly(base_model, container: str) -> No
 def test_key_errors_name_the_keys(base_model) -> None:
     state = official_state(get_config("albef-base"), "flat")
     extra = dict(state, **{"text_encoder.encoder.layer.3.crossattention.self.query.weight": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): text_encoder\.encoder\.layer\.3\.crossattention"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected keys \(1\): text_encoder\.encoder\.layer\.3\.crossattention"
+    ):
         load_strict(base_model, official_to_albef(extra, base_model))
     missing = {k: v for k, v in state.items() if k != "itm_head.bias"}
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): itm_head\.bias"):
@@ -91,9 +93,16 @@ def test_pos_embed_interpolation_matches_independent_bicubic() -> None:
     ref = _bicubic_reference(grid, 24).reshape(576, 8)
     assert np.abs(new[0, 1:].double().numpy() - ref).max() < 1e-5
     # antialiased resampling (timm's default) is a different function: the spec's warning holds
-    aa = torch.nn.functional.interpolate(
-        pos[:, 1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2), size=(24, 24), mode="bicubic", antialias=True
-    ).permute(0, 2, 3, 1).reshape(1, 576, 8)
+    aa = (
+        torch.nn.functional.interpolate(
+            pos[:, 1:].reshape(1, 16, 16, 8).permute(0, 3, 1, 2),
+            size=(24, 24),
+            mode="bicubic",
+            antialias=True,
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(1, 576, 8)
+    )
     assert (aa - new[:, 1:]).abs().max() > 1e-3
 
 

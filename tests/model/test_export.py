@@ -71,9 +71,13 @@ def test_graphs_have_dynamic_batch_and_length(tiny_bundle: Path) -> None:
     assert max(o.version for o in kv.opset_import if o.domain in ("", "ai.onnx")) == 17
 
 
-def test_cli_export_and_bf16_decision(tiny_checkpoint: Path, vocab_path: Path, tmp_path: Path, capsys) -> None:
+def test_cli_export_and_bf16_decision(
+    tiny_checkpoint: Path, vocab_path: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "bundle"
-    rc = run_cli("export", str(tiny_checkpoint), str(out), "--variants", "fp32,bf16", "--vocab", str(vocab_path))
+    rc = run_cli(
+        "export", str(tiny_checkpoint), str(out), "--variants", "fp32,bf16", "--vocab", str(vocab_path)
+    )
     assert rc == 0
     assert "wrote" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -90,7 +94,9 @@ def test_cli_export_and_bf16_decision(tiny_checkpoint: Path, vocab_path: Path, t
     # a replacement that fails validation (no float path matches PyTorch bit for bit: tolerance 0) leaves
     # the published bundle untouched and no temporary folder behind
     before = {p.name: sha(p) for p in out.iterdir()}
-    rc = run_cli("export", str(tiny_checkpoint), str(out), "--variants", "fp32", "--force", "--tolerance", "0")
+    rc = run_cli(
+        "export", str(tiny_checkpoint), str(out), "--variants", "fp32", "--force", "--tolerance", "0"
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1
     assert err[-1].startswith("albef export: error: ONNX Runtime differs from PyTorch by more than 0")
@@ -108,7 +114,9 @@ def test_cli_rejects_bad_arguments(tiny_checkpoint: Path, tmp_path: Path, capsys
     assert "checkpoint not found" in capsys.readouterr().err
     assert run_cli("export", str(tiny_checkpoint), str(tmp_path / "o"), "--variants", "fp32,fp8") == 2
     assert "fp8" in capsys.readouterr().err
-    assert run_cli("export", str(tiny_checkpoint), str(tmp_path / "o"), "--vocab", str(tmp_path / "v.txt")) == 1
+    assert (
+        run_cli("export", str(tiny_checkpoint), str(tmp_path / "o"), "--vocab", str(tmp_path / "v.txt")) == 1
+    )
     assert "vocab file not found" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
@@ -119,13 +127,16 @@ def test_cli_rejects_bad_arguments(tiny_checkpoint: Path, tmp_path: Path, capsys
 
 def test_adapters_reproduce_the_model(tiny_checkpoint: Path) -> None:
     import torch
+
     from albef.model.export import ImageKVAdapter, ItmAdapter, ItmKVAdapter, example_inputs
     from albef.model.factory import create_model
 
     model = create_model(None, tiny_checkpoint)
     ex = example_inputs(model, batch=3)
     with torch.no_grad():
-        plain = ItmAdapter(model)(ex["text_tokens"], ex["attention_mask"], ex["image_tokens"][:1].expand(3, -1, -1))
+        plain = ItmAdapter(model)(
+            ex["text_tokens"], ex["attention_mask"], ex["image_tokens"][:1].expand(3, -1, -1)
+        )
         kv = ImageKVAdapter(model)(ex["image_tokens"][:1])
         cached = ItmKVAdapter(model)(ex["text_tokens"], ex["attention_mask"], *kv)
     assert len(kv) == 4 and kv[0].shape == (1, 4, 37, 32)
@@ -135,8 +146,9 @@ def test_adapters_reproduce_the_model(tiny_checkpoint: Path) -> None:
     assert np.isfinite(plain.numpy()).all()
 
 
-def test_runtime_evaluation_equals_the_torch_evaluation(tiny_bundle: Path, tiny_checkpoint: Path, tokenizer,
-                                                        tmp_path: Path) -> None:
+def test_runtime_evaluation_equals_the_torch_evaluation(
+    tiny_bundle: Path, tiny_checkpoint: Path, tokenizer, tmp_path: Path
+) -> None:
     """The R@K figures written into manifests (make_evaluator, ONNX Runtime) are the official protocol:
     the same score matrices as helper B's torch evaluation, hence the same recalls."""
     from albef.model.data.annotations import load_eval_set

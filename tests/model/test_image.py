@@ -6,9 +6,10 @@ import io
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from albef.model.config import CLIP_MEAN, CLIP_STD
 from albef.model.image import load_image, preprocess
-from PIL import Image
 
 
 def _photo(seed: int, size: tuple[int, int]) -> Image.Image:

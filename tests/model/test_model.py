@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from albef.model.factory import create_model
 
 CAPTIONS = ["a small red circle left of a large blue square", "two dogs", "a b c d e f g h", "x"]
@@ -39,7 +40,9 @@ def test_shapes_and_normalisation(model, inputs) -> None:
         temb, ttok = model.encode_text(ids, mask)
     assert iemb.shape == (4, 64) and itok.shape == (4, 37, 128)
     assert temb.shape == (4, 64) and ttok.shape == (4, 30, 128)
-    assert torch.allclose(iemb.norm(dim=-1), torch.ones(4)) and torch.allclose(temb.norm(dim=-1), torch.ones(4))
+    assert torch.allclose(iemb.norm(dim=-1), torch.ones(4)) and torch.allclose(
+        temb.norm(dim=-1), torch.ones(4)
+    )
 
 
 def test_multi_modal_equals_fusion_of_text(model, inputs) -> None:
@@ -62,8 +65,12 @@ def test_batch_of_one_equals_row_of_batch(model, inputs) -> None:
             e1, t1 = model.encode_image(pixels[i : i + 1])
             te1, tt1 = model.encode_text(ids[i : i + 1], mask[i : i + 1])
             l1 = model.itm_logits(tt1, mask[i : i + 1], t1)
-            assert torch.allclose(e1, iemb[i : i + 1], atol=1e-6) and torch.allclose(t1, itok[i : i + 1], atol=1e-5)
-            assert torch.allclose(te1, temb[i : i + 1], atol=1e-6) and torch.allclose(tt1, ttok[i : i + 1], atol=1e-5)
+            assert torch.allclose(e1, iemb[i : i + 1], atol=1e-6) and torch.allclose(
+                t1, itok[i : i + 1], atol=1e-5
+            )
+            assert torch.allclose(te1, temb[i : i + 1], atol=1e-6) and torch.allclose(
+                tt1, ttok[i : i + 1], atol=1e-5
+            )
             assert torch.allclose(l1, logits[i : i + 1], atol=1e-5)
 
 
@@ -105,9 +112,14 @@ def test_text_mode_equals_huggingface_bert(model, inputs) -> None:
     t = model.config.text
     hf = BertModel(
         BertConfig(
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, num_hidden_layers=t.fusion_layer,
-            num_attention_heads=t.num_attention_heads, intermediate_size=t.intermediate_size,
-            max_position_embeddings=t.max_position_embeddings, layer_norm_eps=t.layer_norm_eps, hidden_act="gelu",
+            vocab_size=t.vocab_size,
+            hidden_size=t.hidden_size,
+            num_hidden_layers=t.fusion_layer,
+            num_attention_heads=t.num_attention_heads,
+            intermediate_size=t.intermediate_size,
+            max_position_embeddings=t.max_position_embeddings,
+            layer_norm_eps=t.layer_norm_eps,
+            hidden_act="gelu",
             attn_implementation="eager",
         ),
         add_pooling_layer=False,
@@ -142,14 +154,20 @@ def _reference_fusion_layer(layer, x, mask, img, heads):
             s = s + add_mask
         ctx = (s.softmax(-1) @ v).transpose(1, 2).reshape(b, n, h)
         out = F.linear(ctx, block.output.dense.weight, block.output.dense.bias)
-        return F.layer_norm(out + q_in, (h,), block.output.LayerNorm.weight, block.output.LayerNorm.bias, 1e-12)
+        return F.layer_norm(
+            out + q_in, (h,), block.output.LayerNorm.weight, block.output.LayerNorm.bias, 1e-12
+        )
 
     ext = (1.0 - mask[:, None, None, :].float()) * -10000.0
     x = attn(layer.attention, x, x, ext)
     x = attn(layer.crossattention, x, img, None)
-    inter = F.gelu(F.linear(x, layer.intermediate.dense.weight, layer.intermediate.dense.bias), approximate="none")
+    inter = F.gelu(
+        F.linear(x, layer.intermediate.dense.weight, layer.intermediate.dense.bias), approximate="none"
+    )
     out = F.linear(inter, layer.output.dense.weight, layer.output.dense.bias)
-    return F.layer_norm(out + x, (x.shape[-1],), layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, 1e-12)
+    return F.layer_norm(
+        out + x, (x.shape[-1],), layer.output.LayerNorm.weight, layer.output.LayerNorm.bias, 1e-12
+    )
 
 
 def test_fusion_and_itm_equal_spec_reference(model, inputs) -> None:
@@ -172,19 +190,30 @@ def test_vit_equals_spec_reference(model, inputs) -> None:
     heads = model.config.vision.heads
     with torch.no_grad():
         x = vit.patch_embed.proj(pixels).flatten(2).transpose(1, 2)
-        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + vit.pos_embed[:, : x.shape[1] + 1]
+        x = (
+            torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            + vit.pos_embed[:, : x.shape[1] + 1]
+        )
         for blk in vit.blocks:
             b, n, c = x.shape
             h = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, 1e-6)
             qkv = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(b, n, 3, heads, c // heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
             a = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(-1)
-            x = x + F.linear((a @ v).transpose(1, 2).reshape(b, n, c), blk.attn.proj.weight, blk.attn.proj.bias)
+            x = x + F.linear(
+                (a @ v).transpose(1, 2).reshape(b, n, c), blk.attn.proj.weight, blk.attn.proj.bias
+            )
             h = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias, 1e-6)
-            x = x + F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+            x = x + F.linear(
+                F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)),
+                blk.mlp.fc2.weight,
+                blk.mlp.fc2.bias,
+            )
         ref = F.layer_norm(x, (x.shape[-1],), vit.norm.weight, vit.norm.bias, 1e-6)
         emb, ours = model.encode_image(pixels)
-        ref_emb = F.normalize(F.linear(ref[:, 0], model.vision_proj.weight, model.vision_proj.bias), dim=-1, eps=1e-12)
+        ref_emb = F.normalize(
+            F.linear(ref[:, 0], model.vision_proj.weight, model.vision_proj.bias), dim=-1, eps=1e-12
+        )
     assert (ours - ref).abs().max() < 1e-5
     assert (emb - ref_emb).abs().max() < 1e-6
 

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from albef.model.ranking import itc_order, order_candidates, rank
 
 

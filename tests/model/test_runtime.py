@@ -198,10 +198,9 @@ def test_thread_settings_and_concurrent_use(tiny_bundle: Path) -> None:
 def test_int8_variant_meets_its_bounds_on_this_cpu(tiny_bundle: Path, bundle) -> None:
     """The int8 bounds are one set for every CPU (albef.model.quantize.INT8_BOUNDS): the export measured and
     recorded them here, and the runtime on other inputs (images, real captions) meets them too."""
+    from albef.cpu import cpu_info
     from albef.model.quantize import INT8_BOUNDS, max_int8_weight
     from albef.model.runtime import Bundle
-
-    from albef.cpu import cpu_info
 
     q = Bundle.load(tiny_bundle, variant="int8")
     assert q.bundle_id == bundle.bundle_id and q.session("itm").get_inputs()[0].name == "text_tokens"
@@ -230,8 +229,14 @@ def test_int8_variant_meets_its_bounds_on_this_cpu(tiny_bundle: Path, bundle) ->
 def test_int8_that_misses_a_bound_is_named() -> None:
     from albef.model.quantize import INT8_BOUNDS, check_int8
 
-    ok = {"image_emb_min_cos": 0.999, "text_emb_min_cos": 0.998, "itm_logits": 0.02, "max_int8_weight": 64,
-          "rerank_top1_agreement_t2i": 0.97, "rerank_top1_agreement_i2t": 0.93}
+    ok = {
+        "image_emb_min_cos": 0.999,
+        "text_emb_min_cos": 0.998,
+        "itm_logits": 0.02,
+        "max_int8_weight": 64,
+        "rerank_top1_agreement_t2i": 0.97,
+        "rerank_top1_agreement_i2t": 0.93,
+    }
     assert check_int8(ok) == []
     # what full-range int8 weights gave on an AVX2-only EPYC (saturating pair sums)
     bad = {**ok, "text_emb_min_cos": 0.9728, "max_int8_weight": 127, "rerank_top1_agreement_i2t": 0.5}

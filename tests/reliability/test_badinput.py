@@ -33,8 +33,14 @@ MAX_TEXT = 1000
 
 @pytest.fixture(scope="module")
 def server(service_index: Path):
-    s = settings(service_index, max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, max_text_chars=MAX_TEXT,
-                 max_k=100, batch_max_size=4)
+    s = settings(
+        service_index,
+        max_upload_bytes=MAX_UPLOAD,
+        max_image_pixels=MAX_PIXELS,
+        max_text_chars=MAX_TEXT,
+        max_k=100,
+        batch_max_size=4,
+    )
     with live_server(s) as srv:
         yield srv
 
@@ -63,11 +69,20 @@ def picture(size: tuple[int, int] = (48, 40), seed: int = 0) -> Image.Image:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
-def raw_png(width: int, height: int, bit_depth: int, colour_type: int, channels: int = 1,
-            extra: bytes = b"", rows: int | None = None) -> bytes:
+def raw_png(
+    width: int,
+    height: int,
+    bit_depth: int,
+    colour_type: int,
+    channels: int = 1,
+    extra: bytes = b"",
+    rows: int | None = None,
+) -> bytes:
     """A PNG written chunk by chunk: all-zero pixel rows, compressed as they stream (no big buffer); only
     ``rows`` of them if given (for headers that promise far more than the file holds)."""
     row = b"\0" * (1 + (width * bit_depth * channels + 7) // 8)
@@ -78,8 +93,9 @@ def raw_png(width: int, height: int, bit_depth: int, colour_type: int, channels:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
-def upload(client: httpx.Client, data: bytes, name: str = "q.png", ctype: str = "image/png",
-           **fields: str) -> httpx.Response:
+def upload(
+    client: httpx.Client, data: bytes, name: str = "q.png", ctype: str = "image/png", **fields: str
+) -> httpx.Response:
     return client.post("/v1/search/texts", files={"image": (name, data, ctype)}, data={"k": "5", **fields})
 
 
@@ -107,8 +123,12 @@ TEXT_CASES = [
     pytest.param({"text": "a red circle", "k": 10**9}, 422, "validation_error", "k", id="k=1e9"),
     pytest.param({"text": "a red circle", "k": 10**30}, 422, "validation_error", "k", id="k=1e30"),
     pytest.param({"text": "a red circle", "k": 2.5}, 422, "validation_error", "k", id="k-fraction"),
-    pytest.param({"text": "a red circle", "rerank_k": 0}, 422, "validation_error", "rerank_k", id="rerank_k=0"),
-    pytest.param({"text": "a red circle", "colour": "red"}, 422, "validation_error", "colour", id="unknown-field"),
+    pytest.param(
+        {"text": "a red circle", "rerank_k": 0}, 422, "validation_error", "rerank_k", id="rerank_k=0"
+    ),
+    pytest.param(
+        {"text": "a red circle", "colour": "red"}, 422, "validation_error", "colour", id="unknown-field"
+    ),
     pytest.param({"item_id": 10**30}, 422, "validation_error", "item_id", id="item-id-beyond-int64"),
     pytest.param({"item_id": 2**63 - 1}, 404, "item_not_found", "item_id", id="item-id-int64-max"),
     pytest.param({"text": "a", "exclude": [10**30]}, 200, None, None, id="exclude-huge-id-is-harmless"),
@@ -116,8 +136,9 @@ TEXT_CASES = [
 
 
 @pytest.mark.parametrize(("body", "status", "code", "field"), TEXT_CASES)
-def test_text_query_corpus(client: httpx.Client, body: dict[str, Any], status: int, code: str | None,
-                           field: str | None) -> None:
+def test_text_query_corpus(
+    client: httpx.Client, body: dict[str, Any], status: int, code: str | None, field: str | None
+) -> None:
     r = client.post("/v1/search/images", json=body)
     if status == 200:
         assert r.status_code == 200, r.text
@@ -132,33 +153,61 @@ def test_text_query_corpus(client: httpx.Client, body: dict[str, Any], status: i
 def test_bodies_that_are_not_json(client: httpx.Client) -> None:
     route = "/v1/search/images"
     # invalid UTF-8 inside JSON
-    r = client.post(route, content=b'{"text": "\xff\xfe caf\xe9"}', headers={"content-type": "application/json"})
+    r = client.post(
+        route, content=b'{"text": "\xff\xfe caf\xe9"}', headers={"content-type": "application/json"}
+    )
     assert "parsed" in assert_error(r, 400, "bad_request")["message"]
     # lone surrogate escape: valid JSON, not a valid string
-    assert_error(client.post(route, content=b'{"text": "\\ud800"}', headers={"content-type": "application/json"}),
-                 422, "validation_error", "text")
-    assert_error(client.post(route, content=b"", headers={"content-type": "application/json"}), 422,
-                 "validation_error")
-    assert_error(client.post(route, content=b"[1, 2, 3]", headers={"content-type": "application/json"}), 422,
-                 "validation_error")
+    assert_error(
+        client.post(route, content=b'{"text": "\\ud800"}', headers={"content-type": "application/json"}),
+        422,
+        "validation_error",
+        "text",
+    )
+    assert_error(
+        client.post(route, content=b"", headers={"content-type": "application/json"}), 422, "validation_error"
+    )
+    assert_error(
+        client.post(route, content=b"[1, 2, 3]", headers={"content-type": "application/json"}),
+        422,
+        "validation_error",
+    )
     # wrong content types on both search routes
     for ctype in ("text/plain", "application/xml", "application/x-www-form-urlencoded", "image/png"):
-        assert_error(client.post(route, content=b'{"text": "a red circle"}', headers={"content-type": ctype}), 415,
-                     "unsupported_media_type")
-    assert_error(client.post(route, files={"text": ("t.txt", b"a red circle", "text/plain")}), 415,
-                 "unsupported_media_type")
+        assert_error(
+            client.post(route, content=b'{"text": "a red circle"}', headers={"content-type": ctype}),
+            415,
+            "unsupported_media_type",
+        )
+    assert_error(
+        client.post(route, files={"text": ("t.txt", b"a red circle", "text/plain")}),
+        415,
+        "unsupported_media_type",
+    )
     for ctype in ("text/plain", "application/xml", "image/png", "application/octet-stream"):
-        assert_error(client.post("/v1/search/texts", content=b"\x89PNG...", headers={"content-type": ctype}), 415,
-                     "unsupported_media_type")
+        assert_error(
+            client.post("/v1/search/texts", content=b"\x89PNG...", headers={"content-type": ctype}),
+            415,
+            "unsupported_media_type",
+        )
     # a multipart body that is not one
-    assert_error(client.post("/v1/search/texts", content=b"--xyz\r\n[]--xyz--\r\n",
-                             headers={"content-type": "multipart/form-data; boundary=xyz"}), 400, "bad_request")
+    assert_error(
+        client.post(
+            "/v1/search/texts",
+            content=b"--xyz\r\n[]--xyz--\r\n",
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        ),
+        400,
+        "bad_request",
+    )
 
 
 # -- image queries ---------------------------------------------------------------------------------------
 def test_broken_and_hostile_images(client: httpx.Client) -> None:
     jpeg = encode(picture((64, 64)), "JPEG", quality=90)
-    png = encode(Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG")
+    png = encode(
+        Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)), "PNG"
+    )
     cases: list[tuple[str, bytes, int, str]] = [
         ("zero-byte", b"", 422, "invalid_image"),
         ("truncated-jpeg", jpeg[: len(jpeg) // 2], 422, "invalid_image"),
@@ -172,8 +221,19 @@ def test_broken_and_hostile_images(client: httpx.Client) -> None:
         ("png-header-1e10px", raw_png(100000, 100000, 8, 0, rows=1), 413, "image_too_large"),
         ("20000x20000", raw_png(20000, 20000, 1, 0), 413, "image_too_large"),
         # a text chunk that inflates to 100 MB (Pillow's MAX_TEXT_CHUNK guard)
-        ("ztxt-bomb", raw_png(8, 8, 8, 2, channels=3, extra=_chunk(
-            b"zTXt", b"Comment\0\0" + zlib.compress(b"\0" * (100 << 20), 9))), 422, "invalid_image"),
+        (
+            "ztxt-bomb",
+            raw_png(
+                8,
+                8,
+                8,
+                2,
+                channels=3,
+                extra=_chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"\0" * (100 << 20), 9)),
+            ),
+            422,
+            "invalid_image",
+        ),
     ]
     for name, data, status, code in cases:
         assert len(data) < MAX_UPLOAD, name  # the size limit is not what answers these
@@ -183,12 +243,21 @@ def test_broken_and_hostile_images(client: httpx.Client) -> None:
         if code == "image_too_large":
             assert str(MAX_PIXELS) in err["message"], (name, err)
     # the same through JSON base64
-    assert_error(client.post("/v1/search/texts", json={"image_base64": base64.b64encode(b"GIF89a").decode()}), 422,
-                 "invalid_image", "image")
-    assert_error(client.post("/v1/search/texts", json={"image_base64": "not base64!"}), 422, "invalid_image",
-                 "image_base64")
-    assert_error(client.post("/v1/search/texts", json={"image_base64": ""}), 422, "validation_error",
-                 "image_base64")
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": base64.b64encode(b"GIF89a").decode()}),
+        422,
+        "invalid_image",
+        "image",
+    )
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": "not base64!"}),
+        422,
+        "invalid_image",
+        "image_base64",
+    )
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": ""}), 422, "validation_error", "image_base64"
+    )
 
 
 def test_upload_over_the_size_limit(client: httpx.Client) -> None:
@@ -196,8 +265,11 @@ def test_upload_over_the_size_limit(client: httpx.Client) -> None:
     noise = encode(Image.fromarray(rng.integers(0, 256, (600, 600, 3), dtype=np.uint8)), "PNG")
     assert MAX_UPLOAD < len(noise) < MAX_UPLOAD * 4 // 3  # over the image limit, under the request limit
     assert_error(upload(client, noise), 413, "payload_too_large", "image")
-    assert_error(client.post("/v1/search/texts", json={"image_base64": base64.b64encode(noise).decode()}), 413,
-                 "payload_too_large")
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": base64.b64encode(noise).decode()}),
+        413,
+        "payload_too_large",
+    )
     # over the request limit: refused from Content-Length, before the body is read
     assert_error(upload(client, noise * 2), 413, "payload_too_large")
 
@@ -225,8 +297,13 @@ def _formats() -> list[tuple[str, bytes, Image.Image]]:
     with Image.open(io.BytesIO(cmyk_jpeg)) as im:
         assert im.mode == "CMYK"
         out.append(("cmyk-jpeg", cmyk_jpeg, im.convert("RGB")))
-    out.append(("1x1-png", encode(Image.new("RGB", (1, 1), (250, 20, 20)), "PNG"), Image.new("RGB", (1, 1),
-                                                                                              (250, 20, 20))))
+    out.append(
+        (
+            "1x1-png",
+            encode(Image.new("RGB", (1, 1), (250, 20, 20)), "PNG"),
+            Image.new("RGB", (1, 1), (250, 20, 20)),
+        )
+    )
     return out
 
 

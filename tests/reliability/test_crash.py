@@ -32,16 +32,41 @@ from tests.helpers.reliability import ServerProcess, answer, reference_answers, 
 from tests.helpers.service import copy_index, index_items
 
 N_NEW = 10
-OPTS = ["--shard-size", "2", "--text-shard-size", "3", "--batch-size", "2", "--workers", "1", "--threads", "1",
-        "--no-progress"]
+OPTS = [
+    "--shard-size",
+    "2",
+    "--text-shard-size",
+    "3",
+    "--batch-size",
+    "2",
+    "--workers",
+    "1",
+    "--threads",
+    "1",
+    "--no-progress",
+]
 
 
-def kill_add_at(index_dir: Path, bundle: Path, src: Path, point: str, rng: random.Random, *, resume: bool) -> str:
+def kill_add_at(
+    index_dir: Path, bundle: Path, src: Path, point: str, rng: random.Random, *, resume: bool
+) -> str:
     """Run ``albef index add`` in a child process and SIGKILL it at ``point``: "early" (a random moment in
     the first second: imports, plan), "shards" (after a random number of committed shards), "publish" (as
     soon as the new version's temporary folder appears). Returns where it really died."""
-    cmd = [sys.executable, str(SLOW_SHARDS), "0.15", "index", "add", "--index",
-           str(index_dir), "--model", str(bundle), *OPTS, *(["--resume"] if resume else []), str(src)]
+    cmd = [
+        sys.executable,
+        str(SLOW_SHARDS),
+        "0.15",
+        "index",
+        "add",
+        "--index",
+        str(index_dir),
+        "--model",
+        str(bundle),
+        *OPTS,
+        *(["--resume"] if resume else []),
+        str(src),
+    ]
     env = {**os.environ, "ALBEF_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = index_dir / "work" / "pending" / "shards"
@@ -70,7 +95,9 @@ def kill_add_at(index_dir: Path, bundle: Path, src: Path, point: str, rng: rando
 
 
 @pytest.fixture(scope="module")
-def reference(service_index: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def reference(
+    service_index: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
     """The new images and the snapshot of an uninterrupted add of them."""
     root = tmp_path_factory.mktemp("crash")
     src = make_folder(root / "new", N_NEW, seed0=800)
@@ -80,9 +107,9 @@ def reference(service_index: Path, tiny_bundle: Path, tmp_path_factory: pytest.T
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_killed_add_never_breaks_the_published_index_and_resumes(seed: int, reference: tuple[Path, dict],
-                                                                  service_index: Path, tiny_bundle: Path,
-                                                                  tmp_path: Path) -> None:
+def test_killed_add_never_breaks_the_published_index_and_resumes(
+    seed: int, reference: tuple[Path, dict], service_index: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
     src, ref = reference
     rng = random.Random(seed)
     index_dir = copy_index(service_index, tmp_path / "index")
@@ -102,8 +129,22 @@ def test_killed_add_never_breaks_the_published_index_and_resumes(seed: int, refe
     # --resume completes the change: equal to the uninterrupted add (the version number may be higher when a
     # version folder had been renamed into place but not yet pointed to)
     if deaths[-1] != "finished":
-        assert cli_main(["index", "add", "--index", str(index_dir), "--model", str(tiny_bundle), *OPTS, "--resume",
-                         str(src)]) == 0
+        assert (
+            cli_main(
+                [
+                    "index",
+                    "add",
+                    "--index",
+                    str(index_dir),
+                    "--model",
+                    str(tiny_bundle),
+                    *OPTS,
+                    "--resume",
+                    str(src),
+                ]
+            )
+            == 0
+        )
     after = snapshot(index_dir, search_queries=8)
     assert_same_snapshot(after, ref, version=False)
     assert int(after["version"]) >= 2
@@ -112,8 +153,9 @@ def test_killed_add_never_breaks_the_published_index_and_resumes(seed: int, refe
     assert not [p for p in (index_dir / "segments").iterdir() if p.name.startswith(".tmp-")]
 
 
-def test_service_killed_at_random_moments_comes_back_with_the_last_version(service_index: Path, tiny_bundle: Path,
-                                                                           tmp_path: Path) -> None:
+def test_service_killed_at_random_moments_comes_back_with_the_last_version(
+    service_index: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
     index_dir = copy_index(service_index, tmp_path / "index")
     text = index_items(index_dir)[1][0]["caption"]
     rng = random.Random(7)
@@ -143,8 +185,25 @@ def test_service_killed_at_random_moments_comes_back_with_the_last_version(servi
     assert outcome and outcome[0] in (200, "transport error")  # answered, or cut off; never a wrong answer
     # 3: a version is published while the service is down; the restarted service serves it
     new = make_folder(tmp_path / "new", 3, seed0=900)
-    assert cli_main(["index", "add", "--index", str(index_dir), "--model", str(tiny_bundle), "--threads", "1",
-                     "--workers", "1", "--no-progress", str(new)]) == 0
+    assert (
+        cli_main(
+            [
+                "index",
+                "add",
+                "--index",
+                str(index_dir),
+                "--model",
+                str(tiny_bundle),
+                "--threads",
+                "1",
+                "--workers",
+                "1",
+                "--no-progress",
+                str(new),
+            ]
+        )
+        == 0
+    )
     srv = ServerProcess(index_dir, env=env).start()
     try:
         assert srv.wait_ready()["index_version"] == "000002"

@@ -28,15 +28,27 @@ from schemathesis.checks import (
 from tests.helpers.service import live_server
 from tests.helpers.service import settings as service_settings
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
-          response_headers_conformance, negative_data_rejection]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+    negative_data_rejection,
+]
 MAX_EXAMPLES = 25
 
 
 @pytest.fixture(scope="module")
 def fuzz_server(service_index: Path):
-    s = service_settings(service_index, max_upload_bytes=200_000, max_image_pixels=1_000_000, max_k=50,
-                         max_rerank_k=64, batch_max_size=4)
+    s = service_settings(
+        service_index,
+        max_upload_bytes=200_000,
+        max_image_pixels=1_000_000,
+        max_k=50,
+        max_rerank_k=64,
+        batch_max_size=4,
+    )
     with live_server(s) as srv:
         yield srv
 
@@ -52,8 +64,13 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=MAX_EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 def test_openapi_fuzz(case: schemathesis.Case) -> None:
     case.call_and_validate(checks=CHECKS, timeout=60)
 

@@ -29,12 +29,14 @@ PHASE_TIMEOUT_S = 60.0
 
 
 def test_publishing_under_load_drops_nothing_and_answers_follow_the_switch(
-        service_index: Path, tiny_bundle: Path, tmp_path: Path) -> None:
+    service_index: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
     index_dir = copy_index(service_index, tmp_path / "index")
     queries = [t["caption"] for t in index_items(index_dir)[1][:6]]
     new_images = make_folder(tmp_path / "new", 6, seed0=500)
     refs: dict[str, dict[str, list[tuple[int, float]]]] = {
-        "000001": reference_answers(index_dir, "000001", tiny_bundle, queries, k=K, rerank_k=RERANK_K)}
+        "000001": reference_answers(index_dir, "000001", tiny_bundle, queries, k=K, rerank_k=RERANK_K)
+    }
 
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -49,10 +51,23 @@ def test_publishing_under_load_drops_nothing_and_answers_follow_the_switch(
                 t0 = time.monotonic()
                 try:
                     r = c.post("/v1/search/images", json={"text": q, "k": K, "rerank_k": RERANK_K})
-                    rec = {"cid": cid, "q": q, "t0": t0, "t1": time.monotonic(), "status": r.status_code,
-                           "body": r.json() if r.status_code == 200 else r.text}
+                    rec = {
+                        "cid": cid,
+                        "q": q,
+                        "t0": t0,
+                        "t1": time.monotonic(),
+                        "status": r.status_code,
+                        "body": r.json() if r.status_code == 200 else r.text,
+                    }
                 except httpx.HTTPError as exc:  # a dropped connection is a failure, recorded as such
-                    rec = {"cid": cid, "q": q, "t0": t0, "t1": time.monotonic(), "status": None, "body": repr(exc)}
+                    rec = {
+                        "cid": cid,
+                        "q": q,
+                        "t0": t0,
+                        "t1": time.monotonic(),
+                        "status": None,
+                        "body": repr(exc),
+                    }
                 with lock:
                     records.append(rec)
 
@@ -64,19 +79,40 @@ def test_publishing_under_load_drops_nothing_and_answers_follow_the_switch(
             if n >= MIN_PER_VERSION:
                 return
             time.sleep(0.05)
-        raise AssertionError(f"fewer than {MIN_PER_VERSION} answers on version {version} in {PHASE_TIMEOUT_S} s")
+        raise AssertionError(
+            f"fewer than {MIN_PER_VERSION} answers on version {version} in {PHASE_TIMEOUT_S} s"
+        )
 
     started: dict[str, float] = {}  # when the command that publishes each version began
     s = settings(index_dir, reload_interval_s=0.1, batch_max_size=8, queue_max=64)
     with live_server(s) as srv:
-        threads = [threading.Thread(target=client_loop, args=(i, srv.url), daemon=True) for i in range(CLIENTS)]
+        threads = [
+            threading.Thread(target=client_loop, args=(i, srv.url), daemon=True) for i in range(CLIENTS)
+        ]
         for t in threads:
             t.start()
         try:
             wait_for("000001")
             started["000002"] = time.monotonic()
-            assert cli_main(["index", "add", "--index", str(index_dir), "--model", str(tiny_bundle), "--threads", "1",
-                             "--workers", "1", "--no-progress", str(new_images)]) == 0
+            assert (
+                cli_main(
+                    [
+                        "index",
+                        "add",
+                        "--index",
+                        str(index_dir),
+                        "--model",
+                        str(tiny_bundle),
+                        "--threads",
+                        "1",
+                        "--workers",
+                        "1",
+                        "--no-progress",
+                        str(new_images),
+                    ]
+                )
+                == 0
+            )
             wait_for("000002")
             victim = refs["000001"][queries[0]][0][0]  # the top image of the first query
             started["000003"] = time.monotonic()
@@ -101,12 +137,19 @@ def test_publishing_under_load_drops_nothing_and_answers_follow_the_switch(
         v = r["body"]["index_version"]
         seen[v] = seen.get(v, 0) + 1
         # the answer is the reference answer of the version the response reports
-        assert same_answer(answer(r["body"]), refs[v][r["q"]]), (v, r["q"], answer(r["body"]), refs[v][r["q"]])
+        assert same_answer(answer(r["body"]), refs[v][r["q"]]), (
+            v,
+            r["q"],
+            answer(r["body"]),
+            refs[v][r["q"]],
+        )
         # and no answer comes from a version before its command ran
         if v in started:
             assert r["t1"] > started[v]
     assert set(seen) == {"000001", "000002", "000003"}, seen
     # each client sees versions in order: no answer from an older version after a newer one
     for cid in range(CLIENTS):
-        versions = [r["body"]["index_version"] for r in sorted(records, key=lambda r: r["t0"]) if r["cid"] == cid]
+        versions = [
+            r["body"]["index_version"] for r in sorted(records, key=lambda r: r["t0"]) if r["cid"] == cid
+        ]
         assert versions == sorted(versions), (cid, versions)

@@ -29,7 +29,9 @@ K = 16  # k = rerank_k = k_test
 
 @pytest.fixture(scope="module")
 def setup(agreement_setup: ModelSetup) -> ModelSetup:
-    print(f"agreement model: {'trained ' + str(agreement_setup.checkpoint) if agreement_setup.trained else 'random'}")
+    print(
+        f"agreement model: {'trained ' + str(agreement_setup.checkpoint) if agreement_setup.trained else 'random'}"
+    )
     return agreement_setup
 
 
@@ -42,8 +44,12 @@ def client(setup: ModelSetup):
 @pytest.fixture(scope="module")
 def data(setup: ModelSetup) -> dict[str, Any]:
     images, texts = index_items(setup.index)
-    return {"images": images, "texts": texts, "image_ids": [it["id"] for it in images],
-            "text_ids": [it["id"] for it in texts]}
+    return {
+        "images": images,
+        "texts": texts,
+        "image_ids": [it["id"] for it in images],
+        "text_ids": [it["id"] for it in texts],
+    }
 
 
 def check_ranking(got: list[int], ref_order: list[int], ref_score: dict[int, float], tol: float) -> bool:
@@ -66,8 +72,11 @@ OFF_EVERY = 4  # rerank=false is also asked for every 4th query (the re-ranked a
 def service_rank(client: httpx.Client, route: str, rerank: bool, **query: Any) -> list[int]:
     kw: dict[str, Any] = {"k": K, "rerank": rerank, "rerank_k": K}
     if "upload" in query:
-        r = client.post(route, files={"image": ("q.png", query["upload"], "image/png")},
-                        data={key: str(v).lower() for key, v in kw.items()})
+        r = client.post(
+            route,
+            files={"image": ("q.png", query["upload"], "image/png")},
+            data={key: str(v).lower() for key, v in kw.items()},
+        )
     else:
         r = client.post(route, json={**query, **kw})
     assert r.status_code == 200, r.text
@@ -81,8 +90,9 @@ def answers(client: httpx.Client, data: dict[str, Any]) -> dict[str, dict[str, l
     """The service's rankings of every test query, asked once: ``answers[mode][name][query]`` with mode
     "content" (caption text / image upload) or "item" (item_id), name t2i_itm, t2i_itc, i2t_itm, i2t_itc
     (None where rerank=false was not asked)."""
-    out: dict[str, dict[str, list]] = {m: {n: [] for n in ("t2i_itm", "t2i_itc", "i2t_itm", "i2t_itc")}
-                                       for m in ("content", "item")}
+    out: dict[str, dict[str, list]] = {
+        m: {n: [] for n in ("t2i_itm", "t2i_itc", "i2t_itm", "i2t_itc")} for m in ("content", "item")
+    }
     for j, text in enumerate(data["texts"]):
         for mode, q in (("content", {"text": text["caption"]}), ("item", {"item_id": text["id"]})):
             out[mode]["t2i_itm"].append(service_rank(client, "/v1/search/images", True, **q))
@@ -97,8 +107,9 @@ def answers(client: httpx.Client, data: dict[str, Any]) -> dict[str, dict[str, l
     return out
 
 
-def test_service_equals_offline_runtime_scoring(answers: dict[str, Any], data: dict[str, Any],
-                                                setup: ModelSetup) -> None:
+def test_service_equals_offline_runtime_scoring(
+    answers: dict[str, Any], data: dict[str, Any], setup: ModelSetup
+) -> None:
     from albef.index import IndexReader
     from albef.model.runtime import Bundle
 
@@ -119,8 +130,11 @@ def test_service_equals_offline_runtime_scoring(answers: dict[str, Any], data: d
         for j in range(len(data["texts"])):
 
             def t2i(cand: list[int], j: int = j) -> np.ndarray:
-                return bundle.itm_scores(np.repeat(tok[j : j + 1], len(cand), 0),
-                                         np.repeat(mask[j : j + 1], len(cand), 0), reader.image_tokens(cand))
+                return bundle.itm_scores(
+                    np.repeat(tok[j : j + 1], len(cand), 0),
+                    np.repeat(mask[j : j + 1], len(cand), 0),
+                    reader.image_tokens(cand),
+                )
 
             itc_ids, itm_ids = offline(emb[j], img_vecs, data["image_ids"], t2i)
             assert got["t2i_itm"][j] == itm_ids
@@ -142,6 +156,7 @@ def test_service_equals_offline_runtime_scoring(answers: dict[str, Any], data: d
 @pytest.fixture(scope="module")
 def torch_model(setup: ModelSetup):
     import torch
+
     from albef.model.factory import create_model
 
     # One thread: on a shared 2-core machine OpenMP's spinning threads made the eval 6x slower (measured).
@@ -160,11 +175,17 @@ def _eval_rankings(scores: Any, data: dict[str, Any]) -> dict[str, list[tuple[li
     img_ids, txt_ids = np.array(data["image_ids"]), np.array(data["text_ids"])
 
     def rows(matrix: np.ndarray, cols: np.ndarray) -> list[tuple[list[int], dict[int, float]]]:
-        return [([int(c) for c in cols[rank(row)]], dict(zip(cols.tolist(), row.tolist(), strict=True)))
-                for row in matrix]
+        return [
+            ([int(c) for c in cols[rank(row)]], dict(zip(cols.tolist(), row.tolist(), strict=True)))
+            for row in matrix
+        ]
 
-    return {"t2i_itm": rows(scores.t2i, img_ids), "t2i_itc": rows(scores.sims.T, img_ids),
-            "i2t_itm": rows(scores.i2t, txt_ids), "i2t_itc": rows(scores.sims, txt_ids)}
+    return {
+        "t2i_itm": rows(scores.t2i, img_ids),
+        "t2i_itc": rows(scores.sims.T, img_ids),
+        "i2t_itm": rows(scores.i2t, txt_ids),
+        "i2t_itc": rows(scores.sims, txt_ids),
+    }
 
 
 def _compare_all(got: dict[str, list], ref: dict[str, Any], tol: float) -> dict[str, int]:
@@ -178,9 +199,11 @@ def _compare_all(got: dict[str, list], ref: dict[str, Any], tol: float) -> dict[
     return exact
 
 
-def test_service_equals_eval_on_the_same_features(answers: dict[str, Any], data: dict[str, Any], torch_model: Any,
-                                                  setup: ModelSetup) -> None:
+def test_service_equals_eval_on_the_same_features(
+    answers: dict[str, Any], data: dict[str, Any], torch_model: Any, setup: ModelSetup
+) -> None:
     import torch
+
     from albef.index import IndexReader
     from albef.model.train.evaluate import score_matrices
 
@@ -190,7 +213,8 @@ def test_service_equals_eval_on_the_same_features(answers: dict[str, Any], data:
             "image_emb": torch.from_numpy(np.stack([reader.vector("image", i) for i in data["image_ids"]])),
             "image_tokens": torch.from_numpy(reader.image_tokens(data["image_ids"])),
             "text_emb": torch.from_numpy(np.stack([reader.vector("text", i) for i in data["text_ids"]])),
-            "text_tokens": torch.from_numpy(tt), "text_mask": torch.from_numpy(tm),
+            "text_tokens": torch.from_numpy(tt),
+            "text_mask": torch.from_numpy(tm),
         }
     scores = score_matrices(torch_model, feats, k_test=K, progress=False)
     got = answers["item"]
@@ -202,12 +226,18 @@ def test_service_equals_eval_on_the_same_features(answers: dict[str, Any], data:
     assert exact["t2i_itc"] == asked["t2i_itc"] and exact["i2t_itc"] == asked["i2t_itc"]
 
 
-def test_service_matches_albef_eval(answers: dict[str, Any], data: dict[str, Any], torch_model: Any,
-                                    tokenizer: Any) -> None:
+def test_service_matches_albef_eval(
+    answers: dict[str, Any], data: dict[str, Any], torch_model: Any, tokenizer: Any
+) -> None:
     from albef.model.train.evaluate import compute_features, score_matrices
 
-    feats = compute_features(torch_model, [Path(it["path"]) for it in data["images"]],
-                             [t["caption"] for t in data["texts"]], tokenizer, progress=False)
+    feats = compute_features(
+        torch_model,
+        [Path(it["path"]) for it in data["images"]],
+        [t["caption"] for t in data["texts"]],
+        tokenizer,
+        progress=False,
+    )
     scores = score_matrices(torch_model, feats, k_test=K, progress=False)
     got = answers["content"]
     exact = _compare_all(got, _eval_rankings(scores, data), tol=2e-3)

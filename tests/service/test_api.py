@@ -25,8 +25,14 @@ MAX_PIXELS = 100_000
 
 @pytest.fixture(scope="module")
 def server(service_index: Path):
-    s = settings(service_index, max_upload_bytes=MAX_UPLOAD, max_image_pixels=MAX_PIXELS, max_text_chars=200,
-                 max_k=50, max_rerank_k=64)
+    s = settings(
+        service_index,
+        max_upload_bytes=MAX_UPLOAD,
+        max_image_pixels=MAX_PIXELS,
+        max_text_chars=200,
+        max_k=50,
+        max_rerank_k=64,
+    )
     with live_server(s) as srv:
         yield srv
 
@@ -105,7 +111,12 @@ def test_search_images_shapes_and_orders(client: httpx.Client, items) -> None:
     text = items[1][0]["caption"]
     on = client.post("/v1/search/images", json={"text": text, "k": 8, "rerank_k": 16}).json()
     hits = check_hits(on, 8, "image", reranked=8)
-    assert on["query"] == {"kind": "text", "text": text} and on["k"] == 8 and on["rerank_k"] == 16 and on["rerank"]
+    assert (
+        on["query"] == {"kind": "text", "text": text}
+        and on["k"] == 8
+        and on["rerank_k"] == 16
+        and on["rerank"]
+    )
     for h in hits:
         assert h["metadata"]["image_url"] == f"/v1/items/{h['id']}/image"
 
@@ -121,7 +132,9 @@ def test_k_beyond_rerank_k_follows_in_itc_order(client: httpx.Client, items) -> 
     text = items[1][3]["caption"]
     mixed = client.post("/v1/search/images", json={"text": text, "k": 12, "rerank_k": 5}).json()
     hits = check_hits(mixed, 12, "image", reranked=5)
-    itc_only = client.post("/v1/search/images", json={"text": text, "k": 12, "rerank": False}).json()["results"]
+    itc_only = client.post("/v1/search/images", json={"text": text, "k": 12, "rerank": False}).json()[
+        "results"
+    ]
     # The head is the ITC top 5 re-ordered by ITM; the tail is ITC positions 6..12 in ITC order.
     assert {h["id"] for h in hits[:5]} == {h["id"] for h in itc_only[:5]}
     assert [h["id"] for h in hits[5:]] == [h["id"] for h in itc_only[5:]]
@@ -132,8 +145,9 @@ def test_k_beyond_rerank_k_follows_in_itc_order(client: httpx.Client, items) -> 
     assert all(h["itc_rank"] == h["rank"] for h in itc_only)
 
 
-def test_match_probability_is_softmax_of_itm_logits(client: httpx.Client, items, tiny_bundle: Path,
-                                                    service_index: Path) -> None:
+def test_match_probability_is_softmax_of_itm_logits(
+    client: httpx.Client, items, tiny_bundle: Path, service_index: Path
+) -> None:
     from albef.index import IndexReader
     from albef.model.runtime import Bundle
 
@@ -165,8 +179,9 @@ def test_search_images_by_indexed_text_and_exclude(client: httpx.Client, items, 
     assert [h["id"] for h in body["results"]] == [image_ids[j] for j in order[:5]]
     # exclude drops the named items and still returns k results
     drop = [body["results"][0]["id"], body["results"][2]["id"]]
-    ex = client.post("/v1/search/images", json={"item_id": text_item["id"], "k": 5, "rerank": False,
-                                                "exclude": drop}).json()["results"]
+    ex = client.post(
+        "/v1/search/images", json={"item_id": text_item["id"], "k": 5, "rerank": False, "exclude": drop}
+    ).json()["results"]
     expected = [image_ids[j] for j in order if image_ids[j] not in drop][:5]
     assert [h["id"] for h in ex] == expected
 
@@ -175,21 +190,24 @@ def test_search_images_by_indexed_text_and_exclude(client: httpx.Client, items, 
 def test_search_texts_upload_base64_dataurl_and_item(client: httpx.Client, items) -> None:
     image = items[0][3]
     data = Path(image["path"]).read_bytes()
-    multipart = client.post("/v1/search/texts", files={"image": ("q.png", data, "image/png")},
-                            data={"k": "6", "rerank_k": "12"}).json()
+    multipart = client.post(
+        "/v1/search/texts", files={"image": ("q.png", data, "image/png")}, data={"k": "6", "rerank_k": "12"}
+    ).json()
     hits = check_hits(multipart, 6, "text", reranked=6)
     assert multipart["query"] == {"kind": "image", "bytes": len(data)}
     b64 = base64.b64encode(data).decode()
     as_json = client.post("/v1/search/texts", json={"image_base64": b64, "k": 6, "rerank_k": 12}).json()
-    data_url = client.post("/v1/search/texts", json={"image_base64": "data:image/png;base64," + b64, "k": 6,
-                                                     "rerank_k": 12}).json()
+    data_url = client.post(
+        "/v1/search/texts", json={"image_base64": "data:image/png;base64," + b64, "k": 6, "rerank_k": 12}
+    ).json()
     for other in (as_json, data_url):
         assert [h["id"] for h in other["results"]] == [h["id"] for h in hits]
         assert [h["itm_score"] for h in other["results"]] == [h["itm_score"] for h in hits]
     # the same image by its id: same stored ITC vector, so the same ITC candidates and scores
     by_item = client.post("/v1/search/texts", json={"item_id": image["id"], "k": 12, "rerank": False}).json()
-    fresh = client.post("/v1/search/texts", files={"image": ("q.png", data, "image/png")},
-                        data={"k": "12", "rerank": "false"}).json()
+    fresh = client.post(
+        "/v1/search/texts", files={"image": ("q.png", data, "image/png")}, data={"k": "12", "rerank": "false"}
+    ).json()
     assert by_item["query"] == {"kind": "image", "item_id": image["id"]}
     assert [h["id"] for h in by_item["results"]] == [h["id"] for h in fresh["results"]]
     for a, b in zip(by_item["results"], fresh["results"], strict=True):
@@ -199,8 +217,11 @@ def test_search_texts_upload_base64_dataurl_and_item(client: httpx.Client, items
     # multipart exclude as repeated fields and as a comma list
     drop = [hits[0]["id"], hits[1]["id"]]
     for form in ({"exclude": [str(d) for d in drop]}, {"exclude": f"{drop[0]},{drop[1]}"}):
-        ex = client.post("/v1/search/texts", files={"image": ("q.png", data, "image/png")},
-                         data={"k": "6", "rerank_k": "12", **form}).json()
+        ex = client.post(
+            "/v1/search/texts",
+            files={"image": ("q.png", data, "image/png")},
+            data={"k": "6", "rerank_k": "12", **form},
+        ).json()
         assert not {h["id"] for h in ex["results"]} & set(drop)
 
 
@@ -208,7 +229,12 @@ def test_search_texts_upload_base64_dataurl_and_item(client: httpx.Client, items
 def test_items_and_image_files(client: httpx.Client, items) -> None:
     image, text = items[0][0], items[1][0]
     got = client.get(f"/v1/items/{image['id']}").json()
-    assert got["kind"] == "image" and got["width"] == 128 and got["height"] == 128 and got["sha256"] == image["sha256"]
+    assert (
+        got["kind"] == "image"
+        and got["width"] == 128
+        and got["height"] == 128
+        and got["sha256"] == image["sha256"]
+    )
     assert got["image_url"] == f"/v1/items/{image['id']}/image" and "path" not in got
     r = client.get(got["image_url"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -245,51 +271,112 @@ def test_items_and_image_files(client: httpx.Client, items) -> None:
         ({"text": "a", "exclude": ["x"]}, "validation_error", "exclude.0"),
     ],
 )
-def test_search_images_validation(client: httpx.Client, body: dict[str, Any], code: str, field: str | None) -> None:
+def test_search_images_validation(
+    client: httpx.Client, body: dict[str, Any], code: str, field: str | None
+) -> None:
     assert_error(client.post("/v1/search/images", json=body), 422, code, field)
 
 
 def test_request_errors(client: httpx.Client, items) -> None:
     image, text = items[0][0], items[1][0]
-    assert_error(client.post("/v1/search/images", content=b"{not json", headers={"content-type": "application/json"}),
-                 422, "validation_error", "body")
+    assert_error(
+        client.post("/v1/search/images", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+        "validation_error",
+        "body",
+    )
     assert_error(client.post("/v1/search/images", json=[1, 2]), 422, "validation_error")
-    err = assert_error(client.post("/v1/search/images", json={"item_id": 987654}), 404, "item_not_found", "item_id")
+    err = assert_error(
+        client.post("/v1/search/images", json={"item_id": 987654}), 404, "item_not_found", "item_id"
+    )
     assert err["message"].startswith("no item 987654 in index version ")
-    err = assert_error(client.post("/v1/search/images", json={"item_id": image["id"]}), 422, "wrong_item_kind",
-                       "item_id")
+    err = assert_error(
+        client.post("/v1/search/images", json={"item_id": image["id"]}), 422, "wrong_item_kind", "item_id"
+    )
     assert err["message"] == f"item {image['id']} is an image; /v1/search/images needs an indexed text"
-    err = assert_error(client.post("/v1/search/texts", json={"item_id": text["id"]}), 422, "wrong_item_kind",
-                       "item_id")
+    err = assert_error(
+        client.post("/v1/search/texts", json={"item_id": text["id"]}), 422, "wrong_item_kind", "item_id"
+    )
     assert err["message"] == f"item {text['id']} is an text; /v1/search/texts needs an indexed image"
-    assert_error(client.post("/v1/search/texts", json={"image_base64": "***"}), 422, "invalid_image", "image_base64")
-    assert_error(client.post("/v1/search/texts", json={"image_base64": base64.b64encode(b"hello").decode()}),
-                 422, "invalid_image", "image")
-    assert_error(client.post("/v1/search/texts", content=b"{", headers={"content-type": "application/json"}),
-                 422, "validation_error", "body")
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": "***"}), 422, "invalid_image", "image_base64"
+    )
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": base64.b64encode(b"hello").decode()}),
+        422,
+        "invalid_image",
+        "image",
+    )
+    assert_error(
+        client.post("/v1/search/texts", content=b"{", headers={"content-type": "application/json"}),
+        422,
+        "validation_error",
+        "body",
+    )
     assert_error(client.post("/v1/search/texts", json={"k": 3}), 422, "validation_error")
-    assert_error(client.post("/v1/search/texts", json={"image_base64": "aGVsbG8=", "zoom": 2}), 422,
-                 "validation_error", "zoom")
-    assert_error(client.post("/v1/search/texts", content=b"abc", headers={"content-type": "text/plain"}), 415,
-                 "unsupported_media_type")
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": "aGVsbG8=", "zoom": 2}),
+        422,
+        "validation_error",
+        "zoom",
+    )
+    assert_error(
+        client.post("/v1/search/texts", content=b"abc", headers={"content-type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
     png = png_bytes()
-    assert_error(client.post("/v1/search/texts", files={"image": ("a.png", png, "image/png")}, data={"zoom": "2"}),
-                 422, "validation_error", "zoom")
-    assert_error(client.post("/v1/search/texts", files={"other": ("a.png", png, "image/png")}), 422,
-                 "validation_error", "other")
-    assert_error(client.post("/v1/search/texts", data={"image": "not a file", "k": "2"}), 422, "validation_error",
-                 "image")
+    assert_error(
+        client.post("/v1/search/texts", files={"image": ("a.png", png, "image/png")}, data={"zoom": "2"}),
+        422,
+        "validation_error",
+        "zoom",
+    )
+    assert_error(
+        client.post("/v1/search/texts", files={"other": ("a.png", png, "image/png")}),
+        422,
+        "validation_error",
+        "other",
+    )
+    assert_error(
+        client.post("/v1/search/texts", data={"image": "not a file", "k": "2"}),
+        422,
+        "validation_error",
+        "image",
+    )
     assert_error(client.post("/v1/search/texts", data={"k": "2"}), 422, "validation_error")
-    assert_error(client.post("/v1/search/texts", files={"image": ("a.png", png, "image/png")}, data={"k": "x"}),
-                 422, "validation_error", "k")
-    assert_error(client.post("/v1/search/texts", files={"image": ("a.png", png[: len(png) // 2], "image/png")}),
-                 422, "invalid_image", "image")
-    assert_error(client.post("/v1/search/texts", files={"image": ("a.png", b"", "image/png")}),
-                 422, "invalid_image", "image")
-    assert_error(client.post("/v1/search/texts", content=b"--x\r\nbad",
-                             headers={"content-type": "multipart/form-data; boundary=x"}), 422, "validation_error")
-    assert_error(client.post("/v1/search/texts", content=b"garbage", headers={"content-type": "multipart/form-data"}),
-                 400, "bad_request")
+    assert_error(
+        client.post("/v1/search/texts", files={"image": ("a.png", png, "image/png")}, data={"k": "x"}),
+        422,
+        "validation_error",
+        "k",
+    )
+    assert_error(
+        client.post("/v1/search/texts", files={"image": ("a.png", png[: len(png) // 2], "image/png")}),
+        422,
+        "invalid_image",
+        "image",
+    )
+    assert_error(
+        client.post("/v1/search/texts", files={"image": ("a.png", b"", "image/png")}),
+        422,
+        "invalid_image",
+        "image",
+    )
+    assert_error(
+        client.post(
+            "/v1/search/texts",
+            content=b"--x\r\nbad",
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        ),
+        422,
+        "validation_error",
+    )
+    assert_error(
+        client.post("/v1/search/texts", content=b"garbage", headers={"content-type": "multipart/form-data"}),
+        400,
+        "bad_request",
+    )
     two = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
     assert_error(client.post("/v1/search/texts", files=two), 400, "bad_request")
     assert_error(client.get("/v1/search/images"), 405, "method_not_allowed")
@@ -306,31 +393,49 @@ def test_upload_and_pixel_limits(client: httpx.Client) -> None:
     Image.fromarray(rng.integers(0, 256, (270, 270, 3), dtype=np.uint8)).save(noisy, format="PNG")
     big = noisy.getvalue()
     assert MAX_UPLOAD < len(big) < MAX_UPLOAD * 4 // 3
-    assert_error(client.post("/v1/search/texts", files={"image": ("a.png", big, "image/png")}), 413,
-                 "payload_too_large", "image")
+    assert_error(
+        client.post("/v1/search/texts", files={"image": ("a.png", big, "image/png")}),
+        413,
+        "payload_too_large",
+        "image",
+    )
     # the whole body: refused from Content-Length before it is read, and while streaming when chunked
     huge = b"0" * (MAX_UPLOAD * 2)
-    assert_error(client.post("/v1/search/texts", content=huge, headers={"content-type": "application/json"}),
-                 413, "payload_too_large")
+    assert_error(
+        client.post("/v1/search/texts", content=huge, headers={"content-type": "application/json"}),
+        413,
+        "payload_too_large",
+    )
 
     def chunks():
         for _ in range(8):
             yield b" " * (MAX_UPLOAD // 2)
 
-    assert_error(client.post("/v1/search/texts", content=chunks(), headers={"content-type": "application/json"}),
-                 413, "payload_too_large")
-    assert_error(client.post("/v1/search/texts", json={"image_base64": base64.b64encode(big * 2).decode()}), 413,
-                 "payload_too_large")
+    assert_error(
+        client.post("/v1/search/texts", content=chunks(), headers={"content-type": "application/json"}),
+        413,
+        "payload_too_large",
+    )
+    assert_error(
+        client.post("/v1/search/texts", json={"image_base64": base64.b64encode(big * 2).decode()}),
+        413,
+        "payload_too_large",
+    )
     # pixels: a tiny file that decodes to more pixels than allowed (the header is checked before decoding),
     # and one beyond Pillow's own 2x bomb limit
     for side in (400, 1000):
         bomb = png_bytes((side, side))
         assert len(bomb) < 20_000
-        assert_error(client.post("/v1/search/texts", files={"image": ("b.png", bomb, "image/png")}), 413,
-                     "image_too_large", "image")
+        assert_error(
+            client.post("/v1/search/texts", files={"image": ("b.png", bomb, "image/png")}),
+            413,
+            "image_too_large",
+            "image",
+        )
     # within limits the same route works
-    ok = client.post("/v1/search/texts", files={"image": ("s.png", png_bytes((300, 300)), "image/png")},
-                     data={"k": "2"})
+    ok = client.post(
+        "/v1/search/texts", files={"image": ("s.png", png_bytes((300, 300)), "image/png")}, data={"k": "2"}
+    )
     assert ok.status_code == 200 and len(ok.json()["results"]) == 2
 
 
@@ -351,17 +456,28 @@ def test_metrics(client: httpx.Client, items) -> None:
 
 
 # -- no client input produces a 500 --------------------------------------------------------------------
-_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
-                    st.text(max_size=40), st.lists(st.integers(-5, 2**64), max_size=4),
-                    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
-_bodies = st.dictionaries(st.sampled_from(["text", "k", "rerank", "rerank_k", "item_id", "exclude",
-                                           "image_base64", "x"]), _values, max_size=5)
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=40),
+    st.lists(st.integers(-5, 2**64), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+_bodies = st.dictionaries(
+    st.sampled_from(["text", "k", "rerank", "rerank_k", "item_id", "exclude", "image_base64", "x"]),
+    _values,
+    max_size=5,
+)
 
 
 @hsettings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=_bodies, route=st.sampled_from(["/v1/search/images", "/v1/search/texts"]))
 def test_fuzzed_bodies_never_500(client: httpx.Client, body: dict[str, Any], route: str) -> None:
-    r = client.post(route, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
+    r = client.post(
+        route, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"}
+    )
     assert r.status_code < 500, (body, r.text)
     if r.status_code >= 400:
         assert set(r.json()["error"]) >= {"code", "message"}

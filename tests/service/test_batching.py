@@ -11,10 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
+
 from albef.service.batching import MicroBatcher
 from albef.service.domain_errors import Overloaded
 from albef.service.errors import api_error
-
 from tests.helpers.service import index_items, live_server, settings
 
 
@@ -38,8 +38,14 @@ def test_batches_form_under_concurrency_and_results_map_back() -> None:
 
 def test_cost_limits_a_batch_and_big_items_run_alone() -> None:
     batches: list[list[str]] = []
-    b = MicroBatcher("t", lambda items: (batches.append(list(items)), items)[1], max_cost=7, max_wait_ms=300,
-                     queue_max=100, cost=len)
+    b = MicroBatcher(
+        "t",
+        lambda items: (batches.append(list(items)), items)[1],
+        max_cost=7,
+        max_wait_ms=300,
+        queue_max=100,
+        cost=len,
+    )
     try:
         futures = [b.submit(s) for s in ("aaa", "bbb", "ccc", "dddddddddd", "e")]
         assert [f.result(timeout=10) for f in futures] == ["aaa", "bbb", "ccc", "dddddddddd", "e"]
@@ -51,8 +57,9 @@ def test_cost_limits_a_batch_and_big_items_run_alone() -> None:
 
 def test_no_batching_with_max_cost_one() -> None:
     sizes: list[int] = []
-    b = MicroBatcher("t", lambda items: (sizes.append(len(items)), items)[1], max_cost=1, max_wait_ms=100,
-                     queue_max=100)
+    b = MicroBatcher(
+        "t", lambda items: (sizes.append(len(items)), items)[1], max_cost=1, max_wait_ms=100, queue_max=100
+    )
     try:
         assert [f.result(timeout=10) for f in [b.submit(i) for i in range(5)]] == list(range(5))
     finally:
@@ -120,7 +127,9 @@ def _batch_counts(metrics_text: str, stage: str) -> tuple[float, float]:
     return count, total
 
 
-def test_concurrent_requests_are_batched_and_equal_sequential_answers(service_index: Path, texts: list[str]) -> None:
+def test_concurrent_requests_are_batched_and_equal_sequential_answers(
+    service_index: Path, texts: list[str]
+) -> None:
     with live_server(settings(service_index, batch_max_size=8, batch_max_wait_ms=100)) as srv:
         sequential = [_search(srv.url, t) for t in texts]
         with srv.client() as c:

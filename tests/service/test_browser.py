@@ -21,8 +21,15 @@ from tests.helpers.demo import ARTIFACTS, PreparedDemo
 from tests.helpers.service import live_server, settings
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 QUERY = "a small blue circle above a large red circle"  # a caption of the gallery
 API_KEY = "s3cret-demo-key"
 # The page's defaults (index.html): k=12, rerank on, rerank_k=32.
@@ -62,8 +69,9 @@ class Page:
     """A browser tab on the service, recording every request it makes and every script error."""
 
     def __init__(self, browser: Any, base_url: str, scheme: str = "light") -> None:
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900}, color_scheme=scheme,
-                                           base_url=base_url)
+        self.context = browser.new_context(
+            viewport={"width": 1280, "height": 900}, color_scheme=scheme, base_url=base_url
+        )
         self.page = self.context.new_page()
         self.requests: list[str] = []
         self.errors: list[str] = []
@@ -82,22 +90,28 @@ class Page:
         return self.page
 
     def cards(self) -> list[dict[str, Any]]:
-        return self.page.eval_on_selector_all("#results article", """cards => cards.map(c => ({
+        return self.page.eval_on_selector_all(
+            "#results article",
+            """cards => cards.map(c => ({
             id: Number(c.dataset.id),
             itc: c.querySelector('[data-score=itc_score]').textContent,
             itm: c.querySelector('[data-score=itm_score]').textContent,
             prob: c.querySelector('[data-score=match_probability] .value').textContent,
             caption: (c.querySelector('.caption') || {}).textContent || null,
             label: c.getAttribute('aria-label'),
-        }))""")
+        }))""",
+        )
 
     def timings(self) -> dict[str, str]:
         return self.page.eval_on_selector_all(
-            "#timings dd", "dds => Object.fromEntries(dds.map(d => [d.dataset.stage, d.textContent]))")
+            "#timings dd", "dds => Object.fromEntries(dds.map(d => [d.dataset.stage, d.textContent]))"
+        )
 
     def close(self) -> None:
         self.context.close()
-        foreign = [u for u in self.requests if not (u.startswith(self.base_url) or u.startswith(("blob:", "data:")))]
+        foreign = [
+            u for u in self.requests if not (u.startswith(self.base_url) or u.startswith(("blob:", "data:")))
+        ]
         assert not foreign, f"the page loaded something from elsewhere: {foreign}"
         assert not self.errors, f"script errors: {self.errors}"
 
@@ -130,14 +144,18 @@ def assert_timings_shown(tab: Page) -> None:
     assert tab.page.is_visible("#timings")
 
 
-def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prepared_demo: PreparedDemo) -> None:
+def test_text_query_shows_image_results_with_scores(
+    tab: Page, server: Any, prepared_demo: PreparedDemo
+) -> None:
     test_split = json.loads((prepared_demo.result.data / "test.json").read_text())
     assert any(QUERY in e["caption"] for e in test_split)  # the query describes an image of the gallery
     page = tab.open()
     with server.client() as api:
         index = api.get("/v1/index").json()
         expected = api.post("/v1/search/images", json={"text": QUERY, **PAGE_OPTIONS}).json()
-        expected_itc = api.post("/v1/search/images", json={"text": QUERY, **PAGE_OPTIONS, "rerank": False}).json()
+        expected_itc = api.post(
+            "/v1/search/images", json={"text": QUERY, **PAGE_OPTIONS, "rerank": False}
+        ).json()
     info = page.text_content("#index-info")
     assert f"{index['counts']['image']} images" in info and f"{index['counts']['text']} captions" in info
 
@@ -153,8 +171,9 @@ def test_text_query_shows_image_results_with_scores(tab: Page, server: Any, prep
     srcs = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => new URL(i.src).pathname)")
     assert srcs == [f"/v1/items/{h['id']}/image" for h in expected["results"]]
     # The compare view: each re-ranked card shows its ITC rank and the ITM head's move, as the API says.
-    moves = page.eval_on_selector_all("#results article .move",
-                                      "ms => ms.map(m => [Number(m.dataset.itcRank), Number(m.dataset.move)])")
+    moves = page.eval_on_selector_all(
+        "#results article .move", "ms => ms.map(m => [Number(m.dataset.itcRank), Number(m.dataset.move)])"
+    )
     assert moves == [[h["itc_rank"], h["itc_rank"] - h["rank"]] for h in expected["results"]]
     itc_ids = [h["id"] for h in expected_itc["results"]]
     assert all(itc_ids.index(h["id"]) + 1 == h["itc_rank"] for h in expected["results"] if h["id"] in itc_ids)
@@ -177,9 +196,12 @@ def test_image_upload_and_drop_show_captions(tab: Page, server: Any, gallery: li
     page = tab.open()
     upload, dropped = gallery[3], gallery[7]
     with server.client() as api:
+
         def texts_for(path: Path) -> dict[str, Any]:
             form = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in PAGE_OPTIONS.items()}
-            r = api.post("/v1/search/texts", files={"image": (path.name, path.read_bytes(), "image/png")}, data=form)
+            r = api.post(
+                "/v1/search/texts", files={"image": (path.name, path.read_bytes(), "image/png")}, data=form
+            )
             assert r.status_code == 200, r.text
             return r.json()
 
@@ -195,7 +217,9 @@ def test_image_upload_and_drop_show_captions(tab: Page, server: Any, gallery: li
         page.wait_for_timeout(100)
     assert len(tab.choosers) == 1, "Enter on the drop zone did not open the file picker"
     tab.choosers[0].set_files(str(upload))
-    page.wait_for_function(f"() => document.getElementById('results-title').textContent.includes({json.dumps(upload.name)})")
+    page.wait_for_function(
+        f"() => document.getElementById('results-title').textContent.includes({json.dumps(upload.name)})"
+    )
     page.wait_for_selector("#results.texts article")
     page.wait_for_function(ALL_IMAGES_LOADED)  # each caption shows the image it was indexed with
     cards = tab.cards()
@@ -207,14 +231,17 @@ def test_image_upload_and_drop_show_captions(tab: Page, server: Any, gallery: li
     page.screenshot(path=str(ARTIFACTS / "demo-captions.png"), full_page=True)
 
     # Drag and drop of a file onto the zone.
-    page.evaluate("""([b64, name]) => {
+    page.evaluate(
+        """([b64, name]) => {
         const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], name, {type: 'image/png'}));
         const zone = document.getElementById('dropzone');
         for (const type of ['dragenter', 'dragover', 'drop'])
           zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
-    }""", [base64.b64encode(dropped.read_bytes()).decode(), "dropped-" + dropped.name])
+    }""",
+        [base64.b64encode(dropped.read_bytes()).decode(), "dropped-" + dropped.name],
+    )
     page.wait_for_function("() => document.getElementById('results-title').textContent.includes('dropped-')")
     page.wait_for_function("() => !document.getElementById('results').classList.contains('loading')")
     cards = tab.cards()
@@ -240,7 +267,9 @@ def test_page_works_with_an_api_key(browser: Any, prepared_demo: PreparedDemo) -
         tab = Page(browser, srv.url)
         try:
             page = tab.open()
-            page.wait_for_function("() => document.getElementById('index-info').textContent.includes('API key')")
+            page.wait_for_function(
+                "() => document.getElementById('index-info').textContent.includes('API key')"
+            )
             assert page.evaluate("() => document.getElementById('key-box').open")
             page.fill("#query", QUERY)
             page.press("#query", "Enter")
@@ -252,12 +281,16 @@ def test_page_works_with_an_api_key(browser: Any, prepared_demo: PreparedDemo) -
             page.press("#api-key", "Enter")  # stores the key and re-runs the query with it
             page.wait_for_selector("#results article")
             page.wait_for_function(ALL_IMAGES_LOADED)  # fetched with X-API-Key, shown from blob: URLs
-            assert page.eval_on_selector_all("#results img", "imgs => imgs.every(i => i.src.startsWith('blob:'))")
+            assert page.eval_on_selector_all(
+                "#results img", "imgs => imgs.every(i => i.src.startsWith('blob:'))"
+            )
             with srv.client(headers={"X-API-Key": API_KEY}) as api:
                 expected = api.post("/v1/search/images", json={"text": QUERY, **PAGE_OPTIONS}).json()
             assert_cards_match(tab.cards(), expected)
             assert page.evaluate("() => sessionStorage.getItem('albef-search.api-key')") == API_KEY
-            page.wait_for_function("() => document.getElementById('index-info').textContent.includes('images')")
+            page.wait_for_function(
+                "() => document.getElementById('index-info').textContent.includes('images')"
+            )
         finally:
             tab.errors = [e for e in tab.errors if "401" not in e]  # the refused request before the key
             tab.close()

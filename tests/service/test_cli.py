@@ -32,10 +32,19 @@ def _free_port() -> int:
 def serve_process(service_index: Path):
     """``python -m albef serve`` on a free port, with the API key and two CORS origins from the environment."""
     port = _free_port()
-    env = {**os.environ, "ALBEF_API_KEY": KEY, "ALBEF_CORS_ORIGINS": "http://a.example, http://b.example",
-           "ALBEF_THREADS": "1", "ALBEF_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "albef", "serve", "--index", str(service_index), "--port",
-                             str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "ALBEF_API_KEY": KEY,
+        "ALBEF_CORS_ORIGINS": "http://a.example, http://b.example",
+        "ALBEF_THREADS": "1",
+        "ALBEF_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "albef", "serve", "--index", str(service_index), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -57,9 +66,24 @@ def test_serve_announces_its_url_once_the_socket_accepts(service_index: Path) ->
     from albef.cpu import cpu_info
 
     env = {**os.environ, "ALBEF_API_KEY": "", "ALBEF_THREADS": "1", "ALBEF_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen([sys.executable, "-m", "albef", "serve", "--index", str(service_index), "--port", "0",
-                             "--variant", "int8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "albef",
+            "serve",
+            "--index",
+            str(service_index),
+            "--port",
+            "0",
+            "--variant",
+            "int8",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url, loaded = None, None
         for line in proc.stderr:
@@ -74,7 +98,9 @@ def test_serve_announces_its_url_once_the_socket_accepts(service_index: Path) ->
         assert loaded is not None and loaded["variant"] == "int8"
         assert loaded["cpu"]["flags"] == cpu_info()["flags"] and "avx2" in loaded["cpu"]["flags"]
         assert loaded["validated_on"]["model"] == cpu_info()["model"]
-        assert loaded["validated"]["max_int8_weight"] <= 64 and loaded["validated"]["text_emb_min_cos"] >= 0.995
+        assert (
+            loaded["validated"]["max_int8_weight"] <= 64 and loaded["validated"]["text_emb_min_cos"] >= 0.995
+        )
         assert loaded["validation_bounds"]["min_embedding_cos"] == 0.995
         body = wait_until_ready(url, proc=proc, timeout=120)
         assert body["status"] == "ready"
@@ -88,8 +114,14 @@ def test_serve_process_never_loads_torch_and_enforces_the_key(serve_process) -> 
     with httpx.Client(base_url=url, timeout=30) as c:
         # the probes are open; everything else needs the key
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
-        for method, path in (("GET", "/v1/index"), ("GET", "/metrics"), ("GET", "/v1/items/0"),
-                             ("POST", "/v1/search/images"), ("GET", "/docs"), ("GET", "/nowhere")):
+        for method, path in (
+            ("GET", "/v1/index"),
+            ("GET", "/metrics"),
+            ("GET", "/v1/items/0"),
+            ("POST", "/v1/search/images"),
+            ("GET", "/docs"),
+            ("GET", "/nowhere"),
+        ):
             r = c.request(method, path, json={"text": "a red circle"} if method == "POST" else None)
             assert r.status_code == 401, (path, r.text)
             assert r.json()["error"]["code"] == "unauthorized" and r.headers["www-authenticate"] == "Bearer"
@@ -97,16 +129,26 @@ def test_serve_process_never_loads_torch_and_enforces_the_key(serve_process) -> 
         assert c.get("/v1/index", headers={"Authorization": f"Bearer {KEY}x"}).status_code == 401
         assert c.get("/v1/index", headers={"Authorization": f"Basic {KEY}"}).status_code == 401
         assert c.get("/v1/index", headers={"X-API-Key": KEY}).status_code == 200
-        r = c.post("/v1/search/images", json={"text": "a red circle", "k": 3},
-                   headers={"Authorization": f"Bearer {KEY}"})
+        r = c.post(
+            "/v1/search/images",
+            json={"text": "a red circle", "k": 3},
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
         assert r.status_code == 200 and len(r.json()["results"]) == 3
         # CORS: allowed origins get the header on preflight and on responses; others do not
-        pre = c.options("/v1/search/images", headers={"Origin": "http://b.example",
-                                                      "Access-Control-Request-Method": "POST",
-                                                      "Access-Control-Request-Headers": "x-api-key,content-type"})
+        pre = c.options(
+            "/v1/search/images",
+            headers={
+                "Origin": "http://b.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key,content-type",
+            },
+        )
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://b.example"
-        bad = c.options("/v1/search/images", headers={"Origin": "http://evil.example",
-                                                      "Access-Control-Request-Method": "POST"})
+        bad = c.options(
+            "/v1/search/images",
+            headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+        )
         assert "access-control-allow-origin" not in bad.headers
         r = c.get("/v1/index", headers={"X-API-Key": KEY, "Origin": "http://a.example"})
         assert r.headers["access-control-allow-origin"] == "http://a.example"
@@ -121,8 +163,10 @@ def test_serve_process_never_loads_torch_and_enforces_the_key(serve_process) -> 
 
 def test_cors_is_off_by_default(service_index: Path) -> None:
     with live_server(settings(service_index)) as srv, srv.client() as c:
-        pre = c.options("/v1/search/images", headers={"Origin": "http://a.example",
-                                                      "Access-Control-Request-Method": "POST"})
+        pre = c.options(
+            "/v1/search/images",
+            headers={"Origin": "http://a.example", "Access-Control-Request-Method": "POST"},
+        )
         assert "access-control-allow-origin" not in pre.headers and pre.status_code == 405
         r = c.get("/v1/index", headers={"Origin": "http://a.example"})
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
@@ -134,8 +178,13 @@ def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
     return rc, err
 
 
-def test_serve_errors_are_one_line(service_index: Path, other_bundle_dir: Path, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_errors_are_one_line(
+    service_index: Path,
+    other_bundle_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     rc, err = _run_cli(["serve", "--index", str(tmp_path / "missing")], capsys)
     assert rc == 1 and err == f"albef serve: error: index folder not found: {tmp_path / 'missing'}"
     rc, err = _run_cli(["serve", "--index", str(service_index), "--model", str(other_bundle_dir)], capsys)
@@ -159,7 +208,9 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("ALBEF_CORS_ORIGINS", "http://a.example,http://b.example")
     monkeypatch.setenv("ALBEF_API_KEY", "zebra-42")
     s = Settings()
-    assert s.index_dir == tmp_path and s.batch_max_size == 4 and s.batch_max_wait_ms == 7.5 and s.queue_max == 9
+    assert (
+        s.index_dir == tmp_path and s.batch_max_size == 4 and s.batch_max_wait_ms == 7.5 and s.queue_max == 9
+    )
     assert s.cors_origins == ["http://a.example", "http://b.example"]
     assert s.api_key is not None and s.api_key.get_secret_value() == "zebra-42" and "zebra" not in repr(s)
     monkeypatch.setenv("ALBEF_CORS_ORIGINS", '["http://c.example"]')

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from albef.service.domain_errors import (
     BadQuery,
     NotFound,
@@ -42,13 +43,16 @@ def test_match_probability_is_the_softmax_of_class_one() -> None:
 
 
 def test_public_items_hide_local_paths() -> None:
-    local = public_item({"id": 4, "kind": "image", "path": "/data/x.png", "source": "/data/a.json", "sha256": "s"})
+    local = public_item(
+        {"id": 4, "kind": "image", "path": "/data/x.png", "source": "/data/a.json", "sha256": "s"}
+    )
     assert local["image_url"] == "/v1/items/4/image" and local["uri"] is None
     assert "/data" not in str(local)
     remote = public_item({"id": 5, "kind": "image", "path": "https://example.org/y.jpg", "sha256": "s"})
     assert remote["uri"] == "https://example.org/y.jpg" and remote["image_url"] is None
-    text = public_item({"id": 6, "kind": "text", "path": "/data/x.png", "caption": "a dog", "image_id": 4,
-                        "sha256": "s"})
+    text = public_item(
+        {"id": 6, "kind": "text", "path": "/data/x.png", "caption": "a dog", "image_id": 4, "sha256": "s"}
+    )
     assert text["image_url"] is None and text["uri"] is None and text["image_id"] == 4
 
 
@@ -62,18 +66,26 @@ def test_query_text_is_cleaned_once_and_a_text_without_words_is_refused() -> Non
 
 
 # -- domain errors -> HTTP ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("exc", "status", "headers"), [
-    (BadQuery("empty_text", "m", field="text"), 422, None),
-    (WrongItemKind(3, "image", "text"), 422, None),
-    (NotFound("item_not_found", "m", field="item_id"), 404, None),
-    (TooLarge("image_too_large", "m", field="image"), 413, None),
-    (UnsupportedFormat("unsupported_image_format", "m", field="image"), 415, None),
-    (Overloaded("rerank", 4), 503, {"Retry-After": "4"}),
-])
+@pytest.mark.parametrize(
+    ("exc", "status", "headers"),
+    [
+        (BadQuery("empty_text", "m", field="text"), 422, None),
+        (WrongItemKind(3, "image", "text"), 422, None),
+        (NotFound("item_not_found", "m", field="item_id"), 404, None),
+        (TooLarge("image_too_large", "m", field="image"), 413, None),
+        (UnsupportedFormat("unsupported_image_format", "m", field="image"), 415, None),
+        (Overloaded("rerank", 4), 503, {"Retry-After": "4"}),
+    ],
+)
 def test_search_errors_get_their_status_at_the_edge(exc: SearchError, status: int, headers: Any) -> None:
     err = api_error(exc)
-    assert (err.status, err.code, err.message, err.field, err.headers) == (status, exc.code, exc.message, exc.field,
-                                                                           headers)
+    assert (err.status, err.code, err.message, err.field, err.headers) == (
+        status,
+        exc.code,
+        exc.message,
+        exc.field,
+        headers,
+    )
     assert Overloaded("rerank").message == "the rerank queue is full; retry later"
 
 
@@ -93,7 +105,9 @@ class _Bundle:
     def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.ones((len(ids), 2), np.float32), np.zeros((len(ids), 4, 3), np.float32)
 
-    def itm_scores(self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:
+    def itm_scores(
+        self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray
+    ) -> np.ndarray:
         return np.stack([np.zeros(len(image_tokens)), image_tokens[:, 0, 0]], axis=1).astype(np.float32)
 
 
@@ -117,7 +131,11 @@ class _Reader:
         return out
 
     def item(self, item_id: int) -> dict[str, Any] | None:
-        return {"id": item_id, "kind": "text" if item_id == 20 else "image"} if item_id in (*self.ITC, 20) else None
+        return (
+            {"id": item_id, "kind": "text" if item_id == 20 else "image"}
+            if item_id in (*self.ITC, 20)
+            else None
+        )
 
 
 def _search(*, keywords: bool = False, **fields: Any) -> SearchResult:

@@ -25,8 +25,9 @@ def _wait_version(c: httpx.Client, version: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"the service did not switch to version {version}")
 
 
-def test_waits_for_an_index_then_follows_new_versions(service_index: Path, tiny_bundle: Path,
-                                                      tmp_path: Path) -> None:
+def test_waits_for_an_index_then_follows_new_versions(
+    service_index: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
     from albef.index.builder import BuildOptions, add, delete
     from albef.model.runtime import Bundle
 
@@ -39,7 +40,9 @@ def test_waits_for_an_index_then_follows_new_versions(service_index: Path, tiny_
         r = c.get("/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         r = c.post("/v1/search/images", json={"text": "a red circle"})
-        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        assert (
+            r.status_code == 503 and r.json()["error"]["code"] == "not_ready" and "retry-after" in r.headers
+        )
         assert c.get("/v1/index").status_code == 503
 
         # an index appears (as an indexer would publish it): picked up without a restart
@@ -78,12 +81,16 @@ def test_waits_for_an_index_then_follows_new_versions(service_index: Path, tiny_
         delete(index_dir, [new_id])
         _wait_version(c, "000003")
         assert c.get(f"/v1/items/{new_id}").status_code == 404
-        ids = [h["id"] for h in c.post("/v1/search/images", json={"text": "a green rectangle", "k": 50,
-                                                                   "rerank": False}).json()["results"]]
+        ids = [
+            h["id"]
+            for h in c.post(
+                "/v1/search/images", json={"text": "a green rectangle", "k": 50, "rerank": False}
+            ).json()["results"]
+        ]
         assert new_id not in ids
         m = c.get("/metrics").text
         assert 'albef_index_reloads_total{result="ok"} 2.0' in m
-        assert 'albef_index_info{bundle=' in m and 'version="000003"' in m
+        assert "albef_index_info{bundle=" in m and 'version="000003"' in m
 
 
 def test_reader_handle_closes_after_the_last_lease(service_index: Path) -> None:
@@ -105,7 +112,9 @@ def test_reader_handle_closes_after_the_last_lease(service_index: Path) -> None:
     assert h2.acquire() is None
 
 
-def test_a_version_of_another_bundle_is_refused_and_the_old_one_kept(service_index: Path, tmp_path: Path) -> None:
+def test_a_version_of_another_bundle_is_refused_and_the_old_one_kept(
+    service_index: Path, tmp_path: Path
+) -> None:
     import json
     import shutil
 

@@ -58,8 +58,16 @@ def test_every_route_but_the_probes_needs_the_key(keyed, service_index: Path) ->
     reqs = concrete_requests(keyed.app)
     templates = {t for _, _, t in reqs}
     # the enumeration really sees the API (and the docs FastAPI adds)
-    assert {"/v1/search/images", "/v1/search/texts", "/v1/items/{item_id}", "/v1/items/{item_id}/image",
-            "/v1/index", "/metrics", "/openapi.json", "/docs"} <= templates
+    assert {
+        "/v1/search/images",
+        "/v1/search/texts",
+        "/v1/items/{item_id}",
+        "/v1/items/{item_id}/image",
+        "/v1/index",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    } <= templates
     captions = [t["caption"] for t in index_items(service_index)[1][:20]]
     open_seen = set()
     with keyed.client() as c:
@@ -87,7 +95,11 @@ def test_every_route_but_the_probes_needs_the_key(keyed, service_index: Path) ->
                 for headers in ({"X-API-Key": wrong}, {"Authorization": f"Bearer {wrong}".strip()}):
                     assert c.request(method, path, headers=headers, **body).status_code == 401, (path, wrong)
             # the right key, both ways: never 401
-            for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}, {"authorization": f"bearer {KEY}"}):
+            for headers in (
+                {"X-API-Key": KEY},
+                {"Authorization": f"Bearer {KEY}"},
+                {"authorization": f"bearer {KEY}"},
+            ):
                 assert c.request(method, path, headers=headers, **body).status_code != 401, (method, path)
         assert open_seen >= PROBES
         # methods a route does not have: still 401 first (nothing about the API is revealed without the key)
@@ -114,8 +126,10 @@ def test_key_comparison_uses_compare_digest(monkeypatch: pytest.MonkeyPatch) -> 
     mw = middleware.ApiKeyMiddleware(app=None, api_key=KEY)
 
     def scope(**headers: str) -> dict[str, Any]:
-        return {"type": "http", "headers": [(k.lower().replace("_", "-").encode(), v.encode())
-                                            for k, v in headers.items()]}
+        return {
+            "type": "http",
+            "headers": [(k.lower().replace("_", "-").encode(), v.encode()) for k, v in headers.items()],
+        }
 
     assert mw._authorised(scope(x_api_key=KEY))
     assert mw._authorised(scope(authorization=f"Bearer {KEY}"))
@@ -164,7 +178,12 @@ def own_index(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> tu
 
     root = tmp_path_factory.mktemp("sec")
     src = make_folder(root / "images", 6, seed0=700)
-    build(root / "index", Bundle.load(tiny_bundle, intra_op_threads=1), [src], BuildOptions(progress=False, workers=1))
+    build(
+        root / "index",
+        Bundle.load(tiny_bundle, intra_op_threads=1),
+        [src],
+        BuildOptions(progress=False, workers=1),
+    )
     return root, root / "index"
 
 

@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 import pytest
-from albef.model.data.annotations import EvalSet, PairItem, assign_idx, load_eval_set, load_pairs
 from PIL import Image
+
+from albef.model.data.annotations import EvalSet, PairItem, assign_idx, load_eval_set, load_pairs
 
 
 def _img(path: Path) -> Path:
@@ -121,7 +122,9 @@ def test_csv_with_bad_rows_and_line_numbers(tmp_path: Path, images: Path) -> Non
     no_image_col = tmp_path / "captions-only.csv"
     no_image_col.write_text("picture,caption\na.png,x\n")
     items, problems = load_pairs([no_image_col], image_root=images)
-    assert items == [] and [(p["source"], p["error"]) for p in problems] == [(f"{no_image_col}:2", "missing image")]
+    assert items == [] and [(p["source"], p["error"]) for p in problems] == [
+        (f"{no_image_col}:2", "missing image")
+    ]
     no_column = tmp_path / "bad.csv"
     no_column.write_text("picture,words\na.png,x\n")
     with pytest.raises(ValueError, match="needs an image column"):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from albef.model.data import synth
 from PIL import Image
+
+from albef.model.data import synth
 
 N_IMAGES = 48
 SIZE = 64

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from albef.model.data.synth import Obj, Scene
 from albef.model.data.truth import load_truth, swap_cases, swap_suite, truth_precision, truth_table
 
@@ -35,8 +36,13 @@ TXT2IMG = [0, 1, 0, 2, 0]
 
 def test_truth_table_follows_the_scene_semantics() -> None:
     t = truth_table(SCENES, TEXTS, [s.group for s in SCENES])
-    assert t.true.tolist() == [[True, False, False], [False, True, False], [True, True, False],
-                               [False, False, True], [False, False, False]]
+    assert t.true.tolist() == [
+        [True, False, False],
+        [False, True, False],
+        [True, True, False],
+        [False, False, True],
+        [False, False, False],
+    ]
     assert t.false[0].tolist() == [False, True, True] and t.parsed.all()
     t2 = truth_table(SCENES, ["a dog on a sofa"], [0, 0, 1])
     assert not t2.parsed[0]
@@ -47,9 +53,13 @@ def test_precision_counts_any_true_result_not_only_the_annotated_image() -> None
     # text->image scores [texts, images]: text 2 ("a red circle") ranks image 1 first: true, though its
     # annotated image is 0; text 0 ranks its swap-mate first: false.
     t2i = np.array([[0.1, 0.9, 0.0], [0.1, 0.9, 0.0], [0.2, 0.8, 0.1], [0.0, 0.1, 0.9], [0.3, 0.2, 0.1]])
-    i2t = np.array([[0.9, 0.1, 0.5, 0.0, 0.0],  # image 0: caption 0 first (true)
-                    [0.9, 0.1, 0.5, 0.0, 0.0],  # image 1: caption 0 first (false)
-                    [0.0, 0.0, 0.0, 0.9, 0.1]])  # image 2: caption 3 first (true)
+    i2t = np.array(
+        [
+            [0.9, 0.1, 0.5, 0.0, 0.0],  # image 0: caption 0 first (true)
+            [0.9, 0.1, 0.5, 0.0, 0.0],  # image 1: caption 0 first (false)
+            [0.0, 0.0, 0.0, 0.9, 0.1],
+        ]
+    )  # image 2: caption 3 first (true)
     p = truth_precision(t2i, i2t, t, ks=(1, 2))
     assert p["t2i_p1"] == pytest.approx(100 * 3 / 5, abs=1e-3)  # texts 1, 2, 3
     assert p["i2t_p1"] == pytest.approx(100 * 2 / 3, abs=1e-3)
@@ -66,8 +76,10 @@ def test_swap_suite_keeps_only_captions_true_of_exactly_one_group_member() -> No
     assert cases == [(0, [0, 1], 0), (1, [0, 1], 1)]
     sims = np.array([[0.5, 0.5, 0, 0, 0], [0.5, 0.5, 0, 0, 0], [0, 0, 0, 0, 0]])  # ITC: blind to the relation
     itm = {(0, 0): 2.0, (0, 1): -1.0, (1, 0): -1.0, (1, 1): 2.0}
-    res = swap_suite(cases, {"itc": lambda tx, ms: sims[ms, tx],
-                             "itm": lambda tx, ms: np.array([itm[(tx, m)] for m in ms])})
+    res = swap_suite(
+        cases,
+        {"itc": lambda tx, ms: sims[ms, tx], "itm": lambda tx, ms: np.array([itm[(tx, m)] for m in ms])},
+    )
     assert res == {"cases": 2, "chance": 50.0, "itc": 50.0, "itm": 100.0}
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from albef.model.train.evaluate import (
     FILL,
     compute_features,

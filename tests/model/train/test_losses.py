@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from albef.model.train import losses as L
 from albef.model.train.momentum import FeatureQueues, MomentumEncoders, check_queue_size
 from albef.model.train.optim import CosineWarmup, cosine_lr, create_optimizer, param_groups
@@ -21,11 +22,13 @@ def test_idx_targets_share_mass_with_queue_positives():
     idx_all = torch.tensor([0, 1, 0, 1, -100, 0, 7])  # batch, then queue (-100 = empty slot)
     y = L.idx_targets(idx, idx_all)
     third = 1 / 3
-    expected = torch.tensor([
-        [third, 0, third, 0, 0, third, 0],
-        [0, 0.5, 0, 0.5, 0, 0, 0],
-        [third, 0, third, 0, 0, third, 0],
-    ])
+    expected = torch.tensor(
+        [
+            [third, 0, third, 0, 0, third, 0],
+            [0, 0.5, 0, 0.5, 0, 0, 0],
+            [third, 0, third, 0, 0, third, 0],
+        ]
+    )
     assert torch.allclose(y, expected)
     assert torch.allclose(y.sum(1), torch.ones(3))
 
@@ -78,7 +81,11 @@ def test_hard_negatives_never_positive_and_degenerate_rows_flagged():
     neg, valid = L.sample_hard_negatives(L.hard_negative_weights(torch.randn(4, 4), L.positive_mask(4, same)))
     assert not valid.any()
     # pretraining masks the diagonal only
-    assert L.positive_mask(3, None).tolist() == [[True, False, False], [False, True, False], [False, False, True]]
+    assert L.positive_mask(3, None).tolist() == [
+        [True, False, False],
+        [False, True, False],
+        [False, False, True],
+    ]
 
 
 def test_hard_negative_sampling_follows_the_softmax():
@@ -242,7 +249,9 @@ def test_objective_ema_before_momentum_forward_and_enqueue_after_loss():
     img_all = torch.cat([v.T, queue_img], 1)
     txt_all = torch.cat([w.T, queue_txt], 1)
     y = L.idx_targets(idx, torch.cat([idx.view(1, -1), queue_idx], 1))
-    assert y[0, :5].tolist() == pytest.approx([1 / 3, 1 / 3, 0, 0, 1 / 3])  # two batch positives + one in the queue
+    assert y[0, :5].tolist() == pytest.approx(
+        [1 / 3, 1 / 3, 0, 0, 1 / 3]
+    )  # two batch positives + one in the queue
     expected = L.itc_loss(v @ txt_all / temp, w @ img_all / temp, y)
     assert out["loss_itc"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.allclose(obj.queues.image_queue[:, :4], v.T, atol=1e-6)
@@ -300,7 +309,9 @@ def test_scratch_warmup_is_two_sided_in_batch_itc_and_leaves_the_queue_alone():
     assert out["loss_itm"].item() == 0.0 and out["loss"].item() == pytest.approx(out["loss_itc"].item())
     assert torch.equal(obj.queues.image_queue, before) and int(obj.queues.queue_ptr) == 0
     out["loss"].backward()  # both towers receive gradients (no stop-gradient on the keys)
-    assert obj.model.text_proj.weight.grad.abs().sum() > 0 and obj.model.vision_proj.weight.grad.abs().sum() > 0
+    assert (
+        obj.model.text_proj.weight.grad.abs().sum() > 0 and obj.model.vision_proj.weight.grad.abs().sum() > 0
+    )
 
 
 def test_lr_factor_for_fusion_groups_follows_the_schedule():

@@ -29,8 +29,9 @@ def test_recipe_is_valid_and_reproducible_from_its_seeds():
 
 
 def test_shipped_checkpoint_is_small_fp16_and_loads_as_float32():
-    from albef.model.factory import create_model
     from safetensors import safe_open
+
+    from albef.model.factory import create_model
 
     weights = SHIPPED / "model.safetensors"
     assert weights.stat().st_size < 20 * 2**20
@@ -97,8 +98,14 @@ def test_shipped_checkpoint_exports_int8_within_its_bounds(fresh_scenes: Path, t
 
     monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "absent-vocab.txt"))
     out = tmp_path / "bundle"
-    manifest = export_bundle(create_model(None, SHIPPED), out, variants=["fp32", "int8"], checkpoint=SHIPPED,
-                             progress=False, evaluator=make_evaluator(fresh_scenes, k_test=16))
+    manifest = export_bundle(
+        create_model(None, SHIPPED),
+        out,
+        variants=["fp32", "int8"],
+        checkpoint=SHIPPED,
+        progress=False,
+        evaluator=make_evaluator(fresh_scenes, k_test=16),
+    )
     digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
     assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
     assert "int8" in manifest["variants"], manifest["variants_not_shipped"]

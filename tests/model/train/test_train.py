@@ -57,8 +57,9 @@ def test_resumed_run_equals_uninterrupted_run(synth_data: Path, tmp_path: Path):
     assert part == {"step": 5, "stopped": True}
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step-000005"
     assert not (tmp_path / "cut" / "final").exists()
-    resumed = Trainer(_cfg(synth_data, **{"checkpoint.every": "5"}), tmp_path / "cut", resume=True,
-                      progress=False).run()
+    resumed = Trainer(
+        _cfg(synth_data, **{"checkpoint.every": "5"}), tmp_path / "cut", resume=True, progress=False
+    ).run()
     assert resumed["trained_steps_this_run"] == 3
     a, b = _final_state(tmp_path / "full" / "final"), _final_state(tmp_path / "cut" / "final")
     assert a.keys() == b.keys()
@@ -116,12 +117,19 @@ def test_dataset_substitutes_an_item_that_fails_at_load_time(synth_data: Path):
     from albef.model.train.dataset import AugmentConfig, PairDataset, TrainTransform
 
     img = next((synth_data / "images").iterdir())
-    items = [PairItem(Path("/nonexistent.png"), "a", "x", "f.json:[0]"), PairItem(img, "b", "y", "f.json:[1]")]
+    items = [
+        PairItem(Path("/nonexistent.png"), "a", "x", "f.json:[0]"),
+        PairItem(img, "b", "y", "f.json:[1]"),
+    ]
     cfg = get_config("albef-tiny")
     ds = PairDataset(items, [0, 1], TrainTransform(32, cfg.mean, cfg.std, AugmentConfig()), seed=0)
     sample = ds[(0, 0)]
     assert sample["caption"] == "b" and sample["idx"] == 1
-    assert len(sample["bad"]) == 1 and "f.json:[0]" in sample["bad"][0] and "/nonexistent.png" in sample["bad"][0]
+    assert (
+        len(sample["bad"]) == 1
+        and "f.json:[0]" in sample["bad"][0]
+        and "/nonexistent.png" in sample["bad"][0]
+    )
     assert sample["image"].shape == (3, 32, 32)
     # augmentation is a function of (seed, epoch, index) only
     assert torch.equal(ds[(3, 1)]["image"], ds[(3, 1)]["image"])
@@ -129,9 +137,10 @@ def test_dataset_substitutes_an_item_that_fails_at_load_time(synth_data: Path):
 
 
 def test_transform_keeps_orientation_when_flip_is_off():
+    from PIL import Image
+
     from albef.model.config import CLIP_MEAN, CLIP_STD
     from albef.model.train.dataset import AugmentConfig, TrainTransform
-    from PIL import Image
 
     img = Image.new("RGB", (64, 64), (255, 255, 255))
     img.paste((255, 0, 0), (0, 0, 16, 64))  # a red band on the left
@@ -168,8 +177,20 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     recipe.write_text(f"data:\n  train: [{synth_data / 'train.json'}]\nmodel: {{image_res: 32}}\n")
     assert main(["train", "--config", str(recipe), "train.bacth_size=4"]) == 2
     assert "unknown config key 'train.bacth_size'" in capsys.readouterr().err
-    assert main(["train", "--config", str(recipe), "--out", str(tmp_path / "o"), "train.batch_size=3",
-                 "train.queue_size=16"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(recipe),
+                "--out",
+                str(tmp_path / "o"),
+                "train.batch_size=3",
+                "train.queue_size=16",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "queue_size 16 must be divisible by the global batch 3" in err
 
@@ -178,8 +199,16 @@ def test_scratch_warmup_then_albef_objectives(synth_data: Path, tmp_path: Path):
     from albef.model.factory import create_model
     from albef.model.train.trainer import Trainer
 
-    cfg = _cfg(synth_data, **{"train.max_steps": "3", "train.grad_accum": "1", "train.scratch_warmup_steps": "2",
-                              "train.temp_after_warmup": "0.2", "model.temp": "0.6"})
+    cfg = _cfg(
+        synth_data,
+        **{
+            "train.max_steps": "3",
+            "train.grad_accum": "1",
+            "train.scratch_warmup_steps": "2",
+            "train.temp_after_warmup": "0.2",
+            "model.temp": "0.6",
+        },
+    )
     Trainer(cfg, tmp_path / "run", progress=False).run()
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss_itm"] for r in rows[:2]] == [0.0, 0.0] and rows[2]["loss_itm"] > 0
@@ -200,6 +229,8 @@ def test_bf16_is_refused_on_a_cpu_without_native_bf16(synth_data: Path, tmp_path
     fp32 = probe_dtype("float32")
     assert fp32["native"] and fp32["gflops"] > 0
     monkeypatch.setattr(precision, "NATIVE_FRACTION", 1e6)
-    with pytest.raises(UnsupportedDtypeError, match=r"train.bf16=true: no native bfloat16 matmul on this CPU"):
+    with pytest.raises(
+        UnsupportedDtypeError, match=r"train.bf16=true: no native bfloat16 matmul on this CPU"
+    ):
         Trainer(_cfg(synth_data, **{"train.bf16": "true"}), tmp_path / "run", progress=False).run()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

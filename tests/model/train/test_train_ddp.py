@@ -20,7 +20,7 @@ def test_torchrun_two_processes_fill_queues_by_all_gather(tmp_path: Path):
     recipe.write_text(
         f"""
 model: {{image_res: 32}}
-data: {{train: [{data / 'train.json'}]}}
+data: {{train: [{data / "train.json"}]}}
 train: {{batch_size: 3, max_steps: 3, queue_size: 12, threads: 1}}
 optim: {{lr: 1.0e-3}}
 log: {{every: 1}}
@@ -30,8 +30,21 @@ debug: {{dump_queues: true}}
     )
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ALBEF_LOG_LEVEL": "WARNING"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "albef.cli", "train", "--config", str(recipe), "--out", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "albef.cli",
+        "train",
+        "--config",
+        str(recipe),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
