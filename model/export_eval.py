@@ -22,7 +22,7 @@ Evaluator = Callable[[Path, str], dict[str, Any]]
 def runtime_score_matrices(
     bundle: Any, images: Sequence[Any], texts: Sequence[str], k_test: int, batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Spec 4.3 with ONNX Runtime: ITC cosine, then the class-1 ITM logit on each query's top ``k_test``
+    """docs/model.md §4.3, with ONNX Runtime: ITC cosine, then the class-1 ITM logit on each query's top ``k_test``
     candidates (-100 elsewhere). Image->text uses the K/V-cached graph (the image side is computed once)."""
     img_emb, img_tok = bundle.encode_images(list(images), batch_size=batch_size)
     txt_emb, txt_tok, txt_mask = bundle.encode_texts(list(texts), batch_size=batch_size * 2)

@@ -165,6 +165,7 @@ class PairDataset(Dataset):
     seed: int = 0
     cache: dict[Path, np.ndarray] = field(default_factory=dict)
     exif_transpose: bool = True  # False: the official loader (EXIF orientation ignored)
+    groups: Sequence[int] | None = None  # hard-negative group per pair (GroupBatches); None = no groups
 
     def __len__(self) -> int:
         return len(self.items)
@@ -185,7 +186,9 @@ class PairDataset(Dataset):
                 bad.append(f"{item.source} {item.image}: {type(exc).__name__}: {exc}")
                 continue
             rng = random.Random(f"{self.seed}/{epoch}/{j}")
-            return {"image": self.transform(img, rng), "caption": item.caption, "idx": int(self.idx[j]), "bad": bad}
+            group = int(self.groups[j]) if self.groups is not None else -1
+            return {"image": self.transform(img, rng), "caption": item.caption, "idx": int(self.idx[j]),
+                    "group": group, "bad": bad}
         raise RuntimeError("no readable image in the data set")
 
 
@@ -194,6 +197,7 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
         "image": torch.stack([b["image"] for b in batch]),
         "caption": [b["caption"] for b in batch],
         "idx": torch.tensor([b["idx"] for b in batch], dtype=torch.long),
+        "group": torch.tensor([b["group"] for b in batch], dtype=torch.long),
         "bad": [s for b in batch for s in b["bad"]],
     }
 
@@ -226,3 +230,45 @@ class ShardedBatches:
         shard = epoch_order(self.n, self.seed, epoch)[self.rank :: self.world][: self.per_rank]
         for k in range(start, self.num_batches):
             yield [(epoch, i) for i in shard[k * self.batch_size : (k + 1) * self.batch_size]]
+
+
+class GroupBatches:
+    """Batches of whole scene groups, for training with known hard negatives (``train.group_negatives``).
+
+    A group is a set of images known to be hard negatives of each other (the synthetic generator's swap-mates:
+    same objects, one relation or attribute changed). Each epoch visits every image once: the groups in a
+    seeded order (rank r takes ``order[r::world]``), each image with one of its captions drawn from
+    ``(seed, epoch, image)``; consecutive images are cut into micro-batches of ``batch_size``, so a batch holds
+    whole groups (one may be split at the batch boundary). Like :class:`ShardedBatches` it is a function of
+    (seed, epoch) only, and ``start`` skips micro-batches for a resume.
+    """
+
+    def __init__(self, idx: Sequence[int], groups: Sequence[int], batch_size: int, world: int, rank: int,
+                 seed: int) -> None:
+        if len(idx) != len(groups):
+            raise ValueError("one group per training pair is needed")
+        self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
+        captions: dict[int, list[int]] = {}  # image idx -> its pairs
+        members: dict[int, list[int]] = {}  # group -> its images, in first-seen order
+        for i, (image, group) in enumerate(zip(idx, groups, strict=True)):
+            if image not in captions:
+                members.setdefault(int(group), []).append(int(image))
+            captions.setdefault(int(image), []).append(i)
+        self.captions, self.members = captions, members
+        self.group_ids = sorted(members)
+        shards = [self.group_ids[r::world] for r in range(world)]
+        per_rank = min(sum(len(members[g]) for g in s) for s in shards)
+        self.num_batches = per_rank // batch_size
+        if self.num_batches == 0:
+            raise ValueError(f"{len(captions)} training images are too few for batch {batch_size} x {world} process(es)")
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
+        order = epoch_order(len(self.group_ids), self.seed, epoch)
+        mine = [self.group_ids[k] for k in order[self.rank :: self.world]]
+        pairs = []
+        for g in mine:
+            for image in self.members[g]:
+                options = self.captions[image]
+                pairs.append(options[random.Random(f"{self.seed}/{epoch}/{image}").randrange(len(options))])
+        for k in range(start, self.num_batches):
+            yield [(epoch, i) for i in pairs[k * self.batch_size : (k + 1) * self.batch_size]]

@@ -107,6 +107,31 @@ def sample_hard_negatives(weights: Tensor, generator: torch.Generator | None = N
     return index, valid
 
 
+def group_mates(group: Tensor, positives: Tensor) -> Tensor:
+    """[B, B] True where the pair is a known hard negative: same group (>= 0), not a positive."""
+    same = (group.view(-1, 1) == group.view(1, -1)) & (group.view(-1, 1) >= 0)
+    return same & ~positives
+
+
+def mix_group_negatives(
+    index: Tensor, valid: Tensor, mates: Tensor, probability: float, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Replace each row's negative, with ``probability``, by a uniformly drawn group-mate (rows that have one).
+
+    Group-mates are negatives by construction (the generator checks every caption false of its swap-mates),
+    so unlike ITC-mined negatives they are never false negatives, and they are exactly the pairs that only
+    binding (which colour on which shape, what is left of what) can tell apart.
+    """
+    has = mates.any(dim=1)
+    pick = has & (torch.rand(index.shape[0], generator=generator, device=index.device) < probability)
+    if not bool(pick.any()):
+        return index, valid
+    drawn = torch.multinomial(mates[pick].float(), 1, generator=generator).squeeze(1)
+    index = index.clone()
+    index[pick] = drawn
+    return index, valid | pick
+
+
 def itm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy over the [P + N, 2] ITM logits; label 1 = match."""
     return F.cross_entropy(logits.float(), labels)

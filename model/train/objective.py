@@ -34,6 +34,7 @@ class AlbefObjective(nn.Module):
         mlm_probability: float = 0.15,
         clamp_temp: bool | None = None,
         itm_in_warmup: bool = False,
+        group_negatives: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -51,11 +52,15 @@ class AlbefObjective(nn.Module):
         self.mlm_probability = float(mlm_probability)
         self.clamp_temp = (mode == "pretrain") if clamp_temp is None else bool(clamp_temp)
         self.itm_in_warmup = bool(itm_in_warmup)
+        if not 0.0 <= group_negatives <= 1.0:
+            raise ValueError(f"group_negatives is a probability, not {group_negatives!r}")
+        self.group_negatives = float(group_negatives)
         self.momentum_encoders = MomentumEncoders(model)
         self.queues = FeatureQueues(model.config.embed_dim, queue_size)
 
     def forward(
-        self, image: Tensor, ids: Tensor, mask: Tensor, idx: Tensor, alpha: float, warmup: bool = False
+        self, image: Tensor, ids: Tensor, mask: Tensor, idx: Tensor, alpha: float, warmup: bool = False,
+        group: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses of one batch: ``loss_itc``, ``loss_itm``, ``loss_mlm`` (0 when off), ``loss`` (their sum),
         plus detached diagnostics (``itm_acc``, ``n_neg``, the momentum features ``image_feat_m``/
@@ -67,6 +72,10 @@ class AlbefObjective(nn.Module):
         gradient) the ALBEF ITC then sits at ``log N`` for a long time, while the two-sided loss leaves that
         plateau within tens of steps. The trainer copies the online weights into the momentum encoders when
         the warm-up ends, so the exact ALBEF objective starts from informative keys.
+
+        ``group`` [B] (optional, with ``group_negatives`` > 0): items of one group are known hard negatives of
+        each other (different images, same group); each ITM negative is then, with that probability, a
+        random group-mate instead of the ITC-mined one.
         """
         m = self.model
         B = image.shape[0]
@@ -77,7 +86,7 @@ class AlbefObjective(nn.Module):
         image_feat, image_tokens = m.encode_image(image)
         text_feat, text_tokens = m.encode_text(ids, mask)
         if warmup:
-            return self._warmup(image_feat, text_feat, idx, (text_tokens, mask, image_tokens))
+            return self._warmup(image_feat, text_feat, idx, (text_tokens, mask, image_tokens), group)
 
         # ---- ITC: EMA update first, then the momentum features, then the loss, then the enqueue.
         with torch.no_grad():
@@ -106,7 +115,7 @@ class AlbefObjective(nn.Module):
         # ---- ITM with in-batch hard negatives.
         if self.use_itm:
             loss_itm, itm_acc, n_neg = self._itm(sim_i2t[:, :B], sim_t2i[:, :B], text_tokens, mask, image_tokens,
-                                                 idx if self.mode == "retrieval" else None)
+                                                 idx if self.mode == "retrieval" else None, group)
             out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
         else:
             out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
@@ -118,7 +127,8 @@ class AlbefObjective(nn.Module):
         return out
 
     def _warmup(
-        self, image_feat: Tensor, text_feat: Tensor, idx: Tensor, tokens: tuple[Tensor, Tensor, Tensor] | None = None
+        self, image_feat: Tensor, text_feat: Tensor, idx: Tensor, tokens: tuple[Tensor, Tensor, Tensor] | None = None,
+        group: Tensor | None = None,
     ) -> dict[str, Tensor]:
         B = image_feat.shape[0]
         positives_idx = idx if self.mode == "retrieval" else None
@@ -129,7 +139,8 @@ class AlbefObjective(nn.Module):
         out: dict[str, Tensor] = {"loss_itc": loss_itc, "loss_mlm": zero}
         if self.itm_in_warmup and self.use_itm and tokens is not None:
             text_tokens, mask, image_tokens = tokens
-            loss_itm, itm_acc, n_neg = self._itm(sim_i2t, sim_i2t.t(), text_tokens, mask, image_tokens, positives_idx)
+            loss_itm, itm_acc, n_neg = self._itm(sim_i2t, sim_i2t.t(), text_tokens, mask, image_tokens, positives_idx,
+                                                 group)
             out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
         else:  # by default no ITM yet: its negatives come from ITC similarities that mean little so far
             out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
@@ -146,6 +157,7 @@ class AlbefObjective(nn.Module):
         mask: Tensor,
         image_tokens: Tensor,
         idx: Tensor | None,
+        group: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         m = self.model
         B = text_tokens.shape[0]
@@ -155,6 +167,10 @@ class AlbefObjective(nn.Module):
             # A negative image for each text (t2i weights), a negative text for each image (i2t weights).
             neg_image, valid_t = L.sample_hard_negatives(L.hard_negative_weights(sim_t2i, positives))
             neg_text, valid_i = L.sample_hard_negatives(L.hard_negative_weights(sim_i2t, positives))
+            if group is not None and self.group_negatives > 0:
+                mates = L.group_mates(group, positives)
+                neg_image, valid_t = L.mix_group_negatives(neg_image, valid_t, mates, self.group_negatives)
+                neg_text, valid_i = L.mix_group_negatives(neg_text, valid_i, mates, self.group_negatives)
         rows_t = valid_t.nonzero().squeeze(1)
         rows_i = valid_i.nonzero().squeeze(1)
         n_neg = int(rows_t.numel() + rows_i.numel())

@@ -57,6 +57,10 @@ DEFAULTS: dict[str, Any] = {
         # AlbefObjective.forward), then the momentum encoders are reset to the online weights.
         "scratch_warmup_steps": 0,
         "itm_in_warmup": False,  # also train ITM (online in-batch negatives) during the warm-up
+        # Probability that an ITM negative is a known hard negative (a group-mate from the synthetic
+        # generator's scenes.json) instead of the ITC-mined one; > 0 also batches whole groups together.
+        "group_negatives": 0.0,
+        "group_negatives_start": 0,  # first step that uses them (before it, ITC-mined negatives only)
         "temp_after_warmup": None,  # set temp to this value when the warm-up ends (null = keep the learned one)
         "itm": True,
         "mlm": False,
@@ -168,6 +172,8 @@ def validate(cfg: dict[str, Any]) -> None:
             raise ConfigError(f"train.{key} must be a positive integer, got {t[key]!r}")
     if t["max_steps"] is not None and (not isinstance(t["max_steps"], int) or t["max_steps"] < 1):
         raise ConfigError(f"train.max_steps must be a positive integer or null, got {t['max_steps']!r}")
+    if not 0 <= float(t["group_negatives"]) <= 1:
+        raise ConfigError(f"train.group_negatives is a probability in [0, 1], got {t['group_negatives']!r}")
     if not 0 <= float(t["alpha"]) <= 1 or not 0 <= float(t["momentum"]) <= 1:
         raise ConfigError("train.alpha and train.momentum must lie in [0, 1]")
     if not cfg["data"]["train"] and not cfg["data"]["synth"]:

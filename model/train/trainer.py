@@ -3,12 +3,8 @@
 Per optimizer step: ``grad_accum`` micro-batches (DDP gradient sync only on the last), each running
 :class:`~albef.model.train.objective.AlbefObjective` (EMA update, momentum features, ITC, enqueue, ITM, MLM)
 under optional bf16 autocast; then AdamW and the step-based cosine schedule. Every ``checkpoint.every``
-steps a checkpoint folder is written atomically (temp name, then rename):
-
-    OUT/checkpoints/step-000200/model/        our format (save_albef, float32)
-    OUT/checkpoints/step-000200/state.pt      optimizer, scheduler, momentum weights, queues, step,
-                                              every rank's RNG states (the data position is the step)
-    OUT/checkpoints/latest                    name of the newest complete checkpoint
+steps a checkpoint folder is written atomically (temp name, then rename; layout in
+:mod:`albef.model.train.checkpoints`).
 
 ``--resume`` reloads all of it. The data order is a function of (seed, epoch) and augmentation is seeded
 per sample, so a resumed run takes exactly the batches and random draws of an uninterrupted one.
@@ -20,59 +16,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from albef import atomic
+from albef.model.train.checkpoints import load_training_state, save_training_state, truncate_metrics
+from albef.model.train.distributed import barrier, init_weights, setup_distributed
 from albef.model.train.momentum import check_queue_size, rank, world_size
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-LATEST = "latest"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def setup_distributed(device: str) -> torch.device:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device(device)
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
-
-
-def init_weights(model: nn.Module) -> None:
-    """BERT-style initialisation (HF ``_init_weights``) of the text side and the heads for training from
-    scratch: normal(0, 0.02) for Linear and Embedding, zero biases and padding row, LayerNorm 1/0.
-    timm initialises the ViT itself (truncated normal 0.02)."""
-    for part in (model.text_encoder, model.vision_proj, model.text_proj, model.itm_head):
-        for m in part.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
 
 def alpha_at(cfg_train: dict[str, Any], epoch: int, micro: int, micro_per_epoch: int) -> float:
@@ -81,12 +39,6 @@ def alpha_at(cfg_train: dict[str, Any], epoch: int, micro: int, micro_per_epoch:
     if cfg_train["alpha_warmup"] and epoch == 0:
         return alpha * min(1.0, micro / micro_per_epoch)
     return alpha
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from albef import atomic
-
-    atomic.write_text(path, text)
 
 
 class Trainer:
@@ -137,9 +89,25 @@ class Trainer:
         mc = self.model.config
         aug = AugmentConfig.from_dict(self.cfg["augment"])
         transform = TrainTransform(mc.vision.image_res, mc.mean, mc.std, aug)
+        self.groups = self._groups(items, d["train"]) if float(self.cfg["train"]["group_negatives"]) > 0 else None
         self.dataset = PairDataset(items, idx, transform, seed=int(self.cfg["seed"]), cache=cache,
-                                   exif_transpose=exif)
+                                   exif_transpose=exif, groups=self.groups)
         log.info("training data", extra={"pairs": len(items), "images": len(set(idx)), "skipped": len(self.problems)})
+
+    @staticmethod
+    def _groups(items: list[Any], train_files: list[str]) -> list[int]:
+        """The scene group of every pair, from the generator's scenes.json beside the training files."""
+        from albef.model.data.synth import image_groups
+
+        known: dict[str, int] = {}
+        for f in train_files:
+            folder = Path(f) if Path(f).is_dir() else Path(f).parent
+            known.update(image_groups(folder))
+        missing = [str(it.image) for it in items if str(Path(it.image).resolve()) not in known]
+        if missing:
+            raise ValueError(f"train.group_negatives: {len(missing)} training images have no group in scenes.json "
+                             f"(first: {missing[0]})")
+        return [known[str(Path(it.image).resolve())] for it in items]
 
     def _build_model(self) -> None:
         from albef.model.factory import create_model
@@ -158,7 +126,7 @@ class Trainer:
         self.model = model
         self.objective = AlbefObjective(
             model, self.cfg["mode"], t["queue_size"], t["momentum"], t["distill"], t["itm"], t["mlm"],
-            t["mlm_probability"], t["clamp_temp"], t["itm_in_warmup"],
+            t["mlm_probability"], t["clamp_temp"], t["itm_in_warmup"], float(t["group_negatives"]),
         ).to(self.device)
         self.objective.train()
 
@@ -173,135 +141,33 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _save_checkpoint(self) -> None:
-        from albef.model.checkpoint import save_albef
-
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        rngs: list[Any] = [rng]
-        if world_size() > 1:
-            rngs = [None] * world_size()
-            dist.all_gather_object(rngs, rng)
-        if self.rank == 0:
-            root = self._ckpt_root()
-            root.mkdir(parents=True, exist_ok=True)
-            name = f"step-{self.step:06d}"
-            tmp = root / f".{name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            save_albef(self.model, tmp / "model", source={"training_step": self.step})
-            state = {
-                "step": self.step,
-                "world_size": world_size(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "momentum": self.objective.momentum_encoders.state_dict(),
-                "queues": self.objective.queues.state_dict(),
-                "rng": rngs,
-                "config": self.cfg,
-                "bad_items": self.bad_items,
-            }
-            torch.save(state, tmp / STATE_FILE)
-            from albef import atomic
-
-            final = root / name
-            atomic.publish_dir(tmp, final, replace_existing=True)
-            _atomic_write_text(root / LATEST, name + "\n")
-            keep = int(self.cfg["checkpoint"]["keep"])
-            done = sorted(p for p in root.glob("step-*") if p.is_dir())
-            for old in done[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint written", extra={"path": str(final), "step": self.step})
-        barrier()
+        save_training_state(self)
 
     def _load_checkpoint(self) -> bool:
-        from albef.model.checkpoint import load_strict, read_albef
-
-        root = self._ckpt_root()
-        if not (root / LATEST).is_file():
-            log.info("no checkpoint to resume from; starting a new run", extra={"out": str(self.out)})
-            return False
-        path = root / (root / LATEST).read_text().strip()
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        if state["world_size"] != world_size():
-            raise ValueError(
-                f"{path} was written by {state['world_size']} process(es); resume with the same number "
-                f"(now {world_size()}) to continue the same data order"
-            )
-        changed = _diff(state["config"], self.cfg)
-        if changed:
-            log.warning("resuming with a changed config", extra={"changed": changed})
-        _, weights = read_albef(path / "model")
-        if not self.model.with_mlm:
-            weights = {k: v for k, v in weights.items() if not k.startswith("text_encoder.cls.")}
-        load_strict(self.model, weights)
-        self.objective.momentum_encoders.load_state_dict(state["momentum"])
-        self.objective.queues.load_state_dict(state["queues"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        self.bad_items = int(state.get("bad_items", 0))
-        rng = state["rng"][self.rank]
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        log.info("resumed", extra={"path": str(path), "step": self.step})
-        return True
+        return load_training_state(self)
 
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any]:
-        from albef.model.precision import require_native
-        from albef.model.train.dataset import ShardedBatches, collate
-        from albef.model.train.optim import CosineWarmup, create_optimizer
-
+        """Train to ``max_steps`` (or ``epochs``), checkpointing as configured; returns the run's summary."""
         t = self.cfg["train"]
-        if t["threads"]:
-            torch.set_num_threads(int(t["threads"]))
-        self.device = setup_distributed(str(t["device"]))
-        if t["bf16"] and self.device.type == "cpu":
-            # bf16 autocast on a CPU without bf16 instructions runs about 100x slower than fp32: refuse it.
-            require_native("bfloat16", "train.bf16=true")
-        self.rank, self.world = rank(), world_size()
+        self._setup()
         B, accum = int(t["batch_size"]), int(t["grad_accum"])
-        check_queue_size(int(t["queue_size"]), B * self.world)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self._build_model()
-        self._build_tokenizer()
-        self._prepare_data()
-
-        sampler = ShardedBatches(len(self.dataset), B, self.world, self.rank, int(self.cfg["seed"]))
+        sampler = self._sampler(B)
         micro_per_epoch = sampler.num_batches
         steps_per_epoch = micro_per_epoch // accum
         if steps_per_epoch < 1:
             raise ValueError(f"an epoch has {micro_per_epoch} micro-batches, fewer than grad_accum {accum}")
         total = int(t["max_steps"] or int(t["epochs"]) * steps_per_epoch)
-        o = self.cfg["optim"]
-        fusion = self.model.config.text
-        mult = float(o["fusion_lr_mult"])
-        lr_mult = {f"text_encoder.encoder.layer.{i}.": mult for i in range(fusion.fusion_layer,
-                                                                           fusion.num_hidden_layers)}
-        lr_mult["itm_head."] = mult
-        self.optimizer = create_optimizer(self.model, float(o["lr"]), float(o["weight_decay"]),
-                                          tuple(o["betas"]), float(o["eps"]), lr_mult if mult != 1.0 else None)
-        self.scheduler = CosineWarmup(self.optimizer, total, float(o["lr"]), float(o["min_lr"]),
-                                      int(o["warmup_steps"]), o["warmup_lr"])
+        self._build_optimizer(total)
         self.step, self.bad_items = 0, 0
         resumed = self.resume and self._load_checkpoint()
         if not resumed:
             torch.manual_seed(int(self.cfg["seed"]) + self.rank)  # the official seed + rank
-        net: nn.Module = self.objective
-        if self.world > 1:
-            net = nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
-                find_unused_parameters=not t["itm"] or (int(t["scratch_warmup_steps"] or 0) > 0
-                                                         and not t["itm_in_warmup"]),
-            )
-        metrics_path = self.out / "metrics.jsonl"
+        net = self._wrap_ddp()
+        self.metrics_path = self.out / "metrics.jsonl"
         if self.rank == 0:
-            _truncate_metrics(metrics_path, self.step if resumed else 0)
-        bf16 = bool(t["bf16"])
+            truncate_metrics(self.metrics_path, self.step if resumed else 0)
         warmup_steps = int(t["scratch_warmup_steps"] or 0)
         stop_after = self.cfg["debug"].get("stop_after")
         pbar = None
@@ -309,70 +175,23 @@ class Trainer:
             from albef.progress import progress_bar
 
             pbar = progress_bar(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        acc = _Meter()
+        self._meter = _Meter()
         t_start = time.perf_counter()
-        t_interval, steps_interval = time.perf_counter(), 0
+        self._interval = (time.perf_counter(), 0)
         start_step = self.step
-        log_every = int(self.cfg["log"]["every"])
         while self.step < total:
             epoch, pos = divmod(self.step, steps_per_epoch)
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=list(sampler.batches(epoch, pos * accum)), collate_fn=collate,
-                num_workers=int(self.cfg["data"]["num_workers"]),
-                # Its own generator: creating an iterator draws a worker base seed, which must not come
-                # from the global RNG (a resumed run creates one more iterator than an uninterrupted one).
-                generator=torch.Generator().manual_seed(int(self.cfg["seed"]) + epoch),
-            )
-            batches = iter(loader)
+            batches = iter(self._loader(sampler, epoch, pos * accum))
             while pos < steps_per_epoch and self.step < total:
                 warm = self.step < warmup_steps
                 if self.step == warmup_steps and warmup_steps > 0:
-                    # End of the from-scratch warm-up: momentum keys start from the online weights.
-                    self.objective.momentum_encoders.copy_from(self.model)
-                    if t["temp_after_warmup"] is not None:
-                        with torch.no_grad():
-                            self.model.temp.fill_(float(t["temp_after_warmup"]))
+                    self._end_scratch_warmup()
                 for j in range(accum):
-                    batch = next(batches)
-                    micro = pos * accum + j
-                    alpha = alpha_at(t, epoch, micro, micro_per_epoch)
-                    ids, mask = self._tokenize(batch["caption"])
-                    image = batch["image"].to(self.device, non_blocking=True)
-                    idx = batch["idx"].to(self.device)
-                    sync = contextlib.nullcontext() if (self.world == 1 or j == accum - 1) else net.no_sync()
-                    with sync:
-                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                            out = net(image, ids, mask, idx, alpha, warm)
-                        (out["loss"] / accum).backward()
-                    acc.add(out, alpha)
-                    if batch["bad"]:
-                        self.bad_items += len(batch["bad"])
-                        for b in batch["bad"]:
-                            log.warning("unreadable image replaced by the next item", extra={"item": b})
-                    if self.cfg["debug"]["dump_queues"]:
-                        self._dump(out, idx)
-                if t["grad_clip"]:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), float(t["grad_clip"]))
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
+                    self._micro_step(net, next(batches), j, accum, alpha_at(t, epoch, pos * accum + j, micro_per_epoch),
+                                     warm)
+                self._optimizer_step()
                 pos += 1
-                steps_interval += 1
-                if self.step % log_every == 0 or self.step == total:
-                    now = time.perf_counter()
-                    rate = steps_interval * B * accum * self.world / max(now - t_interval, 1e-9)
-                    rec = acc.summary(self.world)
-                    rec.update(step=self.step, epoch=epoch, lr=lr, temp=float(self.model.temp.detach()),
-                               samples_per_s=round(rate, 2), bad_items=self.bad_items)
-                    if self.rank == 0:
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                        if pbar is not None:
-                            pbar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rate:.0f}")
-                    acc = _Meter()
-                    t_interval, steps_interval = now, 0
+                self._log_metrics(epoch, total, B * accum * self.world, pbar)
                 if pbar is not None:
                     pbar.update(1)
                 if self.step % int(self.cfg["checkpoint"]["every"]) == 0 or self.step == total:
@@ -401,6 +220,129 @@ class Trainer:
         barrier()
         return summary
 
+    # ------------------------------------------------------------------------------------------ run steps
+
+    def _setup(self) -> None:
+        """Threads, the process group, the model, the tokenizer and the data."""
+        from albef.model.precision import require_native
+
+        t = self.cfg["train"]
+        if t["threads"]:
+            torch.set_num_threads(int(t["threads"]))
+        self.device = setup_distributed(str(t["device"]))
+        if t["bf16"] and self.device.type == "cpu":
+            # bf16 autocast on a CPU without bf16 instructions runs about 100x slower than fp32: refuse it.
+            require_native("bfloat16", "train.bf16=true")
+        self.rank, self.world = rank(), world_size()
+        check_queue_size(int(t["queue_size"]), int(t["batch_size"]) * self.world)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._build_model()
+        self._build_tokenizer()
+        self._prepare_data()
+
+    def _sampler(self, batch_size: int) -> Any:
+        from albef.model.train.dataset import GroupBatches, ShardedBatches
+
+        seed = int(self.cfg["seed"])
+        if self.groups is not None:
+            return GroupBatches(self.dataset.idx, self.groups, batch_size, self.world, self.rank, seed)
+        return ShardedBatches(len(self.dataset), batch_size, self.world, self.rank, seed)
+
+    def _loader(self, sampler: Any, epoch: int, start: int) -> torch.utils.data.DataLoader:
+        from albef.model.train.dataset import collate
+
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=list(sampler.batches(epoch, start)), collate_fn=collate,
+            num_workers=int(self.cfg["data"]["num_workers"]),
+            # Its own generator: creating an iterator draws a worker base seed, which must not come
+            # from the global RNG (a resumed run creates one more iterator than an uninterrupted one).
+            generator=torch.Generator().manual_seed(int(self.cfg["seed"]) + epoch),
+        )
+
+    def _build_optimizer(self, total: int) -> None:
+        """AdamW with the fusion layers and the ITM head at ``fusion_lr_mult`` x lr, cosine schedule."""
+        from albef.model.train.optim import CosineWarmup, create_optimizer
+
+        o = self.cfg["optim"]
+        text = self.model.config.text
+        mult = float(o["fusion_lr_mult"])
+        lr_mult = {f"text_encoder.encoder.layer.{i}.": mult for i in range(text.fusion_layer, text.num_hidden_layers)}
+        lr_mult["itm_head."] = mult
+        self.optimizer = create_optimizer(self.model, float(o["lr"]), float(o["weight_decay"]),
+                                          tuple(o["betas"]), float(o["eps"]), lr_mult if mult != 1.0 else None)
+        self.scheduler = CosineWarmup(self.optimizer, total, float(o["lr"]), float(o["min_lr"]),
+                                      int(o["warmup_steps"]), o["warmup_lr"])
+
+    def _wrap_ddp(self) -> nn.Module:
+        t = self.cfg["train"]
+        if self.world == 1:
+            return self.objective
+        return nn.parallel.DistributedDataParallel(
+            self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=not t["itm"] or (int(t["scratch_warmup_steps"] or 0) > 0
+                                                     and not t["itm_in_warmup"]),
+        )
+
+    def _end_scratch_warmup(self) -> None:
+        """End of the from-scratch warm-up: momentum keys start from the online weights."""
+        self.objective.momentum_encoders.copy_from(self.model)
+        temp = self.cfg["train"]["temp_after_warmup"]
+        if temp is not None:
+            with torch.no_grad():
+                self.model.temp.fill_(float(temp))
+
+    def _micro_step(self, net: nn.Module, batch: dict[str, Any], j: int, accum: int, alpha: float,
+                    warm: bool) -> None:
+        """Forward and backward of one micro-batch (gradients synchronised on the last one only)."""
+        ids, mask = self._tokenize(batch["caption"])
+        image = batch["image"].to(self.device, non_blocking=True)
+        idx = batch["idx"].to(self.device)
+        use_groups = self.groups is not None and self.step >= int(self.cfg["train"]["group_negatives_start"])
+        group = batch["group"].to(self.device) if use_groups else None
+        sync = contextlib.nullcontext() if (self.world == 1 or j == accum - 1) else net.no_sync()
+        with sync:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["train"]["bf16"])):
+                out = net(image, ids, mask, idx, alpha, warm, group)
+            (out["loss"] / accum).backward()
+        self._meter.add(out, alpha)
+        if batch["bad"]:
+            self.bad_items += len(batch["bad"])
+            for b in batch["bad"]:
+                log.warning("unreadable image replaced by the next item", extra={"item": b})
+        if self.cfg["debug"]["dump_queues"]:
+            self._dump(out, idx)
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg["train"]["grad_clip"]
+        if clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), float(clip))
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        started, steps = self._interval
+        self._interval = (started, steps + 1)
+
+    def _log_metrics(self, epoch: int, total: int, samples_per_step: int, pbar: Any) -> None:
+        """Every ``log.every`` steps (and the last): the interval's mean losses and speed to metrics.jsonl."""
+        if self.step % int(self.cfg["log"]["every"]) and self.step != total:
+            return
+        now = time.perf_counter()
+        started, steps = self._interval
+        rate = steps * samples_per_step / max(now - started, 1e-9)
+        rec = self._meter.summary(self.world)
+        rec.update(step=self.step, epoch=epoch, lr=self._last_lr, temp=float(self.model.temp.detach()),
+                   samples_per_s=round(rate, 2), bad_items=self.bad_items)
+        if self.rank == 0:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{self._last_lr:.2e}", sps=f"{rate:.0f}")
+        self._meter = _Meter()
+        self._interval = (now, 0)
+
     def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(captions)
         length = max(1, int(mask.sum(axis=1).max()))  # padding='longest', as the official training
@@ -426,8 +368,8 @@ class Trainer:
         save_albef(self.model, final, source={"recipe": self.cfg, "training": summary}, dtype=dtype)
         self.tokenizer.save(final / "tokenizer.json.tmp")
         (final / "tokenizer.json.tmp").replace(final / "tokenizer.json")
-        _atomic_write_text(final / "training.json", json.dumps({"config": self.cfg, "summary": summary}, indent=2))
-        _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
+        atomic.write_text(final / "training.json", json.dumps({"config": self.cfg, "summary": summary}, indent=2))
+        atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         log.info("final weights written", extra={"path": str(final), **summary})
         split = self.cfg["eval"]["split"]
         data_file = self.cfg["data"].get(split) if split else None
@@ -436,8 +378,8 @@ class Trainer:
                                          int(self.cfg["eval"]["k_test"]), int(self.cfg["eval"]["batch_size"]))
             report["training"] = summary
             text = json.dumps(report, indent=2)
-            _atomic_write_text(final / "eval.json", text)
-            _atomic_write_text(self.out / "eval.json", text)
+            atomic.write_text(final / "eval.json", text)
+            atomic.write_text(self.out / "eval.json", text)
             summary["eval"] = {"itc": report["itc"], "itm": report["itm"]}
 
 
@@ -480,20 +422,3 @@ class _Meter:
         rec = {k: round(float(v) / n, 5) for k, v in zip(self.KEYS, sums[: len(self.KEYS)], strict=True)}
         rec["alpha"] = round(float(sums[len(self.KEYS)]) / n, 5)
         return rec
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    _atomic_write_text(path, "".join(ln + "\n" for ln in keep))
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [prefix.rstrip(".")] if a != b else []
