@@ -23,8 +23,18 @@ __all__ = ["RELEVANT_FLAGS", "cpu_info", "has_flag", "int8_kernel"]
 
 # The flags any of our choices or figures depend on, in the order they are reported.
 RELEVANT_FLAGS = (
-    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_bf16", "amx_int8", "amx_tile",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_int8",
+    "amx_tile",
 )
 _VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
 _BF16 = ("avx512_bf16", "amx_bf16")

@@ -38,12 +38,17 @@ from albef import __version__, atomic
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DEMO_SYNTH", "DemoError", "DemoResult", "default_cache_dir", "shipped_checkpoint", "checkpoint_sha256",
+    "DEMO_SYNTH",
+    "DemoError",
+    "DemoResult",
+    "default_cache_dir",
+    "shipped_checkpoint",
+    "checkpoint_sha256",
     "prepare",
 ]
 
 # The tiny recipe's dataset (model/train/recipes/tiny-synth.yaml, data.synth): the demo gallery is its test
-# split, which the shipped model never saw in training. tests/test_demo.py checks these equal the recipe's.
+# split, which the shipped model never saw in training. tests/albef/test_demo.py checks these equal the recipe's.
 DEMO_SYNTH: dict[str, int] = {"images": 3000, "seed": 0, "size": 128}
 DEMO_SPLIT = "test"
 STAMP_FILE = "demo.json"
@@ -85,8 +90,14 @@ def shipped_checkpoint() -> Path:
 def checkpoint_sha256(path: Path) -> str:
     """sha256 over the files that define the model (config.json and the weights), names included."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors")
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors")
+        )
     )
     if not files:
         raise DemoError(f"no checkpoint files in {path}")
@@ -110,9 +121,15 @@ def _version(dist: str) -> str | None:
 def _bundle_key(checkpoint: Path) -> dict[str, Any]:
     from albef.model.runtime import BUNDLE_FORMAT_VERSION
 
-    return {"checkpoint_sha256": checkpoint_sha256(checkpoint), "albef_search": __version__,
-            "torch": _version("torch"), "onnx": _version("onnx"), "onnxruntime": _version("onnxruntime"),
-            "bundle_format": BUNDLE_FORMAT_VERSION, "variants": ["fp32"]}
+    return {
+        "checkpoint_sha256": checkpoint_sha256(checkpoint),
+        "albef_search": __version__,
+        "torch": _version("torch"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime"),
+        "bundle_format": BUNDLE_FORMAT_VERSION,
+        "variants": ["fp32"],
+    }
 
 
 def _data_key(synth: dict[str, int]) -> dict[str, Any]:
@@ -124,8 +141,14 @@ def _data_key(synth: dict[str, int]) -> dict[str, Any]:
 def _index_key(bundle_id: str, data_key: dict[str, Any]) -> dict[str, Any]:
     from albef.index.layout import FORMAT_VERSION
 
-    return {"bundle_id": bundle_id, "data": data_key, "split": DEMO_SPLIT, "faiss": _version("faiss-cpu"),
-            "index_format": FORMAT_VERSION, "albef_search": __version__}
+    return {
+        "bundle_id": bundle_id,
+        "data": data_key,
+        "split": DEMO_SPLIT,
+        "faiss": _version("faiss-cpu"),
+        "index_format": FORMAT_VERSION,
+        "albef_search": __version__,
+    }
 
 
 # -- cache bookkeeping ---------------------------------------------------------------------------------------
@@ -148,7 +171,9 @@ def _cache_lock(cache: Path) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise DemoError(f"another `albef demo` is preparing {cache}; wait for it or use another --cache") from exc
+            raise DemoError(
+                f"another `albef demo` is preparing {cache}; wait for it or use another --cache"
+            ) from exc
         try:
             yield
         finally:
@@ -195,8 +220,9 @@ def _export(checkpoint: Path, out: Path, progress: bool) -> str:
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     model = create_model(None, checkpoint)
-    manifest = export_bundle(model, out, variants=["fp32"], checkpoint=checkpoint, overwrite=True,
-                             progress=progress)
+    manifest = export_bundle(
+        model, out, variants=["fp32"], checkpoint=checkpoint, overwrite=True, progress=progress
+    )
     return str(manifest["bundle_id"])
 
 
@@ -213,17 +239,27 @@ def _build_index(cache: Path, bundle_dir: Path, data: Path, out: Path, progress:
     bundle = Bundle.load(bundle_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=cache))
     try:
-        build(tmp, bundle, [data / f"{DEMO_SPLIT}.json"],
-              BuildOptions(progress=progress, workers=2, keep_versions=1))
+        build(
+            tmp,
+            bundle,
+            [data / f"{DEMO_SPLIT}.json"],
+            BuildOptions(progress=progress, workers=2, keep_versions=1),
+        )
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def prepare(cache_dir: str | Path | None = None, *, checkpoint: str | Path | None = None,
-            synth: dict[str, int] | None = None, force: bool = False, progress: bool = True,
-            say: Say | None = None) -> DemoResult:
+def prepare(
+    cache_dir: str | Path | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    synth: dict[str, int] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    say: Say | None = None,
+) -> DemoResult:
     """Make sure the cache holds a bundle of ``checkpoint`` (default: the shipped tiny model), the synthetic
     gallery and its index; build what is missing or stale. ``say`` receives the "i/4 ..." progress lines."""
     say = say or (lambda line: log.info(line))
@@ -231,8 +267,10 @@ def prepare(cache_dir: str | Path | None = None, *, checkpoint: str | Path | Non
     cache = cache.resolve()
     ckpt = Path(checkpoint) if checkpoint is not None else shipped_checkpoint()
     if not (ckpt / "config.json").is_file() and not ckpt.is_file():
-        raise DemoError(f"model checkpoint not found: {ckpt} (the shipped tiny model is "
-                        "model/weights/albef-tiny-synth/; reinstall with `pip install -e '.[train]'`)")
+        raise DemoError(
+            f"model checkpoint not found: {ckpt} (the shipped tiny model is "
+            "model/weights/albef-tiny-synth/; reinstall with `pip install -e '.[train]'`)"
+        )
     synth = dict(DEMO_SYNTH if synth is None else synth)
     result = DemoResult(cache, cache / "bundle", cache / "data", cache / "index")
     with _cache_lock(cache):
@@ -262,7 +300,9 @@ def prepare(cache_dir: str | Path | None = None, *, checkpoint: str | Path | Non
             say(f"2/{STEPS} synthetic gallery: cached ({result.data})")
             result.rebuilt["data"] = False
         else:
-            say(f"2/{STEPS} generating the synthetic gallery ({synth['images']} scenes, seed {synth['seed']}) ...")
+            say(
+                f"2/{STEPS} generating the synthetic gallery ({synth['images']} scenes, seed {synth['seed']}) ..."
+            )
             _generate(result.data, synth, progress)
             stamp["data"] = {"key": dkey}
             _write_stamp(cache, stamp)

@@ -19,20 +19,30 @@ if TYPE_CHECKING:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "demo", help="the tiny model over a synthetic gallery, indexed and served with a web page",
+        "demo",
+        help="the tiny model over a synthetic gallery, indexed and served with a web page",
         description="Export the shipped tiny model, generate the synthetic gallery, index it and serve the search "
-                    "page at http://HOST:PORT/. Everything is cached (--cache, $ALBEF_DEMO_CACHE, default "
-                    "~/.cache/albef-search/demo) and reused while the checkpoint and library versions match. "
-                    "Service settings (e.g. ALBEF_API_KEY) come from the environment as for `albef serve`.")
+        "page at http://HOST:PORT/. Everything is cached (--cache, $ALBEF_DEMO_CACHE, default "
+        "~/.cache/albef-search/demo) and reused while the checkpoint and library versions match. "
+        "Service settings (e.g. ALBEF_API_KEY) come from the environment as for `albef serve`.",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--cache", type=Path, default=None, help="cache folder for the bundle, gallery and index")
     p.add_argument("--no-serve", action="store_true", help="prepare the cache and exit")
     p.add_argument("--rebuild", action="store_true", help="rebuild every step even if the cache is valid")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="model checkpoint in our format (default: the shipped model/weights/albef-tiny-synth)")
-    p.add_argument("--images", type=int, default=None,
-                   help="scenes to generate (default: the tiny recipe's 3000; the gallery is the 10%% test split)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="model checkpoint in our format (default: the shipped model/weights/albef-tiny-synth)",
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="scenes to generate (default: the tiny recipe's 3000; the gallery is the 10%% test split)",
+    )
     p.set_defaults(func=demo_command)
 
 
@@ -68,7 +78,9 @@ def demo_command(args: argparse.Namespace) -> int:
             sock.bind((args.host, args.port))
         except OSError as exc:
             sock.close()
-            raise CLIError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port") from exc
+            raise CLIError(
+                f"cannot listen on {args.host}:{args.port} ({exc.strerror}); pass another --port"
+            ) from exc
     t0 = time.perf_counter()
     try:
         result = prepare(args.cache, checkpoint=args.checkpoint, synth=synth, force=args.rebuild, say=_say)
@@ -80,8 +92,10 @@ def demo_command(args: argparse.Namespace) -> int:
         # A serving-only install can run a cached demo, but not build one: export needs torch.
         if sock is not None:
             sock.close()
-        raise CLIError(f"building the demo needs the train extra ({exc.name} is not installed): "
-                       "pip install 'albef-search[train]'") from exc
+        raise CLIError(
+            f"building the demo needs the train extra ({exc.name} is not installed): "
+            "pip install 'albef-search[train]'"
+        ) from exc
     steps = ", ".join(f"{name} {sec:.1f} s" for name, sec in result.seconds.items())
     _say(f"ready in {time.perf_counter() - t0:.1f} s ({steps}; cache: {result.cache_dir})")
     if args.no_serve:

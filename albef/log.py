@@ -48,4 +48,3 @@ def setup_logging(level: str | None = None) -> None:
         handler._albef = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
-

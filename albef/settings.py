@@ -19,8 +19,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
-    "DEFAULT_LOG_LEVEL", "Settings", "get_settings", "LogSettings", "ModelSettings", "DemoSettings",
-    "IndexBuildSettings", "INDEX_BUILD_DEFAULTS",
+    "DEFAULT_LOG_LEVEL",
+    "Settings",
+    "get_settings",
+    "LogSettings",
+    "ModelSettings",
+    "DemoSettings",
+    "IndexBuildSettings",
+    "INDEX_BUILD_DEFAULTS",
 ]
 
 DEFAULT_LOG_LEVEL = "INFO"
@@ -40,7 +46,8 @@ class Settings(BaseSettings):
     # -- what to serve ----------------------------------------------------------------------------------
     index_dir: Path | None = Field(None, description="index folder (from `albef index build`)")
     bundle: Path | None = Field(
-        None, description="model bundle folder (from `albef export`); default: the one the index manifest records"
+        None,
+        description="model bundle folder (from `albef export`); default: the one the index manifest records",
     )
     variant: str = Field("fp32", description="bundle variant to run: fp32 or int8 (if exported)")
 
@@ -51,15 +58,19 @@ class Settings(BaseSettings):
         None, ge=1, description="ONNX Runtime intra-op threads per session (default: ONNX Runtime's choice)"
     )
     faiss_threads: int = Field(
-        1, ge=1, description="OpenMP threads of FAISS searches (1: requests are the parallelism; more threads "
-        "spin and steal cores from ONNX Runtime)"
+        1,
+        ge=1,
+        description="OpenMP threads of FAISS searches (1: requests are the parallelism; more threads "
+        "spin and steal cores from ONNX Runtime)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        DEFAULT_LOG_LEVEL, description="log level (the same variable as LogSettings.log_level; checked here, for serving)"
+        DEFAULT_LOG_LEVEL,
+        description="log level (the same variable as LogSettings.log_level; checked here, for serving)",
     )
     access_log: bool = Field(
-        True, description="one JSON log line per request (method, route template, status, duration, request id; "
-        "logger albef.access, level INFO)"
+        True,
+        description="one JSON log line per request (method, route template, status, duration, request id; "
+        "logger albef.access, level INFO)",
     )
 
     # -- micro-batching and back-pressure ---------------------------------------------------------------
@@ -75,7 +86,9 @@ class Settings(BaseSettings):
     queue_max: int = Field(
         64, ge=1, description="most queries waiting per stage; beyond it requests get 503 with Retry-After"
     )
-    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with a 503 when a queue is full")
+    retry_after_s: int = Field(
+        1, ge=1, description="Retry-After seconds sent with a 503 when a queue is full"
+    )
 
     # -- request limits ---------------------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest image upload (bytes)")
@@ -88,8 +101,9 @@ class Settings(BaseSettings):
         description="image formats an upload may be (comma-separated Pillow names); others get 415",
     )
     official_loader: bool = Field(
-        False, description="decode uploads as the official ALBEF loader does (EXIF orientation ignored); by "
-        "default photos are turned upright by their EXIF orientation, as index builds do"
+        False,
+        description="decode uploads as the official ALBEF loader does (EXIF orientation ignored); by "
+        "default photos are turned upright by their EXIF orientation, as index builds do",
     )
     max_k: int = Field(100, ge=1, description="largest k a request may ask for")
     max_rerank_k: int = Field(256, ge=1, description="largest rerank_k a request may ask for")
@@ -139,7 +153,9 @@ class Settings(BaseSettings):
         if self.default_k > self.max_k:
             raise ValueError(f"default_k ({self.default_k}) exceeds max_k ({self.max_k})")
         if self.default_rerank_k > self.max_rerank_k:
-            raise ValueError(f"default_rerank_k ({self.default_rerank_k}) exceeds max_rerank_k ({self.max_rerank_k})")
+            raise ValueError(
+                f"default_rerank_k ({self.default_rerank_k}) exceeds max_rerank_k ({self.max_rerank_k})"
+            )
         return self
 
     @property
@@ -159,8 +175,12 @@ class LogSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALBEF_", extra="ignore")
 
     # None when unset: `albef demo` is quiet unless a level was asked for (an empty value counts as asked).
-    log_level: str | None = Field(None, description=f"log level of every command (default {DEFAULT_LOG_LEVEL})")
-    log_format: str = Field("json", description="text: plain lines for humans; anything else: one JSON object per line")
+    log_level: str | None = Field(
+        None, description=f"log level of every command (default {DEFAULT_LOG_LEVEL})"
+    )
+    log_format: str = Field(
+        "json", description="text: plain lines for humans; anything else: one JSON object per line"
+    )
 
     @property
     def level(self) -> str:
@@ -208,8 +228,9 @@ class IndexBuildSettings(BaseSettings):
     text_shard_size: int = Field(1024, description="texts per committed shard")
     workers: int = Field(4, description="image reading/decoding threads")
     max_memory: str | None = Field(
-        None, description="memory budget of each FAISS index (default: for add, the budget the index was built "
-        "under; for build, albef.index.ann.DEFAULT_MAX_MEMORY)"
+        None,
+        description="memory budget of each FAISS index (default: for add, the budget the index was built "
+        "under; for build, albef.index.ann.DEFAULT_MAX_MEMORY)",
     )
     flat_below: int | None = Field(
         None, description="exact search below this many vectors (default: albef.index.ann.FLAT_BELOW)"

@@ -41,7 +41,9 @@ def vit_flops(cfg: Any) -> float:
 def text_flops(cfg: Any, length: int = 30) -> float:
     t = cfg.text
     h, i = t.hidden_size, t.intermediate_size
-    per_layer = 2 * length * h * 3 * h + 2 * 2 * length * length * h + 2 * length * h * h + 2 * 2 * length * h * i
+    per_layer = (
+        2 * length * h * 3 * h + 2 * 2 * length * length * h + 2 * length * h * h + 2 * 2 * length * h * i
+    )
     return float(t.fusion_layer * per_layer + 2 * h * cfg.embed_dim)
 
 
@@ -60,11 +62,15 @@ def itm_pair_flops(cfg: Any, length: int = 30, kv_cached: bool = False) -> float
 
 def image_kv_flops(cfg: Any) -> float:
     t, v = cfg.text, cfg.vision
-    return float((t.num_hidden_layers - t.fusion_layer) * 2 * 2 * (v.num_patches + 1) * t.encoder_width * t.hidden_size)
+    return float(
+        (t.num_hidden_layers - t.fusion_layer) * 2 * 2 * (v.num_patches + 1) * t.encoder_width * t.hidden_size
+    )
 
 
 # -- inputs ----------------------------------------------------------------------------------------------
-WORDS = "a small large red green blue yellow purple circle square triangle left right above below of the".split()
+WORDS = (
+    "a small large red green blue yellow purple circle square triangle left right above below of the".split()
+)
 
 
 def make_texts(n: int, seed: int = 0) -> list[str]:
@@ -86,8 +92,16 @@ def throughput(fn: Any, items: int, reps: int, budget_s: float) -> dict[str, flo
     return {"items_per_s": round(items / t, 3), "seconds_per_call": round(t, 4)}
 
 
-def bench_torch(model: Any, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, k: int, dtype: Any,
-                reps: int, budget_s: float) -> dict[str, Any]:
+def bench_torch(
+    model: Any,
+    pixels: np.ndarray,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    k: int,
+    dtype: Any,
+    reps: int,
+    budget_s: float,
+) -> dict[str, Any]:
     import torch
 
     px = torch.from_numpy(pixels).to(dtype)
@@ -108,8 +122,9 @@ def bench_torch(model: Any, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarra
     return out
 
 
-def bench_ort(bundle: Any, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, k: int,
-              reps: int, budget_s: float) -> dict[str, Any]:
+def bench_ort(
+    bundle: Any, pixels: np.ndarray, ids: np.ndarray, mask: np.ndarray, k: int, reps: int, budget_s: float
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["images"] = throughput(lambda: bundle.encode_pixels(pixels), len(pixels), reps, budget_s)
     out["texts"] = throughput(lambda: bundle.encode_ids(ids, mask), len(ids), reps, budget_s)
@@ -150,6 +165,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
+
     from albef.model.config import get_config
     from albef.model.export import export_bundle
     from albef.model.factory import create_model
@@ -190,7 +206,8 @@ def main() -> None:
         "bundle_id": manifest["bundle_id"],
         "timings": manifest.get("timings"),
         "variant_bytes": {
-            v: dir_bytes(args.bundle, list(info["files"].values())) for v, info in manifest["variants"].items()
+            v: dir_bytes(args.bundle, list(info["files"].values()))
+            for v, info in manifest["variants"].items()
         },
         "validation": {v: info.get("validation") for v, info in manifest["variants"].items()},
         "variants_not_shipped": manifest.get("variants_not_shipped"),
@@ -222,7 +239,9 @@ def main() -> None:
     else:
         print("torch bf16 ...", flush=True)
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-        paths["torch_bf16"] = bench_torch(model_bf16, pixels, ids, mask, k, torch.bfloat16, args.reps, args.budget)
+        paths["torch_bf16"] = bench_torch(
+            model_bf16, pixels, ids, mask, k, torch.bfloat16, args.reps, args.budget
+        )
         add_peak_share(paths["torch_bf16"], flops, peaks["torch_bf16_gflops"])
         del model_bf16
     print("ORT fp32 ...", flush=True)
@@ -236,8 +255,10 @@ def main() -> None:
         add_peak_share(paths["ort_int8"], flops, peaks["ort_int8_gops"])
     result["paths"] = paths
     result["peak_used_for_share"] = {
-        "torch_fp32": "torch_fp32_gflops", "torch_bf16": "torch_bf16_gflops",
-        "ort_fp32": "torch_fp32_gflops", "ort_int8": "ort_int8_gops",
+        "torch_fp32": "torch_fp32_gflops",
+        "torch_bf16": "torch_bf16_gflops",
+        "ort_fp32": "torch_fp32_gflops",
+        "ort_int8": "ort_int8_gops",
     }
     result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - started, 1)

@@ -50,6 +50,7 @@ def get_bundle(path: str | None, tmp: Path) -> tuple[Path, str]:
     if path:
         return Path(path), "given"
     import torch
+
     from albef.model.export import export_bundle
     from albef.model.factory import create_model
 
@@ -87,9 +88,13 @@ def bench_encoder(bundle: Any, images: list[Path], captions: list[str]) -> dict[
 
     run_images()
     run_texts()  # warm-up
-    return {"images_per_s": round(median_rate(run_images, len(pix)), 1), "image_batch": 16,
-            "texts_per_s": round(median_rate(run_texts, len(ids)), 1), "text_batch": 64,
-            "note": "pixels already decoded/preprocessed, token ids already computed"}
+    return {
+        "images_per_s": round(median_rate(run_images, len(pix)), 1),
+        "image_batch": 16,
+        "texts_per_s": round(median_rate(run_texts, len(ids)), 1),
+        "text_batch": 64,
+        "note": "pixels already decoded/preprocessed, token ids already computed",
+    }
 
 
 def bench_build(bundle: Any, synth: Path, tmp: Path) -> dict[str, Any]:
@@ -100,14 +105,22 @@ def bench_build(bundle: Any, synth: Path, tmp: Path) -> dict[str, Any]:
     for workers in (4, 1):
         idx = tmp / f"build-w{workers}"
         t0 = time.perf_counter()
-        res = builder.build(idx, bundle, [synth / "train.json", synth / "val.json", synth / "test.json"],
-                            BuildOptions(workers=workers, progress=False))
+        res = builder.build(
+            idx,
+            bundle,
+            [synth / "train.json", synth / "val.json", synth / "test.json"],
+            BuildOptions(workers=workers, progress=False),
+        )
         wall = time.perf_counter() - t0
         rep = res.report
         n_img, n_txt = rep["images"]["indexed"], rep["texts"]["indexed"]
         out[f"workers_{workers}"] = {
-            "images": n_img, "texts": n_txt, "wall_s": round(wall, 2), "encode_s": rep["seconds"]["encode"],
-            "publish_s": rep["seconds"]["publish"], "items_per_s": round((n_img + n_txt) / wall, 1),
+            "images": n_img,
+            "texts": n_txt,
+            "wall_s": round(wall, 2),
+            "encode_s": rep["seconds"]["encode"],
+            "publish_s": rep["seconds"]["publish"],
+            "items_per_s": round((n_img + n_txt) / wall, 1),
             "encode_items_per_s": rep["throughput"]["items_per_s"],
             "bytes_per_item": res.manifest["bytes_per_item"],
         }
@@ -131,7 +144,9 @@ def bench_rerank(bundle: Any, synth: Path, tmp: Path, k: int = 16) -> dict[str, 
     readers = {}
     for name, (dt, tf) in layouts.items():
         d = tmp / f"rerank-{name.replace('+', '-')}"
-        builder.build(d, bundle, [synth / "test.json"], BuildOptions(token_dtype=dt, text_features=tf, progress=False))
+        builder.build(
+            d, bundle, [synth / "test.json"], BuildOptions(token_dtype=dt, text_features=tf, progress=False)
+        )
         readers[name] = IndexReader.open(d, encoder=bundle)
     ref = readers["fp16+tokens"]
     items = ref.items(range(ref.manifest["next_id"]))
@@ -143,9 +158,15 @@ def bench_rerank(bundle: Any, synth: Path, tmp: Path, k: int = 16) -> dict[str, 
     iemb = np.stack([ref.vector("image", i) for i in img_ids])
     _, cand_t2i = ref.search("image", temb, k)
     _, cand_i2t = ref.search("text", iemb, k)
-    out: dict[str, Any] = {"k": k, "images": len(img_ids), "texts": len(txt),
-                           "itc_only": {"t2i_r1": recall_at_1(cand_t2i[:, 0].tolist(), gt_t2i),
-                                        "i2t_r1": recall_at_1(cand_i2t[:, 0].tolist(), gt_i2t)}}
+    out: dict[str, Any] = {
+        "k": k,
+        "images": len(img_ids),
+        "texts": len(txt),
+        "itc_only": {
+            "t2i_r1": recall_at_1(cand_t2i[:, 0].tolist(), gt_t2i),
+            "i2t_r1": recall_at_1(cand_i2t[:, 0].tolist(), gt_i2t),
+        },
+    }
     logits: dict[str, dict[str, list[np.ndarray]]] = {}
     for name, r in readers.items():
         lt2i, li2t = [], []
@@ -156,7 +177,9 @@ def bench_rerank(bundle: Any, synth: Path, tmp: Path, k: int = 16) -> dict[str, 
             itok = r.image_tokens(cands)
             t_img.append(time.perf_counter() - t0)
             ttok, tmask = r.text_features([t["id"]])
-            lt2i.append(bundle.itm_scores(np.repeat(ttok, len(cands), 0), np.repeat(tmask, len(cands), 0), itok)[:, 1])
+            lt2i.append(
+                bundle.itm_scores(np.repeat(ttok, len(cands), 0), np.repeat(tmask, len(cands), 0), itok)[:, 1]
+            )
         for j, i in enumerate(img_ids):
             cands = cand_i2t[j][cand_i2t[j] >= 0]
             t0 = time.perf_counter()
@@ -169,23 +192,34 @@ def bench_rerank(bundle: Any, synth: Path, tmp: Path, k: int = 16) -> dict[str, 
         top_i2t = [int(c[c >= 0][np.argmax(s)]) for c, s in zip(cand_i2t, li2t, strict=True)]
         bpi = r.manifest["bytes_per_item"]
         out[name] = {
-            "t2i_r1": recall_at_1(top_t2i, gt_t2i), "i2t_r1": recall_at_1(top_i2t, gt_i2t),
+            "t2i_r1": recall_at_1(top_t2i, gt_t2i),
+            "i2t_r1": recall_at_1(top_i2t, gt_i2t),
             "image_tokens_fetch_ms_per_query": round(1000 * float(np.median(t_img)), 3),
             "text_features_ms_per_query": round(1000 * float(np.median(t_txt)), 3),
-            "bytes_per_image": bpi["image"]["total"], "bytes_per_text": bpi["text"]["total"],
-            "image_token_bytes": bpi["image"]["tokens"], "text_token_bytes": bpi["text"].get("tokens", 0),
+            "bytes_per_image": bpi["image"]["total"],
+            "bytes_per_text": bpi["text"]["total"],
+            "image_token_bytes": bpi["image"]["tokens"],
+            "text_token_bytes": bpi["text"].get("tokens", 0),
             "_top": (top_t2i, top_i2t),
         }
     a, b = out["fp16+tokens"], out["int8+ids"]
-    diff = {d: np.concatenate([x - y for x, y in zip(logits["fp16+tokens"][d], logits["int8+ids"][d], strict=True)])
-            for d in ("t2i", "i2t")}
+    diff = {
+        d: np.concatenate(
+            [x - y for x, y in zip(logits["fp16+tokens"][d], logits["int8+ids"][d], strict=True)]
+        )
+        for d in ("t2i", "i2t")
+    }
     out["int8_vs_fp16"] = {
-        "t2i_same_top1": round(float(np.mean([x == y for x, y in zip(a["_top"][0], b["_top"][0], strict=True)])), 4),
-        "i2t_same_top1": round(float(np.mean([x == y for x, y in zip(a["_top"][1], b["_top"][1], strict=True)])), 4),
+        "t2i_same_top1": round(
+            float(np.mean([x == y for x, y in zip(a["_top"][0], b["_top"][0], strict=True)])), 4
+        ),
+        "i2t_same_top1": round(
+            float(np.mean([x == y for x, y in zip(a["_top"][1], b["_top"][1], strict=True)])), 4
+        ),
         "itm_logit_max_abs_diff": round(float(max(np.abs(v).max() for v in diff.values())), 5),
         "itm_logit_mean_abs_diff": round(float(np.mean(np.abs(np.concatenate(list(diff.values()))))), 6),
         "note": "int8+ids differs from fp16+tokens in both image tokens (int8) and text features (ids re-encoded "
-                "exactly in fp32 vs stored fp16)",
+        "exactly in fp32 vs stored fp16)",
     }
     for name in layouts:
         out[name].pop("_top")
@@ -204,8 +238,9 @@ def bench_rerank(bundle: Any, synth: Path, tmp: Path, k: int = 16) -> dict[str, 
     return out
 
 
-def clustered_vectors(anchors: np.ndarray, n: int, dim: int = 256, noise: float = 0.3, seed: int = 0,
-                      neighbours: int = 8) -> np.ndarray:
+def clustered_vectors(
+    anchors: np.ndarray, n: int, dim: int = 256, noise: float = 0.3, seed: int = 0, neighbours: int = 8
+) -> np.ndarray:
     """n unit vectors shaped like embedding data: the model's embeddings (anchors) are centred, whitened,
     normalised and lifted to ``dim`` by a random orthonormal map; each vector lies on the segment between an anchor and one
     of its nearest anchors (a continuous, low-dimensional structure) plus isotropic noise of norm ~``noise``."""
@@ -247,23 +282,34 @@ def time_search(index: Any, q: np.ndarray, k: int = 10) -> dict[str, float]:
     return {"ms_per_query_single": round(single, 3), "ms_per_query_batch64": round(batch, 3)}
 
 
-def bench_ann(anchors: np.ndarray, sizes: list[int], skip_hnsw_1m: bool, tmp: Path,
-              only: set[str] | None = None) -> dict[str, Any]:
+def bench_ann(
+    anchors: np.ndarray, sizes: list[int], skip_hnsw_1m: bool, tmp: Path, only: set[str] | None = None
+) -> dict[str, Any]:
     from albef.index import ann
 
-    out: dict[str, Any] = {"dim": 256, "data": "synthetic-set ITC embeddings (images + captions) of the bundle, "
-                           "centred, PCA-whitened, normalised, lifted to 256-d by a random orthonormal map; points on segments between "
-                           "neighbouring embeddings + isotropic noise of norm 0.3; queries are other draws of "
-                           "the same process (seed 2)", "k": 10, "target_recall": 0.95, "sizes": {}}
+    out: dict[str, Any] = {
+        "dim": 256,
+        "data": "synthetic-set ITC embeddings (images + captions) of the bundle, "
+        "centred, PCA-whitened, normalised, lifted to 256-d by a random orthonormal map; points on segments between "
+        "neighbouring embeddings + isotropic noise of norm 0.3; queries are other draws of "
+        "the same process (seed 2)",
+        "k": 10,
+        "target_recall": 0.95,
+        "sizes": {},
+    }
     for n in sizes:
         t0 = time.perf_counter()
         x = clustered_vectors(anchors, n, seed=1)
         q = clustered_vectors(anchors, 1000, seed=2)
         ids = np.arange(n, dtype=np.int64)
         gen_s = time.perf_counter() - t0
-        entry: dict[str, Any] = {"n": n, "generate_s": round(gen_s, 1), "load_avg_start": load_avg(),
-                                 "chooser": {b: ann.choose(n, 256, b).factory for b in ("4G", "1G", "256M", "64M")},
-                                 "indexes": {}}
+        entry: dict[str, Any] = {
+            "n": n,
+            "generate_s": round(gen_s, 1),
+            "load_avg_start": load_avg(),
+            "chooser": {b: ann.choose(n, 256, b).factory for b in ("4G", "1G", "256M", "64M")},
+            "indexes": {},
+        }
         t0 = time.perf_counter()
         truth = ids[ann.exact_topk(x, q, 10)]
         entry["exact_topk_1000_queries_s"] = round(time.perf_counter() - t0, 2)
@@ -289,16 +335,22 @@ def bench_ann(anchors: np.ndarray, sizes: list[int], skip_hnsw_1m: bool, tmp: Pa
             path = tmp / "bench.faiss"
             ann.write(index, path)
             entry["indexes"][f] = {
-                "build_s": round(build_s, 1), "params": tuned["params"],
+                "build_s": round(build_s, 1),
+                "params": tuned["params"],
                 "recall_at_10": round(ann.recall_at(found, truth), 4),
-                "tuning": tuned["tuning"], **time_search(index, q),
-                "file_bytes": path.stat().st_size, "bytes_per_vector": round(path.stat().st_size / n, 1),
+                "tuning": tuned["tuning"],
+                **time_search(index, q),
+                "file_bytes": path.stat().st_size,
+                "bytes_per_vector": round(path.stat().st_size / n, 1),
                 "est_bytes": ann.estimate_bytes(f, n, 256),
             }
             path.unlink()
             del index
-            print(f"  n={n} {f}: {entry['indexes'][f]['recall_at_10']} recall@10, "
-                  f"{entry['indexes'][f]['ms_per_query_single']} ms/q, build {build_s:.1f}s", flush=True)
+            print(
+                f"  n={n} {f}: {entry['indexes'][f]['recall_at_10']} recall@10, "
+                f"{entry['indexes'][f]['ms_per_query_single']} ms/q, build {build_s:.1f}s",
+                flush=True,
+            )
         entry["load_avg_end"] = load_avg()
         out["sizes"][str(n)] = entry
         del x
@@ -313,8 +365,11 @@ def main() -> None:
     p.add_argument("--skip-hnsw-1m", action="store_true")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "index.json")
     p.add_argument("--parts", default="encoder,build,rerank,ann")
-    p.add_argument("--only-factories", default=None,
-                   help="measure only these index types (';'-separated); the others keep their earlier figures")
+    p.add_argument(
+        "--only-factories",
+        default=None,
+        help="measure only these index types (';'-separated); the others keep their earlier figures",
+    )
     args = p.parse_args()
     parts = set(args.parts.split(","))
     from albef.log import setup_logging
@@ -324,16 +379,26 @@ def main() -> None:
     from albef.model.runtime import Bundle
 
     t_start = time.perf_counter()
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_avg_start": load_avg(),
-                                           "note": "2 cores shared with other jobs; see load averages"}}
+    results: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_start": load_avg(),
+            "note": "2 cores shared with other jobs; see load averages",
+        }
+    }
     if args.out.is_file():  # keep parts not rerun
         results = {**json.loads(args.out.read_text()), **results}
     tmp = Path(tempfile.mkdtemp(prefix="bench-index-"))
     try:
         bundle_dir, what = get_bundle(args.bundle, tmp)
         bundle = Bundle.load(bundle_dir)
-        results["bundle"] = {"what": what, "id": bundle.bundle_id, "model": bundle.config.name,
-                             "embed_dim": bundle.embed_dim, "image_tokens_shape": list(bundle.image_tokens_shape)}
+        results["bundle"] = {
+            "what": what,
+            "id": bundle.bundle_id,
+            "model": bundle.config.name,
+            "embed_dim": bundle.embed_dim,
+            "image_tokens_shape": list(bundle.image_tokens_shape),
+        }
         synth = tmp / "synth"
         counts = generate(synth, args.synth_images, seed=0, size=128, progress=False)
         results["synthetic"] = {"images": args.synth_images, "size": 128, "counts": counts}
@@ -359,8 +424,12 @@ def main() -> None:
                 from albef.index import builder
                 from albef.index.builder import BuildOptions
 
-                builder.build(src, bundle, [synth / "train.json", synth / "val.json", synth / "test.json"],
-                              BuildOptions(progress=False))
+                builder.build(
+                    src,
+                    bundle,
+                    [synth / "train.json", synth / "val.json", synth / "test.json"],
+                    BuildOptions(progress=False),
+                )
             with IndexReader.open(src) as r:
                 its = r.items(range(r.manifest["next_id"]))
                 anchors = np.stack([r.vector(it["kind"], it["id"]) for it in its])
@@ -380,9 +449,15 @@ def main() -> None:
     results["machine"]["load_avg_end"] = load_avg()
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     results.setdefault("commands", [])
-    results["commands"] = [*results["commands"][-4:], "python bench/bench_index.py " + " ".join(
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-        for k, v in vars(args).items() if k != "out" and v not in (None, False))]
+    results["commands"] = [
+        *results["commands"][-4:],
+        "python bench/bench_index.py "
+        + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if k != "out" and v not in (None, False)
+        ),
+    ]
     results.pop("command", None)
     write_result(args.out, results)
     print(f"wrote {args.out} in {results['total_s']} s")

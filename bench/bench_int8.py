@@ -44,10 +44,11 @@ SPLIT = {"images": 300, "seed": 5, "k_test": 8}  # a seed used only here; test s
 
 def prepare(checkpoint: Path, root: Path) -> dict[str, Path]:
     """fp32 bundle of the checkpoint, plus one bundle per scheme whose int8 files use that scheme."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     from albef.model.data.synth import generate
     from albef.model.export import export_bundle, write_manifest
     from albef.model.factory import create_model
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if str(checkpoint) == RANDOM:  # what the tests export: albef-tiny with random weights, seed 0
         import torch
@@ -67,8 +68,13 @@ def prepare(checkpoint: Path, root: Path) -> dict[str, Path]:
         files = {}
         for role, f in manifest["variants"]["fp32"]["files"].items():
             files[role] = f"{role}.int8.onnx"
-            quantize_dynamic(str(d / f), str(d / files[role]), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Gemm"], **kw)
+            quantize_dynamic(
+                str(d / f),
+                str(d / files[role]),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                **kw,
+            )
         base = {k: v for k, v in manifest.items() if k not in ("files", "bundle_id")}
         base["variants"] = {**base["variants"], "int8": {"files": files}}
         write_manifest(d, base)
@@ -97,15 +103,19 @@ def measure(root: Path) -> dict[str, Any]:
         itm_diff = 0.0
         for j in range(min(4, len(es.images))):  # every caption against 4 images, on fp32 token features
             img = np.repeat(tok_img[j : j + 1], len(es.texts), axis=0)
-            itm_diff = max(itm_diff, float(np.abs(ref.itm_scores(tok_txt, mask, img)
-                                                  - q.itm_scores(tok_txt, mask, img)).max()))
+            itm_diff = max(
+                itm_diff,
+                float(np.abs(ref.itm_scores(tok_txt, mask, img) - q.itm_scores(tok_txt, mask, img)).max()),
+            )
         _, qi2t, qt2i = runtime_score_matrices(q, es.images, es.texts, SPLIT["k_test"])
         results[name] = {
             "image_emb_min_cos": round(float((e_img * q_img).sum(1).min()), 6),
             "text_emb_min_cos": round(float((e_txt * q_txt).sum(1).min()), 6),
             "itm_logits": round(itm_diff, 4),
-            "max_int8_weight": max(max_int8_weight(d / f"{r}.int8.onnx") for r in
-                                   ("image_encoder", "text_encoder", "itm", "image_kv", "itm_kv")),
+            "max_int8_weight": max(
+                max_int8_weight(d / f"{r}.int8.onnx")
+                for r in ("image_encoder", "text_encoder", "itm", "image_kv", "itm_kv")
+            ),
             **rerank_agreement({"i2t": i2t, "t2i": t2i}, {"i2t": qi2t, "t2i": qt2i}),
         }
     return results
@@ -121,8 +131,12 @@ def _worker(cmd: list[str]) -> subprocess.CompletedProcess[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("model/weights/albef-tiny-synth"),
-                    help=f"checkpoint folder, or {RANDOM!r} for the tests' random albef-tiny (seed 0)")
+    ap.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("model/weights/albef-tiny-synth"),
+        help=f"checkpoint folder, or {RANDOM!r} for the tests' random albef-tiny (seed 0)",
+    )
     ap.add_argument("--emulate", default="EPYC-Rome", help="qemu CPU model for the AVX2 run ('' to skip)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/int8.json"))
     ap.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -131,9 +145,8 @@ def main() -> None:
         print(json.dumps(measure(args.worker)))
         return
 
-    from albef.model.quantize import INT8_BOUNDS, bounds_dict, check_int8
-
     from albef.cpu import cpu_info
+    from albef.model.quantize import INT8_BOUNDS, bounds_dict, check_int8
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
@@ -147,24 +160,35 @@ def main() -> None:
         if args.emulate and qemu:
             t0 = time.perf_counter()
             emu = _worker([qemu, "-cpu", args.emulate, *cmd])
-            runs["emulated"] = {"cpu": {"model": f"qemu-x86_64 -cpu {args.emulate} (TCG)",
-                                        "int8_kernel": "avx2", "flags": ["avx2", "fma", "f16c"]},
-                                "seconds": round(time.perf_counter() - t0, 1),
-                                "schemes": json.loads(emu.stdout.splitlines()[-1])}
+            runs["emulated"] = {
+                "cpu": {
+                    "model": f"qemu-x86_64 -cpu {args.emulate} (TCG)",
+                    "int8_kernel": "avx2",
+                    "flags": ["avx2", "fma", "f16c"],
+                },
+                "seconds": round(time.perf_counter() - t0, 1),
+                "schemes": json.loads(emu.stdout.splitlines()[-1]),
+            }
         elif args.emulate:
             runs["emulated"] = {"skipped": "qemu-x86_64 not installed (apt-get install qemu-user)"}
     for run in runs.values():
         for figures in run.get("schemes", {}).values():
             figures["failed"] = check_int8(figures)
-    result = {"checkpoint": str(args.checkpoint), "split": {**SPLIT, "split": "test"},
-              "bounds": bounds_dict(INT8_BOUNDS), "runs": runs,
-              "seconds": round(time.perf_counter() - started, 1)}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "split": {**SPLIT, "split": "test"},
+        "bounds": bounds_dict(INT8_BOUNDS),
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_result(args.out, result)
     for where, run in runs.items():
         for name, f in run.get("schemes", {}).items():
-            print(f"{where:9s} {name:34s} cos img {f['image_emb_min_cos']:.4f} txt {f['text_emb_min_cos']:.4f} "
-                  f"itm {f['itm_logits']:.3f} agree t2i {f['rerank_top1_agreement_t2i']:.3f} "
-                  f"i2t {f['rerank_top1_agreement_i2t']:.3f} {'OK' if not f['failed'] else f['failed']}")
+            print(
+                f"{where:9s} {name:34s} cos img {f['image_emb_min_cos']:.4f} txt {f['text_emb_min_cos']:.4f} "
+                f"itm {f['itm_logits']:.3f} agree t2i {f['rerank_top1_agreement_t2i']:.3f} "
+                f"i2t {f['rerank_top1_agreement_i2t']:.3f} {'OK' if not f['failed'] else f['failed']}"
+            )
     print(f"wrote {args.out} in {result['seconds']} s")
 
 

@@ -66,7 +66,9 @@ def mib(n: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: random albef-tiny exported)")
+    p.add_argument(
+        "--bundle", type=Path, default=None, help="model bundle (default: random albef-tiny exported)"
+    )
     p.add_argument("--index", type=Path, default=None, help="index (default: built from a synthetic set)")
     p.add_argument("--images", type=int, default=400, help="synthetic images for the default index")
     p.add_argument("--phases", default="1:5,4:5,16:8,64:10,128:8", help="concurrency:seconds,...")
@@ -89,8 +91,12 @@ def main() -> int:
         bundle = args.bundle or make_bundle(work, None)
         index = args.index or make_index(work, bundle, args.images)
         setup_s = time.perf_counter() - t0
-        env = {"ALBEF_QUEUE_MAX": str(args.queue_max), "ALBEF_BATCH_MAX_SIZE": str(args.batch_max_size),
-               "ALBEF_THREADS": str(args.threads), "ALBEF_RELOAD_INTERVAL_S": "0"}
+        env = {
+            "ALBEF_QUEUE_MAX": str(args.queue_max),
+            "ALBEF_BATCH_MAX_SIZE": str(args.batch_max_size),
+            "ALBEF_THREADS": str(args.threads),
+            "ALBEF_RELOAD_INTERVAL_S": "0",
+        }
         load_before = os.getloadavg()
         server = Server(index, bundle, env)
         samples: list[tuple[float, int]] = []
@@ -116,17 +122,39 @@ def main() -> int:
                     out = work / f"phase{cycle}-{i}.json"
                     rss_a = rss_bytes(pid)
                     subprocess.run(
-                        [sys.executable, str(HERE / "loadgen.py"), "--url", server.url, "--concurrency", str(conc),
-                         "--duration", str(secs), "--requests", "10000000", "--rerank-k", str(args.rerank_k),
-                         "--image-share", str(args.image_share), "--seed", str(100 * cycle + i), "--out", str(out)],
-                        check=True, timeout=secs + 300)
+                        [
+                            sys.executable,
+                            str(HERE / "loadgen.py"),
+                            "--url",
+                            server.url,
+                            "--concurrency",
+                            str(conc),
+                            "--duration",
+                            str(secs),
+                            "--requests",
+                            "10000000",
+                            "--rerank-k",
+                            str(args.rerank_k),
+                            "--image-share",
+                            str(args.image_share),
+                            "--seed",
+                            str(100 * cycle + i),
+                            "--out",
+                            str(out),
+                        ],
+                        check=True,
+                        timeout=secs + 300,
+                    )
                     res = json.loads(out.read_text())
                     res["cycle"] = cycle
                     res["rss_mib"] = {"start": mib(rss_a), "end": mib(rss_bytes(pid))}
                     results.append(res)
-                    print(f"cycle {cycle} c={conc:<4} {res['requests']:>6} requests {res['by_status']} "  # noqa: T201
-                          f"p50 {res['latency_ms']['p50']} ms p99 {res['latency_ms']['p99']} ms "
-                          f"rss {res['rss_mib']['end']} MiB", flush=True)
+                    print(
+                        f"cycle {cycle} c={conc:<4} {res['requests']:>6} requests {res['by_status']} "  # noqa: T201
+                        f"p50 {res['latency_ms']['p50']} ms p99 {res['latency_ms']['p99']} ms "
+                        f"rss {res['rss_mib']['end']} MiB",
+                        flush=True,
+                    )
                 cycle_end.append(rss_bytes(pid))
             rss_end = rss_bytes(pid)
             healthy = httpx.get(server.url + "/readyz", timeout=30).status_code == 200
@@ -144,32 +172,52 @@ def main() -> int:
     report = {
         "what": "closed-loop load on loopback: albef serve (one process) vs bench/loadgen.py (another process)",
         "command": "python bench/bench_load.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in load_after],
-                    "note": "shared machine: other jobs ran at the same time (see the load averages)"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in load_after],
+            "note": "shared machine: other jobs ran at the same time (see the load averages)",
+        },
         "cycles": args.cycles,
-        "server": {"queue_max": args.queue_max, "batch_max_size": args.batch_max_size, "threads": args.threads,
-                   "bundle": "given" if args.bundle else "random albef-tiny",
-                   "index": "given" if args.index else f"synthetic, {args.images} images (Flat)"},
+        "server": {
+            "queue_max": args.queue_max,
+            "batch_max_size": args.batch_max_size,
+            "threads": args.threads,
+            "bundle": "given" if args.bundle else "random albef-tiny",
+            "index": "given" if args.index else f"synthetic, {args.images} images (Flat)",
+        },
         "setup_s": round(setup_s, 1),
         "phases": results,
-        "totals": {"requests": sum(r["requests"] for r in results), "by_status": dict(sorted(totals.items())),
-                   "server_errors_other_than_503": sum(r["server_errors_other_than_503"] for r in results),
-                   "transport_errors": sum(sum(r["transport_errors"].values()) for r in results),
-                   "missing_retry_after": sum(r["missing_retry_after"] for r in results)},
-        "memory_mib": {"start": mib(rss_start), "end_of_each_cycle": [mib(v) for v in cycle_end],
-                       "end": mib(rss_end), "max": mib(max(v for _, v in samples)) if samples else None,
-                       "growth_after_warm_up_cycle": growth, "bound": args.rss_bound_mib,
-                       "within_bound": growth <= args.rss_bound_mib,
-                       "samples_every_0_2s": [[round(t, 1), mib(v)] for t, v in samples[::5]]},
+        "totals": {
+            "requests": sum(r["requests"] for r in results),
+            "by_status": dict(sorted(totals.items())),
+            "server_errors_other_than_503": sum(r["server_errors_other_than_503"] for r in results),
+            "transport_errors": sum(sum(r["transport_errors"].values()) for r in results),
+            "missing_retry_after": sum(r["missing_retry_after"] for r in results),
+        },
+        "memory_mib": {
+            "start": mib(rss_start),
+            "end_of_each_cycle": [mib(v) for v in cycle_end],
+            "end": mib(rss_end),
+            "max": mib(max(v for _, v in samples)) if samples else None,
+            "growth_after_warm_up_cycle": growth,
+            "bound": args.rss_bound_mib,
+            "within_bound": growth <= args.rss_bound_mib,
+            "samples_every_0_2s": [[round(t, 1), mib(v)] for t, v in samples[::5]],
+        },
         "healthy_after": healthy,
     }
     write_result(args.out, report)
     print(json.dumps({k: report[k] for k in ("totals", "memory_mib")}, indent=2)[:2000])  # noqa: T201
     print(f"wrote {args.out}")  # noqa: T201
-    ok = (report["totals"]["server_errors_other_than_503"] == 0 and report["totals"]["transport_errors"] == 0
-          and report["totals"]["missing_retry_after"] == 0 and report["memory_mib"]["within_bound"] and healthy)
+    ok = (
+        report["totals"]["server_errors_other_than_503"] == 0
+        and report["totals"]["transport_errors"] == 0
+        and report["totals"]["missing_retry_after"] == 0
+        and report["memory_mib"]["within_bound"]
+        and healthy
+    )
     return 0 if ok else 1
 
 

@@ -42,7 +42,11 @@ def main() -> None:
     model = create_model(None, args.checkpoint)
     evaluator = make_evaluator(args.data, args.image_root, args.k_test)
     manifest = export_bundle(
-        model, args.bundle, variants=["fp32", "int8", "bf16"], checkpoint=args.checkpoint, overwrite=True,
+        model,
+        args.bundle,
+        variants=["fp32", "int8", "bf16"],
+        checkpoint=args.checkpoint,
+        overwrite=True,
         evaluator=evaluator,
     )
     variants: dict[str, Any] = {
@@ -76,8 +80,10 @@ def main() -> None:
     write_result(args.out, result)
     for name, info in variants.items():
         e = info["eval"]
-        print(f"{name:18s} ITM txt_r1 {e['itm']['txt_r1']:6.2f} img_r1 {e['itm']['img_r1']:6.2f} "
-              f"r_mean {e['itm']['r_mean']:6.2f} | ITC txt_r1 {e['itc']['txt_r1']:6.2f} img_r1 {e['itc']['img_r1']:6.2f}")
+        print(
+            f"{name:18s} ITM txt_r1 {e['itm']['txt_r1']:6.2f} img_r1 {e['itm']['img_r1']:6.2f} "
+            f"r_mean {e['itm']['r_mean']:6.2f} | ITC txt_r1 {e['itc']['txt_r1']:6.2f} img_r1 {e['itc']['img_r1']:6.2f}"
+        )
     print(f"wrote {args.out} in {result['seconds']} s")
 
 

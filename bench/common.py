@@ -19,8 +19,12 @@ from albef.cpu import cpu_info
 
 def machine() -> dict[str, Any]:
     """The CPU and platform, plus the load averages now (1, 5, 15 min)."""
-    return {**cpu_info(), "platform": platform.platform(), "python": platform.python_version(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        **cpu_info(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

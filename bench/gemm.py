@@ -35,8 +35,9 @@ def _median_time(fn: Any, reps: int, budget_s: float) -> float:
     return float(np.median(times))
 
 
-def torch_gemm_gflops(dtype: str = "float32", n: int = 4096, threads: int = 2, reps: int = 5,
-                      budget_s: float = 20.0) -> float:
+def torch_gemm_gflops(
+    dtype: str = "float32", n: int = 4096, threads: int = 2, reps: int = 5, budget_s: float = 20.0
+) -> float:
     """GFLOP/s of an n x n x n matmul in torch (2 n^3 FLOP)."""
     import torch
 
@@ -63,16 +64,20 @@ def _ort_gemm_rate(n: int, threads: int, reps: int, budget_s: float, int8: bool)
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["X", "W"], ["Y"])], "gemm",
+        [helper.make_node("MatMul", ["X", "W"], ["Y"])],
+        "gemm",
         [helper.make_tensor_value_info("X", TensorProto.FLOAT, [n, n])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(w, "W")],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])],
+        [numpy_helper.from_array(w, "W")],
     )
     x = rng.standard_normal((n, n)).astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
         if int8:
-            quantize_dynamic(str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, reduce_range=True)
+            quantize_dynamic(
+                str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, reduce_range=True
+            )
             path = Path(tmp) / "q.onnx"
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -91,10 +96,13 @@ def ort_fp32_gemm_gflops(n: int = 4096, threads: int = 2, reps: int = 5, budget_
     return _ort_gemm_rate(n, threads, reps, budget_s, int8=False)
 
 
-def torch_peaks(n: int, threads: int, dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")) -> dict[str, Any]:
+def torch_peaks(
+    n: int, threads: int, dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+) -> dict[str, Any]:
     """torch GEMM GFLOP/s per dtype; a dtype whose short probe shows no native kernel on this CPU is skipped
     (about 100x slower than fp32 there: the full-size GEMM would take minutes), with the reason."""
     import torch
+
     from albef.model.precision import probe_dtype
 
     torch.set_num_threads(threads)

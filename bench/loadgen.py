@@ -63,9 +63,19 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(s[i], 3)
 
 
-async def run_load(url: str, *, concurrency: int, requests: int, duration: float, k: int = 10,
-                   rerank_k: int = 32, image_share: float = 0.0, api_key: str | None = None, seed: int = 0,
-                   timeout: float = 60.0) -> dict[str, Any]:
+async def run_load(
+    url: str,
+    *,
+    concurrency: int,
+    requests: int,
+    duration: float,
+    k: int = 10,
+    rerank_k: int = 32,
+    image_share: float = 0.0,
+    api_key: str | None = None,
+    seed: int = 0,
+    timeout: float = 60.0,
+) -> dict[str, Any]:
     texts = captions(64, seed)
     images = small_pngs(8, seed) if image_share > 0 else []
     headers = {"X-API-Key": api_key} if api_key else {}
@@ -88,11 +98,15 @@ async def run_load(url: str, *, concurrency: int, requests: int, duration: float
             t0 = time.perf_counter()
             try:
                 if images and rng.random() < image_share:
-                    r = await client.post("/v1/search/texts", files={"image": ("q.png", rng.choice(images), "image/png")},
-                                          data={"k": str(k), "rerank_k": str(rerank_k)})
+                    r = await client.post(
+                        "/v1/search/texts",
+                        files={"image": ("q.png", rng.choice(images), "image/png")},
+                        data={"k": str(k), "rerank_k": str(rerank_k)},
+                    )
                 else:
-                    r = await client.post("/v1/search/images", json={"text": rng.choice(texts), "k": k,
-                                                                     "rerank_k": rerank_k})
+                    r = await client.post(
+                        "/v1/search/images", json={"text": rng.choice(texts), "k": k, "rerank_k": rerank_k}
+                    )
             except httpx.HTTPError as exc:
                 transport[type(exc).__name__] += 1
                 continue
@@ -115,16 +129,26 @@ async def run_load(url: str, *, concurrency: int, requests: int, duration: float
     elapsed = time.perf_counter() - t_start
     n_ok = status.get("200", 0)
     return {
-        "url": url, "concurrency": concurrency, "duration_s": round(elapsed, 3), "requests": sent,
-        "by_status": dict(sorted(status.items())), "error_codes": dict(sorted(codes.items())),
-        "transport_errors": dict(transport), "server_errors_other_than_503": sum(
-            v for s, v in status.items() if s.startswith("5") and s != "503"),
+        "url": url,
+        "concurrency": concurrency,
+        "duration_s": round(elapsed, 3),
+        "requests": sent,
+        "by_status": dict(sorted(status.items())),
+        "error_codes": dict(sorted(codes.items())),
+        "transport_errors": dict(transport),
+        "server_errors_other_than_503": sum(v for s, v in status.items() if s.startswith("5") and s != "503"),
         "missing_retry_after": missing_retry_after,
         "throughput_ok_rps": round(n_ok / elapsed, 2) if elapsed > 0 else None,
-        "latency_ms": {"p50": percentile(lat_ok, 50), "p90": percentile(lat_ok, 90), "p99": percentile(lat_ok, 99),
-                       "max": round(max(lat_ok), 3) if lat_ok else None},
+        "latency_ms": {
+            "p50": percentile(lat_ok, 50),
+            "p90": percentile(lat_ok, 90),
+            "p99": percentile(lat_ok, 99),
+            "max": round(max(lat_ok), 3) if lat_ok else None,
+        },
         "latency_503_ms": {"p50": percentile(lat_503, 50), "p99": percentile(lat_503, 99)},
-        "k": k, "rerank_k": rerank_k, "image_share": image_share,
+        "k": k,
+        "rerank_k": rerank_k,
+        "image_share": image_share,
     }
 
 
@@ -143,9 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.concurrency < 1 or a.requests < 1 or a.duration <= 0:
         p.error("--concurrency and --requests must be >= 1, --duration > 0")
-    summary = asyncio.run(run_load(a.url, concurrency=a.concurrency, requests=a.requests, duration=a.duration,
-                                   k=a.k, rerank_k=a.rerank_k, image_share=a.image_share, api_key=a.api_key,
-                                   seed=a.seed))
+    summary = asyncio.run(
+        run_load(
+            a.url,
+            concurrency=a.concurrency,
+            requests=a.requests,
+            duration=a.duration,
+            k=a.k,
+            rerank_k=a.rerank_k,
+            image_share=a.image_share,
+            api_key=a.api_key,
+            seed=a.seed,
+        )
+    )
     text = json.dumps(summary, indent=2)
     if a.out:
         tmp = a.out.with_name(a.out.name + ".tmp")

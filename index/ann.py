@@ -30,6 +30,7 @@ import numpy as np
 
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines about CPU builds are noise
 import faiss  # noqa: E402
+
 from albef.index.errors import IndexError_  # noqa: E402
 
 FLAT_BELOW = 50_000
@@ -87,7 +88,9 @@ def estimate_bytes(factory: str, n: int, d: int) -> int:
     return n * (4 * d + IDMAP_BYTES)
 
 
-def choose(n: int, d: int, max_memory: int | str = DEFAULT_MAX_MEMORY, flat_below: int = FLAT_BELOW) -> Choice:
+def choose(
+    n: int, d: int, max_memory: int | str = DEFAULT_MAX_MEMORY, flat_below: int = FLAT_BELOW
+) -> Choice:
     budget = parse_size(max_memory)
     if n < flat_below and estimate_bytes("Flat", n, d) <= budget:
         return Choice("Flat", f"{n} < {flat_below} vectors: exact search", estimate_bytes("Flat", n, d))
@@ -159,7 +162,9 @@ def build(vectors: np.ndarray, ids: np.ndarray, factory: str, *, seed: int = 123
 
 def add(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> None:
     if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+        index.add_with_ids(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64)
+        )
 
 
 def remove(index: faiss.Index, ids: np.ndarray) -> int:
@@ -180,8 +185,9 @@ def read(path: Path) -> faiss.Index:
     return faiss.read_index(str(path))
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16,
-           threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 [Q,k], ids int64 [Q,k]); ties ordered by id ascending, pads are (-inf, -1).
 
     A few more than k are fetched so that items tied with the k-th one are all seen before the cut.
@@ -232,13 +238,25 @@ def exact_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 def recall_at(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
     k = true_ids.shape[1]
-    hits = sum(len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) for a, b in zip(found_ids, true_ids, strict=True))
+    hits = sum(
+        len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist()))
+        for a, b in zip(found_ids, true_ids, strict=True)
+    )
     return hits / float(true_ids.shape[0] * k) if k else 1.0
 
 
-def tune(index: faiss.Index, factory: str, vectors: np.ndarray, ids: np.ndarray, *,
-         queries: np.ndarray | None = None, n_queries: int = 500, k: int = 10, target_recall: float = 0.95,
-         seed: int = 0) -> dict[str, Any]:
+def tune(
+    index: faiss.Index,
+    factory: str,
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    *,
+    queries: np.ndarray | None = None,
+    n_queries: int = 500,
+    k: int = 10,
+    target_recall: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Measure recall@k vs exact search and set the cheapest search parameter (smallest nprobe/efSearch) that
     reaches ``target_recall``, else the one with the best recall. Latency per single query is recorded for
     every setting tried but does not steer the choice: on shared CPUs it is too noisy. Returns the manifest
@@ -273,8 +291,11 @@ def tune(index: faiss.Index, factory: str, vectors: np.ndarray, ids: np.ndarray,
         set_params(index, params)
         _, found = search(index, q, kk, tie_margin=0)
         rec = recall_at(found, true)
-        entry = {"params": params, "recall_at_k": round(rec, 4),
-                 "query_ms": round(_latency_ms(index, q[: min(30, nq)], kk), 3)}
+        entry = {
+            "params": params,
+            "recall_at_k": round(rec, 4),
+            "query_ms": round(_latency_ms(index, q[: min(30, nq)], kk), 3),
+        }
         tried.append(entry)
         if chosen is None or rec > chosen["recall_at_k"]:
             chosen = entry
@@ -282,8 +303,13 @@ def tune(index: faiss.Index, factory: str, vectors: np.ndarray, ids: np.ndarray,
             break
     assert chosen is not None
     set_params(index, chosen["params"])
-    out.update(params=chosen["params"], recall_at_k=chosen["recall_at_k"], query_ms=chosen["query_ms"],
-               target_recall=target_recall, tuning=tried)
+    out.update(
+        params=chosen["params"],
+        recall_at_k=chosen["recall_at_k"],
+        query_ms=chosen["query_ms"],
+        target_recall=target_recall,
+        tuning=tried,
+    )
     return out
 
 

@@ -13,15 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from albef.index import ann
 from albef.index.options import BuildOptions
 
 log = logging.getLogger(__name__)
 
 
-def update_ann(kind: str, tmp: Path, base_dir: Path | None, prev: dict[str, Any] | None, opts: BuildOptions,
-               live: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray | None] | None,
-               removed: np.ndarray | None, other: np.ndarray) -> dict[str, Any]:
+def update_ann(
+    kind: str,
+    tmp: Path,
+    base_dir: Path | None,
+    prev: dict[str, Any] | None,
+    opts: BuildOptions,
+    live: tuple[np.ndarray, np.ndarray],
+    new: tuple[np.ndarray, np.ndarray | None] | None,
+    removed: np.ndarray | None,
+    other: np.ndarray,
+) -> dict[str, Any]:
     """Write ``tmp/<kind>.faiss`` over the ``live`` (ids, vectors); return its manifest entry. ``other``: the
     other kind's vectors, the queries the search parameters are tuned on."""
     ids, vectors = live
@@ -33,7 +42,11 @@ def update_ann(kind: str, tmp: Path, base_dir: Path | None, prev: dict[str, Any]
     if opts.factory:
         factory, reason, est = opts.factory, "given with --factory", ann.estimate_bytes(opts.factory, n, d)
     elif prev and prev.get("pinned"):
-        factory, reason, est = prev["factory"], prev.get("reason", "pinned"), ann.estimate_bytes(prev["factory"], n, d)
+        factory, reason, est = (
+            prev["factory"],
+            prev.get("reason", "pinned"),
+            ann.estimate_bytes(prev["factory"], n, d),
+        )
     else:
         c = ann.choose(n, d, opts.max_memory, opts.flat_below)
         factory, reason, est = c.factory, c.reason, c.est_bytes
@@ -57,11 +70,18 @@ def update_ann(kind: str, tmp: Path, base_dir: Path | None, prev: dict[str, Any]
     if index is None:
         index = ann.build(vectors, ids, factory)
         how = "rebuilt" if prev_file is not None else "built"
-    entry = ann.tune(index, factory, vectors, ids, queries=other if len(other) else None,
-                     target_recall=opts.target_recall)
+    entry = ann.tune(
+        index, factory, vectors, ids, queries=other if len(other) else None, target_recall=opts.target_recall
+    )
     path = tmp / f"{kind}.faiss"
     ann.write(index, path)
-    entry.update(file=path.name, file_bytes=path.stat().st_size, reason=reason, est_bytes=est, pinned=pinned,
-                 update=how, max_memory=opts.max_memory)
+    entry.update(
+        file=path.name,
+        file_bytes=path.stat().st_size,
+        reason=reason,
+        est_bytes=est,
+        pinned=pinned,
+        update=how,
+        max_memory=opts.max_memory,
+    )
     return entry
-

@@ -44,22 +44,40 @@ log = logging.getLogger(__name__)
 _save_npz = save_npz
 
 
-def build(index_dir: str | Path, bundle: Encoder, sources: Sequence[str | Path], options: BuildOptions | None = None,
-          *, resume: bool = False, restart: bool = False) -> Result:
+def build(
+    index_dir: str | Path,
+    bundle: Encoder,
+    sources: Sequence[str | Path],
+    options: BuildOptions | None = None,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+) -> Result:
     """Build a new index in ``index_dir`` (which must not hold one yet) from ``sources``."""
     opts = options or BuildOptions()
     opts.max_memory = opts.max_memory or ann.DEFAULT_MAX_MEMORY
     opts.check()
     index_dir = Path(index_dir)
     if layout.current_version(index_dir) is not None:
-        raise IndexError_(f"{index_dir} already holds an index (version {layout.current_version(index_dir)}); "
-                          "use `albef index add` to extend it")
+        raise IndexError_(
+            f"{index_dir} already holds an index (version {layout.current_version(index_dir)}); "
+            "use `albef index add` to extend it"
+        )
     with layout.writer_lock(index_dir):
-        return _encode_and_publish(index_dir, bundle, sources, opts, base=None, resume=resume, restart=restart)
+        return _encode_and_publish(
+            index_dir, bundle, sources, opts, base=None, resume=resume, restart=restart
+        )
 
 
-def add(index_dir: str | Path, bundle: Encoder, sources: Sequence[str | Path], options: BuildOptions | None = None,
-        *, resume: bool = False, restart: bool = False) -> Result:
+def add(
+    index_dir: str | Path,
+    bundle: Encoder,
+    sources: Sequence[str | Path],
+    options: BuildOptions | None = None,
+    *,
+    resume: bool = False,
+    restart: bool = False,
+) -> Result:
     """Encode ``sources`` into a new version of an existing index (content already indexed is skipped)."""
     opts = options or BuildOptions()
     index_dir = Path(index_dir)
@@ -75,11 +93,20 @@ def add(index_dir: str | Path, bundle: Encoder, sources: Sequence[str | Path], o
         # The budget the index was built under, unless this command names another.
         opts.max_memory = opts.max_memory or manifest.get("max_memory") or ann.DEFAULT_MAX_MEMORY
         opts.check()
-        return _encode_and_publish(index_dir, bundle, sources, opts, base=base, resume=resume, restart=restart)
+        return _encode_and_publish(
+            index_dir, bundle, sources, opts, base=base, resume=resume, restart=restart
+        )
 
 
-def _encode_and_publish(index_dir: Path, bundle: Encoder, sources: Sequence[str | Path], opts: BuildOptions,
-                        base: str | None, resume: bool, restart: bool) -> Result:
+def _encode_and_publish(
+    index_dir: Path,
+    bundle: Encoder,
+    sources: Sequence[str | Path],
+    opts: BuildOptions,
+    base: str | None,
+    resume: bool,
+    restart: bool,
+) -> Result:
     from albef.progress import progress_bar
 
     t0 = time.perf_counter()
@@ -98,18 +125,41 @@ def _encode_and_publish(index_dir: Path, bundle: Encoder, sources: Sequence[str 
             conn.close()
     n_img, n_txt = len(plan["images"]), len(plan["texts"])
     done = items_done(wdir, plan, opts)
-    log.info("encoding", extra={"index": str(index_dir), "images": n_img, "texts": n_txt, "already_done": done,
-                                "resumed": resumed})
+    log.info(
+        "encoding",
+        extra={
+            "index": str(index_dir),
+            "images": n_img,
+            "texts": n_txt,
+            "already_done": done,
+            "resumed": resumed,
+        },
+    )
     t_enc = time.perf_counter()
-    with progress_bar(total=n_img + n_txt, initial=done, unit="item", desc="encode", dynamic_ncols=True,
-                      enabled=opts.progress, smoothing=0.1) as bar:
+    with progress_bar(
+        total=n_img + n_txt,
+        initial=done,
+        unit="item",
+        desc="encode",
+        dynamic_ncols=True,
+        enabled=opts.progress,
+        smoothing=0.1,
+    ) as bar:
         encode_images(wdir, plan, bundle, opts, known, bar, save=_save_npz)
         encode_texts(wdir, plan, bundle, opts, bar, save=_save_npz)
     enc_s = time.perf_counter() - t_enc
     encoded_now = n_img + n_txt - done
-    result = publish_build(index_dir, wdir, plan, bundle, opts, base_dir, base_manifest, t0=t0,
-                           timing={"encode_s": enc_s, "encoded_items": encoded_now, "resumed": resumed,
-                                   "done_before": done})
+    result = publish_build(
+        index_dir,
+        wdir,
+        plan,
+        bundle,
+        opts,
+        base_dir,
+        base_manifest,
+        t0=t0,
+        timing={"encode_s": enc_s, "encoded_items": encoded_now, "resumed": resumed, "done_before": done},
+    )
     shutil.rmtree(wdir, ignore_errors=True)
     layout.prune(index_dir, opts.keep_versions)
     return result

@@ -11,7 +11,7 @@ from typing import Any
 from albef.errors import CLIError, UsageError
 
 # The same list as albef.model.image.DEFAULT_FORMATS (not imported here: registration stays import-light;
-# tests/test_cli_conventions.py checks that the two agree).
+# tests/albef/test_conventions.py checks that the two agree).
 FORMATS_HELP = "JPEG,PNG,WEBP,GIF,BMP,TIFF"
 
 
@@ -63,54 +63,118 @@ def _apply_settings(args: argparse.Namespace) -> None:
 
 
 def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None:
-    p.epilog = ("The defaults of --threads, --batch-size, --text-batch-size, --shard-size, --text-shard-size, "
-                "--workers, --max-memory, --flat-below, --target-recall and --keep-versions can be set in the "
-                "environment as ALBEF_INDEX_<OPTION> (e.g. ALBEF_INDEX_BATCH_SIZE=32); a flag wins.")
+    p.epilog = (
+        "The defaults of --threads, --batch-size, --text-batch-size, --shard-size, --text-shard-size, "
+        "--workers, --max-memory, --flat-below, --target-recall and --keep-versions can be set in the "
+        "environment as ALBEF_INDEX_<OPTION> (e.g. ALBEF_INDEX_BATCH_SIZE=32); a flag wins."
+    )
     g = p.add_argument_group("encoding")
     g.add_argument("--variant", default="fp32", help="bundle variant to encode with (fp32, int8, ...)")
-    g.add_argument("--threads", type=int, default=_FromSettings("threads", lambda: "all"),
-                   help="ONNX Runtime intra-op threads (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=_FromSettings("batch_size"),
-                   help="images per encoder call (default %(default)s)")
-    g.add_argument("--text-batch-size", type=int, default=_FromSettings("text_batch_size"),
-                   help="texts per encoder call (default %(default)s)")
-    g.add_argument("--shard-size", type=int, default=_FromSettings("shard_size"),
-                   help="images per committed shard (default %(default)s)")
-    g.add_argument("--text-shard-size", type=int, default=_FromSettings("text_shard_size"),
-                   help="texts per committed shard (default %(default)s)")
-    g.add_argument("--workers", type=int, default=_FromSettings("workers"),
-                   help="image reading/decoding threads (default %(default)s)")
-    g.add_argument("--official-loader", action="store_true",
-                   help="decode images as the official ALBEF loader does: EXIF orientation ignored (for "
-                        "benchmark parity; by default photos are turned upright by their EXIF orientation)")
-    g.add_argument("--image-formats", default=None,
-                   help=f"image formats to decode, comma-separated; other files are reported and skipped "
-                        f"(default {FORMATS_HELP})")
-    g.add_argument("--image-root", type=Path, default=None,
-                   help="folder that relative image paths in JSON/CSV/JSONL sources are resolved against "
-                        "(default: the source file's folder)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (none is drawn without a terminal)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=_FromSettings("threads", lambda: "all"),
+        help="ONNX Runtime intra-op threads (default: %(default)s)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=_FromSettings("batch_size"),
+        help="images per encoder call (default %(default)s)",
+    )
+    g.add_argument(
+        "--text-batch-size",
+        type=int,
+        default=_FromSettings("text_batch_size"),
+        help="texts per encoder call (default %(default)s)",
+    )
+    g.add_argument(
+        "--shard-size",
+        type=int,
+        default=_FromSettings("shard_size"),
+        help="images per committed shard (default %(default)s)",
+    )
+    g.add_argument(
+        "--text-shard-size",
+        type=int,
+        default=_FromSettings("text_shard_size"),
+        help="texts per committed shard (default %(default)s)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=_FromSettings("workers"),
+        help="image reading/decoding threads (default %(default)s)",
+    )
+    g.add_argument(
+        "--official-loader",
+        action="store_true",
+        help="decode images as the official ALBEF loader does: EXIF orientation ignored (for "
+        "benchmark parity; by default photos are turned upright by their EXIF orientation)",
+    )
+    g.add_argument(
+        "--image-formats",
+        default=None,
+        help=f"image formats to decode, comma-separated; other files are reported and skipped "
+        f"(default {FORMATS_HELP})",
+    )
+    g.add_argument(
+        "--image-root",
+        type=Path,
+        default=None,
+        help="folder that relative image paths in JSON/CSV/JSONL sources are resolved against "
+        "(default: the source file's folder)",
+    )
+    g.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none is drawn without a terminal)"
+    )
     g.add_argument("--json", action="store_true", help="print the result as one JSON object (for scripts)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build/add")
     g.add_argument("--restart", action="store_true", help="discard an interrupted build/add and start over")
     g = p.add_argument_group("index")
     if layout_options:
-        g.add_argument("--token-dtype", choices=("fp16", "int8"), default="fp16",
-                       help="storage of image token features for ITM re-ranking (default fp16)")
-        g.add_argument("--text-features", choices=("tokens", "ids"), default="tokens",
-                       help="store text token features (fast re-rank) or only token ids (small; re-encoded "
-                            "at query time). Default tokens")
-    g.add_argument("--factory", default=None, help='FAISS factory string, e.g. "IVF256,PQ32" or "HNSW32" '
-                                                   "(default: chosen under --max-memory)")
-    g.add_argument("--max-memory", default=_FromSettings("max_memory", _ann_default("DEFAULT_MAX_MEMORY")),
-                   help="memory budget of each FAISS index (default: for add, the budget the index was built "
-                        "under; for build, %(default)s)")
-    g.add_argument("--flat-below", type=int, default=_FromSettings("flat_below", _ann_default("FLAT_BELOW")),
-                   help="exact search below this many vectors (default %(default)s)")
-    g.add_argument("--target-recall", type=float, default=_FromSettings("target_recall"),
-                   help="ANN recall@10 the search settings aim for (default %(default)s)")
-    g.add_argument("--keep-versions", type=int, default=_FromSettings("keep_versions"),
-                   help="index versions to keep (default %(default)s)")
+        g.add_argument(
+            "--token-dtype",
+            choices=("fp16", "int8"),
+            default="fp16",
+            help="storage of image token features for ITM re-ranking (default fp16)",
+        )
+        g.add_argument(
+            "--text-features",
+            choices=("tokens", "ids"),
+            default="tokens",
+            help="store text token features (fast re-rank) or only token ids (small; re-encoded "
+            "at query time). Default tokens",
+        )
+    g.add_argument(
+        "--factory",
+        default=None,
+        help='FAISS factory string, e.g. "IVF256,PQ32" or "HNSW32" (default: chosen under --max-memory)',
+    )
+    g.add_argument(
+        "--max-memory",
+        default=_FromSettings("max_memory", _ann_default("DEFAULT_MAX_MEMORY")),
+        help="memory budget of each FAISS index (default: for add, the budget the index was built "
+        "under; for build, %(default)s)",
+    )
+    g.add_argument(
+        "--flat-below",
+        type=int,
+        default=_FromSettings("flat_below", _ann_default("FLAT_BELOW")),
+        help="exact search below this many vectors (default %(default)s)",
+    )
+    g.add_argument(
+        "--target-recall",
+        type=float,
+        default=_FromSettings("target_recall"),
+        help="ANN recall@10 the search settings aim for (default %(default)s)",
+    )
+    g.add_argument(
+        "--keep-versions",
+        type=int,
+        default=_FromSettings("keep_versions"),
+        help="index versions to keep (default %(default)s)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -119,9 +183,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     isub.required = True
 
     p = isub.add_parser("build", help="encode sources with a model bundle into a new index")
-    p.add_argument("sources", nargs="+", type=Path,
-                   help="image folders (with optional same-name .txt captions), ALBEF annotation .json, "
-                        ".csv/.tsv/.jsonl of image paths and/or captions, .txt of captions (one per line)")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        type=Path,
+        help="image folders (with optional same-name .txt captions), ALBEF annotation .json, "
+        ".csv/.tsv/.jsonl of image paths and/or captions, .txt of captions (one per line)",
+    )
     p.add_argument("--model", required=True, type=Path, help="model bundle folder (from `albef export`)")
     p.add_argument("--out", required=True, type=Path, help="index folder to create")
     _encode_options(p, layout_options=True)
@@ -130,8 +198,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = isub.add_parser("add", help="encode more sources into a new version of an index")
     p.add_argument("sources", nargs="+", type=Path)
     p.add_argument("--index", required=True, type=Path, help="index folder")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model bundle folder (default: the bundle the index was built with)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model bundle folder (default: the bundle the index was built with)",
+    )
     _encode_options(p, layout_options=False)
     p.set_defaults(func=add_command)
 
@@ -144,7 +216,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = isub.add_parser("info", help="show an index version: counts, model bundle, FAISS type, recall, sizes")
     p.add_argument("index_dir", type=Path)
-    p.add_argument("--at", metavar="VERSION", default=None, help="version to show, e.g. 000002 (default: current)")
+    p.add_argument(
+        "--at", metavar="VERSION", default=None, help="version to show, e.g. 000002 (default: current)"
+    )
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=info_command)
 
@@ -156,19 +230,27 @@ def _options(args: argparse.Namespace) -> Any:
     # flat_below None (neither flag nor variable): BuildOptions' default, the ANN policy's
     ann = {"flat_below": args.flat_below} if args.flat_below is not None else {}
     return BuildOptions(
-        batch_size=args.batch_size, text_batch_size=args.text_batch_size, shard_size=args.shard_size,
-        text_shard_size=args.text_shard_size, workers=args.workers,
-        token_dtype=getattr(args, "token_dtype", "fp16"), text_features=getattr(args, "text_features", "tokens"),
-        factory=args.factory, max_memory=args.max_memory, **ann,
-        target_recall=args.target_recall, keep_versions=args.keep_versions,
-        image_root=str(args.image_root.resolve()) if args.image_root else None, progress=not args.no_progress,
-        exif_transpose=not args.official_loader, image_formats=parse_formats(args.image_formats) if args.image_formats else DEFAULT_FORMATS,
+        batch_size=args.batch_size,
+        text_batch_size=args.text_batch_size,
+        shard_size=args.shard_size,
+        text_shard_size=args.text_shard_size,
+        workers=args.workers,
+        token_dtype=getattr(args, "token_dtype", "fp16"),
+        text_features=getattr(args, "text_features", "tokens"),
+        factory=args.factory,
+        max_memory=args.max_memory,
+        **ann,
+        target_recall=args.target_recall,
+        keep_versions=args.keep_versions,
+        image_root=str(args.image_root.resolve()) if args.image_root else None,
+        progress=not args.no_progress,
+        exif_transpose=not args.official_loader,
+        image_formats=parse_formats(args.image_formats) if args.image_formats else DEFAULT_FORMATS,
     )
 
 
 def _load_bundle(path: Path, args: argparse.Namespace) -> Any:
     from albef.model.runtime import Bundle, BundleError
-
 
     try:
         return Bundle.load(path, variant=args.variant, intra_op_threads=args.threads)
@@ -178,7 +260,6 @@ def _load_bundle(path: Path, args: argparse.Namespace) -> Any:
 
 def _run(fn: Any, *a: Any, **kw: Any) -> Any:
     from albef.index.errors import IndexError_
-
 
     try:
         return fn(*a, **kw)
@@ -191,11 +272,18 @@ def _run(fn: Any, *a: Any, **kw: Any) -> Any:
 def _result_json(result: Any, **extra: Any) -> str:
     """What a script needs from build/add/delete: the new version, the counts, this run's report."""
     m = result.manifest
-    return json.dumps({"index": str(Path(result.index_dir).resolve()), "version": result.version,
-                       "counts": m["counts"], "bundle_id": m["bundle_id"], **extra,
-                       "report": result.report,
-                       "ann": {k: {f: m["ann"][k].get(f) for f in ("factory", "recall_at_k")} for k in m["ann"]}},
-                      default=str)
+    return json.dumps(
+        {
+            "index": str(Path(result.index_dir).resolve()),
+            "version": result.version,
+            "counts": m["counts"],
+            "bundle_id": m["bundle_id"],
+            **extra,
+            "report": result.report,
+            "ann": {k: {f: m["ann"][k].get(f) for f in ("factory", "recall_at_k")} for k in m["ann"]},
+        },
+        default=str,
+    )
 
 
 def _print_result(result: Any, as_json: bool, **extra: Any) -> None:
@@ -208,34 +296,38 @@ def _summary(result: Any) -> str:
     parts = [f"version {result.version}: {m['counts']['image']} images, {m['counts']['text']} texts"]
     if "images" in rep:
         i, t = rep["images"], rep["texts"]
-        parts.append(f"this run indexed {i['indexed']} images ({i['failed']} failed, {i['duplicates']} duplicates) "
-                     f"and {t['indexed']} texts ({t['skipped']} skipped)")
+        parts.append(
+            f"this run indexed {i['indexed']} images ({i['failed']} failed, {i['duplicates']} duplicates) "
+            f"and {t['indexed']} texts ({t['skipped']} skipped)"
+        )
         if rep["throughput"]["items_per_s"]:
             parts.append(f"{rep['throughput']['items_per_s']} items/s")
     for kind in ("image", "text"):
         a = m["ann"][kind]
         if a.get("factory"):
             parts.append(f"{kind} index {a['factory']} recall@10 {a['recall_at_k']}")
-    return "; ".join(parts) + f"\nreport: {Path(result.index_dir) / 'versions' / result.version / 'report.json'}"
+    return (
+        "; ".join(parts) + f"\nreport: {Path(result.index_dir) / 'versions' / result.version / 'report.json'}"
+    )
 
 
 def build_command(args: argparse.Namespace) -> int:
     from albef.index import builder
-
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
     _apply_settings(args)
     bundle = _load_bundle(args.model, args)
     opts = _run(_options, args)
-    result = _run(builder.build, args.out, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
+    result = _run(
+        builder.build, args.out, bundle, args.sources, opts, resume=args.resume, restart=args.restart
+    )
     _print_result(result, args.json)
     return 0
 
 
 def add_command(args: argparse.Namespace) -> int:
     from albef.index import builder, layout
-
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
@@ -251,14 +343,15 @@ def add_command(args: argparse.Namespace) -> int:
             raise CLIError(f"the index's model bundle {model} is gone; pass --model")
     bundle = _load_bundle(model, args)
     opts = _run(_options, args)
-    result = _run(builder.add, args.index, bundle, args.sources, opts, resume=args.resume, restart=args.restart)
+    result = _run(
+        builder.add, args.index, bundle, args.sources, opts, resume=args.resume, restart=args.restart
+    )
     _print_result(result, args.json)
     return 0
 
 
 def delete_command(args: argparse.Namespace) -> int:
     from albef.index import builder
-
 
     try:
         ids = [int(x) for x in args.ids.replace(" ", "").split(",") if x]
@@ -271,14 +364,15 @@ def delete_command(args: argparse.Namespace) -> int:
     if args.json:
         print(_result_json(result, deleted=len(set(ids))))  # noqa: T201
         return 0
-    print(f"version {result.version}: deleted {len(set(ids))} items; "  # noqa: T201
-          f"{m['counts']['image']} images, {m['counts']['text']} texts remain")
+    print(  # noqa: T201
+        f"version {result.version}: deleted {len(set(ids))} items; "
+        f"{m['counts']['image']} images, {m['counts']['text']} texts remain"
+    )
     return 0
 
 
 def info_command(args: argparse.Namespace) -> int:
     from albef.index import layout
-
 
     try:
         vdir = layout.version_path(args.index_dir, args.at)
@@ -304,11 +398,16 @@ def info_command(args: argparse.Namespace) -> int:
         if not a.get("factory"):
             lines.append(f"{kind:<5} index  empty")
             continue
-        lines.append(f"{kind:<5} index  {a['factory']} ({a['reason']}); params {a['params']}; "
-                     f"recall@{a['k']} {a['recall_at_k']} on {a.get('n_queries')} {a.get('query_source')} queries; "
-                     f"{a['query_ms']} ms/query; {a['file_bytes']:,} bytes")
+        lines.append(
+            f"{kind:<5} index  {a['factory']} ({a['reason']}); params {a['params']}; "
+            f"recall@{a['k']} {a['recall_at_k']} on {a.get('n_queries')} {a.get('query_source')} queries; "
+            f"{a['query_ms']} ms/query; {a['file_bytes']:,} bytes"
+        )
         bpi = manifest["bytes_per_item"][kind]
-        lines.append(f"{kind:<5} bytes  {bpi['total']:,} per item ("
-                     + ", ".join(f"{k} {v:,}" for k, v in bpi.items() if k != "total") + ")")
+        lines.append(
+            f"{kind:<5} bytes  {bpi['total']:,} per item ("
+            + ", ".join(f"{k} {v:,}" for k, v in bpi.items() if k != "total")
+            + ")"
+        )
     print("\n".join(lines))  # noqa: T201
     return 0

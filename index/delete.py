@@ -14,14 +14,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from albef.index import ann, layout, metadata
 from albef.index.errors import IndexError_, IndexNotFoundError
 from albef.index.options import KINDS, BuildOptions, Result
 from albef.index.publish import VersionChange, publish_version
 
 
-def delete(index_dir: str | Path, ids: Sequence[int], *, keep_versions: int | None = None,
-           max_memory: str | None = None) -> Result:
+def delete(
+    index_dir: str | Path,
+    ids: Sequence[int],
+    *,
+    keep_versions: int | None = None,
+    max_memory: str | None = None,
+) -> Result:
     """Remove items by id into a new version. Unknown ids are refused (nothing changes)."""
     index_dir = Path(index_dir)
     ids = sorted({int(i) for i in ids})
@@ -44,12 +50,26 @@ def delete(index_dir: str | Path, ids: Sequence[int], *, keep_versions: int | No
             metadata.delete(conn, ids)
             conn.commit()
             removed = {k: np.array([i for i in ids if kind_of[i] == k], dtype=np.int64) for k in KINDS}
-            opts = BuildOptions(keep_versions=keep_versions or manifest.get("keep_versions", 5),
-                                max_memory=max_memory or manifest.get("max_memory") or ann.DEFAULT_MAX_MEMORY)
-            report = {"operation": "delete", "deleted": {k: v.tolist() for k, v in removed.items()}, "seconds": {}}
-            change = VersionChange(index_dir, tmp, version, manifest, base_dir, "delete",
-                                   segments=list(manifest["segments"]), next_id=int(manifest["next_id"]),
-                                   removed=removed)
+            opts = BuildOptions(
+                keep_versions=keep_versions or manifest.get("keep_versions") or BuildOptions.keep_versions,
+                max_memory=max_memory or manifest.get("max_memory") or ann.DEFAULT_MAX_MEMORY,
+            )
+            report = {
+                "operation": "delete",
+                "deleted": {k: v.tolist() for k, v in removed.items()},
+                "seconds": {},
+            }
+            change = VersionChange(
+                index_dir,
+                tmp,
+                version,
+                manifest,
+                base_dir,
+                "delete",
+                segments=list(manifest["segments"]),
+                next_id=int(manifest["next_id"]),
+                removed=removed,
+            )
             new_manifest = publish_version(change, conn, opts, report, t0=t0)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

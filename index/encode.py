@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from albef.index.features import encode_tokens
-from albef.index.options import BuildOptions, Encoder
-from albef.model.image import ImageFormatError, open_image, upright
 from PIL import UnidentifiedImageError
 
 from albef import atomic
+from albef.index.features import encode_tokens
+from albef.index.options import BuildOptions, Encoder
+from albef.model.image import ImageFormatError, open_image, upright
 
 SaveShard = Callable[[Path, dict[str, np.ndarray]], None]  # commits one shard file
 
@@ -61,8 +61,9 @@ def _read_image(path: str, bundle: Encoder, opts: BuildOptions) -> dict[str, Any
         return {"error": f"unreadable: {type(exc).__name__}: {exc}"}
 
 
-def _ordered_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any],
-                 ahead: int) -> Iterator[Any]:
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any], ahead: int
+) -> Iterator[Any]:
     """pool.map with a bounded look-ahead (the reader never runs more than ``ahead`` items in front)."""
     it = iter(items)
     pending: deque[Future[Any]] = deque()
@@ -81,8 +82,15 @@ def _ordered_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iter
 _END = object()
 
 
-def encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions,
-                  known: dict[str, int], bar: Any, save: SaveShard = save_npz) -> None:
+def encode_images(
+    wdir: Path,
+    plan: dict[str, Any],
+    bundle: Encoder,
+    opts: BuildOptions,
+    known: dict[str, int],
+    bar: Any,
+    save: SaveShard = save_npz,
+) -> None:
     """Encode the image shards not committed yet; ``known`` maps the index's image hashes to ids."""
     images = plan["images"]
     seen: dict[str, int] = {}  # sha -> plan index of the first occurrence in this build
@@ -97,11 +105,16 @@ def encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Build
             pending.append(s)
     if not pending:
         return
-    work = [(s, i) for s in pending for i in range(s * opts.shard_size, min(len(images), (s + 1) * opts.shard_size))]
+    work = [
+        (s, i)
+        for s in pending
+        for i in range(s * opts.shard_size, min(len(images), (s + 1) * opts.shard_size))
+    ]
     ahead = 2 * opts.batch_size + 2 * opts.workers
     with ThreadPoolExecutor(max_workers=opts.workers, thread_name_prefix="albef-decode") as pool:
-        stream = _ordered_map(pool, lambda si: (si[0], si[1], _read_image(images[si[1]]["path"], bundle, opts)), work,
-                              ahead)
+        stream = _ordered_map(
+            pool, lambda si: (si[0], si[1], _read_image(images[si[1]]["path"], bundle, opts)), work, ahead
+        )
         cur: int | None = None
         state: dict[str, Any] = {}
 
@@ -129,13 +142,18 @@ def encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Build
                 "sha256": np.array([r["sha256"] for r in rows], dtype="U64"),
                 "width": np.array([r["width"] for r in rows], dtype=np.int32),
                 "height": np.array([r["height"] for r in rows], dtype=np.int32),
-                "emb": np.concatenate(state["emb"]) if state["emb"] else np.zeros((0, bundle.embed_dim), np.float32),
-                "tokens": np.concatenate(state["tok"]) if state["tok"] else np.zeros((0, n_tok, width), tok_dtype),
+                "emb": np.concatenate(state["emb"])
+                if state["emb"]
+                else np.zeros((0, bundle.embed_dim), np.float32),
+                "tokens": np.concatenate(state["tok"])
+                if state["tok"]
+                else np.zeros((0, n_tok, width), tok_dtype),
                 "info": np.array(json.dumps({"errors": state["errors"], "dups": state["dups"]})),
             }
             if opts.token_dtype == "int8":
-                arrays["scales"] = (np.concatenate(state["scales"]) if state["scales"]
-                                    else np.zeros((0, n_tok), np.float32))
+                arrays["scales"] = (
+                    np.concatenate(state["scales"]) if state["scales"] else np.zeros((0, n_tok), np.float32)
+                )
             save(shard_path(wdir, "image", shard), arrays)
             bar.update(len(state["errors"]) + len(state["dups"]))
 
@@ -144,7 +162,15 @@ def encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Build
                 if cur is not None:
                     commit(cur)
                 cur = shard
-                state = {"batch": [], "rows": [], "emb": [], "tok": [], "scales": [], "errors": [], "dups": []}
+                state = {
+                    "batch": [],
+                    "rows": [],
+                    "emb": [],
+                    "tok": [],
+                    "scales": [],
+                    "errors": [],
+                    "dups": [],
+                }
             if "error" in res:
                 state["errors"].append({"plan_idx": idx, "path": images[idx]["path"], "error": res["error"]})
                 continue
@@ -163,8 +189,14 @@ def encode_images(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: Build
             commit(cur)
 
 
-def encode_texts(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions, bar: Any,
-                 save: SaveShard = save_npz) -> None:
+def encode_texts(
+    wdir: Path,
+    plan: dict[str, Any],
+    bundle: Encoder,
+    opts: BuildOptions,
+    bar: Any,
+    save: SaveShard = save_npz,
+) -> None:
     """Encode the text shards not committed yet."""
     texts = plan["texts"]
     for s in range(plan["n_text_shards"]):
@@ -183,12 +215,15 @@ def encode_texts(wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildO
             if opts.text_features == "tokens":
                 toks.append(tok.astype(np.float16))
             bar.update(b - a)
-        arrays = {"plan_idx": np.arange(lo, hi, dtype=np.int64), "emb": np.concatenate(embs),
-                  "token_ids": np.concatenate(all_ids), "mask": np.concatenate(masks)}
+        arrays = {
+            "plan_idx": np.arange(lo, hi, dtype=np.int64),
+            "emb": np.concatenate(embs),
+            "token_ids": np.concatenate(all_ids),
+            "mask": np.concatenate(masks),
+        }
         if toks:
             arrays["tokens"] = np.concatenate(toks)
         save(p, arrays)
-
 
 
 def items_done(wdir: Path, plan: dict[str, Any], opts: BuildOptions) -> int:
@@ -201,4 +236,3 @@ def items_done(wdir: Path, plan: dict[str, Any], opts: BuildOptions) -> int:
         if shard_path(wdir, "text", s).is_file():
             done += min(len(plan["texts"]), (s + 1) * opts.text_shard_size) - s * opts.text_shard_size
     return done
-

@@ -51,9 +51,19 @@ def encode_tokens(x: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray | N
 class SegmentWriter:
     """Writes a segment's arrays row block by row block into pre-sized .npy memmaps (no full copy in RAM)."""
 
-    def __init__(self, path: Path, *, n_images: int, n_texts: int, embed_dim: int,
-                 image_tokens_shape: tuple[int, int], text_len: int, text_width: int,
-                 token_dtype: str = "fp16", text_features: str = "tokens") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        n_images: int,
+        n_texts: int,
+        embed_dim: int,
+        image_tokens_shape: tuple[int, int],
+        text_len: int,
+        text_width: int,
+        token_dtype: str = "fp16",
+        text_features: str = "tokens",
+    ) -> None:
         if token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"unknown token dtype {token_dtype!r} (choose from {TOKEN_DTYPES})")
         if text_features not in TEXT_FEATURES:
@@ -61,9 +71,14 @@ class SegmentWriter:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.info: dict[str, Any] = {
-            "n_images": n_images, "n_texts": n_texts, "embed_dim": embed_dim,
-            "image_tokens_shape": list(image_tokens_shape), "text_len": text_len, "text_width": text_width,
-            "token_dtype": token_dtype, "text_features": text_features,
+            "n_images": n_images,
+            "n_texts": n_texts,
+            "embed_dim": embed_dim,
+            "image_tokens_shape": list(image_tokens_shape),
+            "text_len": text_len,
+            "text_width": text_width,
+            "token_dtype": token_dtype,
+            "text_features": text_features,
         }
         n_tok, width = image_tokens_shape
         self.arrays: dict[str, np.ndarray] = {}
@@ -81,11 +96,13 @@ class SegmentWriter:
         self.rows = {"image": 0, "text": 0}
 
     def _open(self, name: str, shape: tuple[int, ...], dtype: Any) -> None:
-        self.arrays[name] = np.lib.format.open_memmap(self.path / f"{name}.npy", mode="w+", dtype=dtype,
-                                                      shape=shape)
+        self.arrays[name] = np.lib.format.open_memmap(
+            self.path / f"{name}.npy", mode="w+", dtype=dtype, shape=shape
+        )
 
-    def add_images(self, ids: np.ndarray, emb: np.ndarray, tokens: np.ndarray,
-                   scales: np.ndarray | None = None) -> None:
+    def add_images(
+        self, ids: np.ndarray, emb: np.ndarray, tokens: np.ndarray, scales: np.ndarray | None = None
+    ) -> None:
         """``tokens`` already in the stored dtype (see :func:`encode_tokens`)."""
         a, b = self.rows["image"], self.rows["image"] + len(ids)
         self.arrays["image_ids"][a:b] = ids
@@ -97,8 +114,14 @@ class SegmentWriter:
             self.arrays["image_scales"][a:b] = scales
         self.rows["image"] = b
 
-    def add_texts(self, ids: np.ndarray, emb: np.ndarray, token_ids: np.ndarray, mask: np.ndarray,
-                  tokens: np.ndarray | None) -> None:
+    def add_texts(
+        self,
+        ids: np.ndarray,
+        emb: np.ndarray,
+        token_ids: np.ndarray,
+        mask: np.ndarray,
+        tokens: np.ndarray | None,
+    ) -> None:
         a, b = self.rows["text"], self.rows["text"] + len(ids)
         self.arrays["text_ids"][a:b] = ids
         self.arrays["text_emb"][a:b] = emb
@@ -112,8 +135,10 @@ class SegmentWriter:
 
     def close(self) -> dict[str, Any]:
         if self.rows["image"] != self.info["n_images"] or self.rows["text"] != self.info["n_texts"]:
-            raise RuntimeError(f"segment incomplete: wrote {self.rows}, expected "
-                               f"{self.info['n_images']} images and {self.info['n_texts']} texts")
+            raise RuntimeError(
+                f"segment incomplete: wrote {self.rows}, expected "
+                f"{self.info['n_images']} images and {self.info['n_texts']} texts"
+            )
         for arr in self.arrays.values():
             arr.flush()  # type: ignore[attr-defined]
         self.info["bytes"] = {name: (self.path / f"{name}.npy").stat().st_size for name in self.arrays}

@@ -29,9 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from albef.index.errors import IndexLockedError, IndexMismatchError, IndexNotFoundError
-
 from albef import atomic
+from albef.index.errors import IndexLockedError, IndexMismatchError, IndexNotFoundError
 
 FORMAT_VERSION = 1
 _VERSION_RE = re.compile(r"^\d{6}$")

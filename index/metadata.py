@@ -38,8 +38,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS items_kind_sha ON items (kind, sha256);
 CREATE INDEX IF NOT EXISTS items_kind_id ON items (kind, id);
 """
 
-COLUMNS = ("id", "kind", "path", "caption", "width", "height", "sha256", "metadata", "image_id", "source",
-           "segment", "row")
+COLUMNS = (
+    "id",
+    "kind",
+    "path",
+    "caption",
+    "width",
+    "height",
+    "sha256",
+    "metadata",
+    "image_id",
+    "source",
+    "segment",
+    "row",
+)
 PUBLIC = ("id", "kind", "path", "caption", "width", "height", "sha256", "metadata", "image_id", "source")
 
 
@@ -68,10 +80,14 @@ def insert(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> int:
     data = []
     for r in rows:
         meta = r.get("metadata")
-        data.append(tuple(
-            (json.dumps(meta, sort_keys=True) if meta is not None else None) if c == "metadata" else r.get(c)
-            for c in COLUMNS
-        ))
+        data.append(
+            tuple(
+                (json.dumps(meta, sort_keys=True) if meta is not None else None)
+                if c == "metadata"
+                else r.get(c)
+                for c in COLUMNS
+            )
+        )
     conn.executemany(sql, data)
     return len(data)
 

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
 from albef.index import ann
 from albef.index.errors import IndexError_
 from albef.index.features import TEXT_FEATURES, TOKEN_DTYPES
 from albef.model.image import DEFAULT_FORMATS
-
 from albef.settings import INDEX_BUILD_DEFAULTS as _D
 
 KINDS = ("image", "text")
@@ -63,7 +63,14 @@ class BuildOptions:
             raise IndexError_(f"token dtype must be one of {TOKEN_DTYPES}, got {self.token_dtype!r}")
         if self.text_features not in TEXT_FEATURES:
             raise IndexError_(f"text features must be one of {TEXT_FEATURES}, got {self.text_features!r}")
-        for name in ("batch_size", "text_batch_size", "shard_size", "text_shard_size", "workers", "keep_versions"):
+        for name in (
+            "batch_size",
+            "text_batch_size",
+            "shard_size",
+            "text_shard_size",
+            "workers",
+            "keep_versions",
+        ):
             if int(getattr(self, name)) < 1:
                 raise IndexError_(f"{name} must be at least 1")
         if self.max_memory is not None:
@@ -71,8 +78,16 @@ class BuildOptions:
 
     def plan_key(self) -> dict[str, Any]:
         """Options that change the result: a resumed build must use the same ones."""
-        keys = ("batch_size", "text_batch_size", "shard_size", "text_shard_size", "token_dtype", "text_features",
-                "image_root", "exif_transpose")
+        keys = (
+            "batch_size",
+            "text_batch_size",
+            "shard_size",
+            "text_shard_size",
+            "token_dtype",
+            "text_features",
+            "image_root",
+            "exif_transpose",
+        )
         return {k: getattr(self, k) for k in keys}
 
 

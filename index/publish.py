@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from albef import atomic
 from albef.index import layout, metadata
 from albef.index.ann_policy import update_ann
 from albef.index.encode import shard_path
 from albef.index.features import Segment, SegmentWriter
 from albef.index.options import KINDS, BuildOptions, Encoder, Result
-
-from albef import atomic
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ class VersionChange:
     """What a new version is made of; :func:`publish_version` writes and publishes it."""
 
     index_dir: Path
-    tmp: Path  # the version folder being filled (``versions/.tmp-<version>-<pid>``), meta.sqlite already in it
+    tmp: (
+        Path  # the version folder being filled (``versions/.tmp-<version>-<pid>``), meta.sqlite already in it
+    )
     version: str
     parent: dict[str, Any]  # the manifest it derives from (a first build: no segments, the chosen features)
     base_dir: Path | None  # the parent's version folder, whose FAISS files may be reused; None: first build
@@ -65,9 +67,18 @@ class _Ids:
 # build/add
 
 
-def publish_build(index_dir: Path, wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions,
-                  base_dir: Path | None, base_manifest: dict[str, Any] | None, *, t0: float,
-                  timing: dict[str, Any]) -> Result:
+def publish_build(
+    index_dir: Path,
+    wdir: Path,
+    plan: dict[str, Any],
+    bundle: Encoder,
+    opts: BuildOptions,
+    base_dir: Path | None,
+    base_manifest: dict[str, Any] | None,
+    *,
+    t0: float,
+    timing: dict[str, Any],
+) -> Result:
     """The committed shards of ``plan`` -> a new segment and a new version on top of ``base_manifest``."""
     ids = _assign_ids(wdir, plan, int(base_manifest["next_id"]) if base_manifest else 0)
     version = layout.next_version(index_dir)
@@ -85,11 +96,22 @@ def publish_build(index_dir: Path, wdir: Path, plan: dict[str, Any], bundle: Enc
         atomic.publish_dir(seg_tmp, layout.segments_dir(index_dir) / seg_name)
         operation = "add" if base_manifest is not None else "build"
         report = _build_report(plan, ids, operation, seg_info, timing)
-        parent = base_manifest or {"segments": [], "features": {"token_dtype": opts.token_dtype,
-                                                                "text_features": opts.text_features}}
-        change = VersionChange(index_dir, tmp, version, parent, base_dir, operation,
-                               segments=[*parent["segments"], seg_name], next_id=ids.next_id, new=new,
-                               bundle=bundle)
+        parent = base_manifest or {
+            "segments": [],
+            "features": {"token_dtype": opts.token_dtype, "text_features": opts.text_features},
+        }
+        change = VersionChange(
+            index_dir,
+            tmp,
+            version,
+            parent,
+            base_dir,
+            operation,
+            segments=[*parent["segments"], seg_name],
+            next_id=ids.next_id,
+            new=new,
+            bundle=bundle,
+        )
         manifest = publish_version(change, conn, opts, report, t0=t0, t_pub=t_pub)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,27 +129,42 @@ def _assign_ids(wdir: Path, plan: dict[str, Any], next_id: int) -> _Ids:
     for s in range(plan["n_image_shards"]):
         with np.load(shard_path(wdir, "image", s), allow_pickle=False) as z:
             info = json.loads(str(z["info"]))
-            for idx, sha, w, h in zip(z["plan_idx"].tolist(), z["sha256"].tolist(), z["width"].tolist(),
-                                      z["height"].tolist(), strict=True):
+            for idx, sha, w, h in zip(
+                z["plan_idx"].tolist(),
+                z["sha256"].tolist(),
+                z["width"].tolist(),
+                z["height"].tolist(),
+                strict=True,
+            ):
                 image_of[idx] = next_id
                 kept.append({"plan_idx": idx, "id": next_id, "sha256": sha, "width": w, "height": h})
                 next_id += 1
         errors.extend(info["errors"])
         for d in info["dups"]:
-            dup_of[d["plan_idx"]] = ("id", d["same_as_id"]) if "same_as_id" in d else ("plan", d["same_as_plan"])
+            dup_of[d["plan_idx"]] = (
+                ("id", d["same_as_id"]) if "same_as_id" in d else ("plan", d["same_as_plan"])
+            )
     for idx, (how, target) in dup_of.items():
         image_of[idx] = image_of[target] if how == "plan" else target
     n_texts = len(plan["texts"])
     return _Ids(kept, image_of, dup_of, errors, list(range(next_id, next_id + n_texts)), next_id + n_texts)
 
 
-def _write_segment(seg_tmp: Path, wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions,
-                   ids: _Ids) -> tuple[dict[str, Any], Vectors]:
+def _write_segment(
+    seg_tmp: Path, wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions, ids: _Ids
+) -> tuple[dict[str, Any], Vectors]:
     """Stream the shards into a segment at ``seg_tmp``; return its info and the new (ids, embeddings)."""
-    writer = SegmentWriter(seg_tmp, n_images=len(ids.kept), n_texts=len(plan["texts"]), embed_dim=bundle.embed_dim,
-                           image_tokens_shape=tuple(bundle.image_tokens_shape), text_len=bundle.max_tokens,
-                           text_width=bundle.text_width, token_dtype=opts.token_dtype,
-                           text_features=opts.text_features)
+    writer = SegmentWriter(
+        seg_tmp,
+        n_images=len(ids.kept),
+        n_texts=len(plan["texts"]),
+        embed_dim=bundle.embed_dim,
+        image_tokens_shape=tuple(bundle.image_tokens_shape),
+        text_len=bundle.max_tokens,
+        text_width=bundle.text_width,
+        token_dtype=opts.token_dtype,
+        text_features=opts.text_features,
+    )
     vecs: dict[str, list[np.ndarray]] = {"image": [], "text": []}
     pos = 0
     for s in range(plan["n_image_shards"]):
@@ -140,13 +177,20 @@ def _write_segment(seg_tmp: Path, wdir: Path, plan: dict[str, Any], bundle: Enco
     for s in range(plan["n_text_shards"]):
         with np.load(shard_path(wdir, "text", s), allow_pickle=False) as z:
             row_ids = np.array([ids.text_ids[i] for i in z["plan_idx"].tolist()], dtype=np.int64)
-            writer.add_texts(row_ids, z["emb"], z["token_ids"], z["mask"], z["tokens"] if "tokens" in z.files else None)
+            writer.add_texts(
+                row_ids, z["emb"], z["token_ids"], z["mask"], z["tokens"] if "tokens" in z.files else None
+            )
             vecs["text"].append(np.asarray(z["emb"]))
     seg_info = writer.close()
     new = {
-        "image": (np.array([k["id"] for k in ids.kept], dtype=np.int64),
-                  np.concatenate(vecs["image"]) if vecs["image"] else None),
-        "text": (np.array(ids.text_ids, dtype=np.int64), np.concatenate(vecs["text"]) if vecs["text"] else None),
+        "image": (
+            np.array([k["id"] for k in ids.kept], dtype=np.int64),
+            np.concatenate(vecs["image"]) if vecs["image"] else None,
+        ),
+        "text": (
+            np.array(ids.text_ids, dtype=np.int64),
+            np.concatenate(vecs["text"]) if vecs["text"] else None,
+        ),
     }
     return seg_info, new
 
@@ -156,37 +200,69 @@ def _metadata_rows(plan: dict[str, Any], ids: _Ids, seg_name: str) -> list[dict[
     rows = []
     for row, k in enumerate(ids.kept):
         img = images[k["plan_idx"]]
-        rows.append({"id": k["id"], "kind": "image", "path": img["path"], "caption": img["caption"],
-                     "width": k["width"], "height": k["height"], "sha256": k["sha256"],
-                     "metadata": img["metadata"], "image_id": None, "source": img["source"],
-                     "segment": seg_name, "row": row})
+        rows.append(
+            {
+                "id": k["id"],
+                "kind": "image",
+                "path": img["path"],
+                "caption": img["caption"],
+                "width": k["width"],
+                "height": k["height"],
+                "sha256": k["sha256"],
+                "metadata": img["metadata"],
+                "image_id": None,
+                "source": img["source"],
+                "segment": seg_name,
+                "row": row,
+            }
+        )
     for row, t in enumerate(plan["texts"]):
         img_idx = t["image"]
-        rows.append({"id": ids.text_ids[row], "kind": "text",
-                     "path": images[img_idx]["path"] if img_idx is not None else None,
-                     "caption": t["caption"], "width": None, "height": None, "sha256": t["sha256"],
-                     "metadata": t["metadata"], "image_id": ids.image_of.get(img_idx) if img_idx is not None else None,
-                     "source": t["source"], "segment": seg_name, "row": row})
+        rows.append(
+            {
+                "id": ids.text_ids[row],
+                "kind": "text",
+                "path": images[img_idx]["path"] if img_idx is not None else None,
+                "caption": t["caption"],
+                "width": None,
+                "height": None,
+                "sha256": t["sha256"],
+                "metadata": t["metadata"],
+                "image_id": ids.image_of.get(img_idx) if img_idx is not None else None,
+                "source": t["source"],
+                "segment": seg_name,
+                "row": row,
+            }
+        )
     return rows
 
 
-def _build_report(plan: dict[str, Any], ids: _Ids, operation: str, seg_info: dict[str, Any],
-                  timing: dict[str, Any]) -> dict[str, Any]:
+def _build_report(
+    plan: dict[str, Any], ids: _Ids, operation: str, seg_info: dict[str, Any], timing: dict[str, Any]
+) -> dict[str, Any]:
     images, texts, skipped = plan["images"], plan["texts"], plan["skipped_texts"]
     enc_items, enc_s = timing["encoded_items"], timing["encode_s"]
     return {
         "operation": operation,
         "sources": plan["sources"],
         "resumed": timing["resumed"],
-        "images": {"planned": len(images), "indexed": len(ids.kept), "duplicates": len(ids.dup_of),
-                   "failed": len(ids.errors)},
+        "images": {
+            "planned": len(images),
+            "indexed": len(ids.kept),
+            "duplicates": len(ids.dup_of),
+            "failed": len(ids.errors),
+        },
         "texts": {"planned": len(texts) + len(skipped), "indexed": len(texts), "skipped": len(skipped)},
         "failed": ids.errors,
-        "duplicate_images": [{"path": images[i]["path"], "same_as_id": ids.image_of[i]} for i in sorted(ids.dup_of)],
+        "duplicate_images": [
+            {"path": images[i]["path"], "same_as_id": ids.image_of[i]} for i in sorted(ids.dup_of)
+        ],
         "skipped_texts": skipped,
         "seconds": {"encode": round(enc_s, 3)},
-        "throughput": {"items_encoded_this_run": enc_items,
-                       "items_per_s": round(enc_items / enc_s, 2) if enc_s > 0 else None},
+        "throughput": {
+            "items_encoded_this_run": enc_items,
+            "items_per_s": round(enc_items / enc_s, 2) if enc_s > 0 else None,
+        },
         "shards": {"image": plan["n_image_shards"], "text": plan["n_text_shards"]},
         "items_done_before_this_run": timing["done_before"],
         "segment": seg_info,
@@ -197,8 +273,15 @@ def _build_report(plan: dict[str, Any], ids: _Ids, operation: str, seg_info: dic
 # every change
 
 
-def publish_version(change: VersionChange, conn: Any, opts: BuildOptions, report: dict[str, Any], *, t0: float,
-                    t_pub: float | None = None) -> dict[str, Any]:
+def publish_version(
+    change: VersionChange,
+    conn: Any,
+    opts: BuildOptions,
+    report: dict[str, Any],
+    *,
+    t0: float,
+    t_pub: float | None = None,
+) -> dict[str, Any]:
     """FAISS update + manifest + report into ``change.tmp`` (closing ``conn``, its meta.sqlite), then rename it
     to ``versions/<version>`` and move the pointer. Returns the manifest."""
     t_pub = t_pub or time.perf_counter()
@@ -208,17 +291,35 @@ def publish_version(change: VersionChange, conn: Any, opts: BuildOptions, report
     ann_entries: dict[str, Any] = {}
     for kind in KINDS:
         other = vecs["text" if kind == "image" else "image"][1]
-        ann_entries[kind] = update_ann(kind, tmp, change.base_dir, parent.get("ann", {}).get(kind), opts,
-                                       vecs[kind], change.new.get(kind), change.removed.get(kind), other)
+        ann_entries[kind] = update_ann(
+            kind,
+            tmp,
+            change.base_dir,
+            parent.get("ann", {}).get(kind),
+            opts,
+            vecs[kind],
+            change.new.get(kind),
+            change.removed.get(kind),
+            other,
+        )
     counts = {k: len(vecs[k][0]) for k in KINDS}
     bundle_id, bundle_info = _bundle_entry(change)
     manifest = {
-        "format": "albef-index", "format_version": layout.FORMAT_VERSION, "version": change.version,
-        "parent": parent.get("version"), "operation": change.operation,
+        "format": "albef-index",
+        "format_version": layout.FORMAT_VERSION,
+        "version": change.version,
+        "parent": parent.get("version"),
+        "operation": change.operation,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bundle_id": bundle_id, "bundle": bundle_info, "counts": counts, "next_id": change.next_id,
-        "segments": change.segments, "features": parent["features"], "ann": ann_entries,
-        "keep_versions": opts.keep_versions, "max_memory": opts.max_memory,
+        "bundle_id": bundle_id,
+        "bundle": bundle_info,
+        "counts": counts,
+        "next_id": change.next_id,
+        "segments": change.segments,
+        "features": parent["features"],
+        "ann": ann_entries,
+        "keep_versions": opts.keep_versions,
+        "max_memory": opts.max_memory,
     }
     manifest["bytes_per_item"] = _bytes_per_item(index_dir, tmp, manifest)
     report["seconds"]["publish"] = round(time.perf_counter() - t_pub, 3)
@@ -228,8 +329,10 @@ def publish_version(change: VersionChange, conn: Any, opts: BuildOptions, report
     layout.write_json_atomic(tmp / "manifest.json", manifest)
     atomic.publish_dir(tmp, layout.versions_dir(index_dir) / change.version)
     layout.set_current(index_dir, change.version)
-    log.info("published", extra={"index": str(index_dir), "version": change.version,
-                                 "operation": change.operation, **counts})
+    log.info(
+        "published",
+        extra={"index": str(index_dir), "version": change.version, "operation": change.operation, **counts},
+    )
     return manifest
 
 
@@ -238,10 +341,15 @@ def _bundle_entry(change: VersionChange) -> tuple[str, dict[str, Any]]:
     bundle = change.bundle
     if bundle is None:
         return change.parent["bundle_id"], change.parent["bundle"]
-    info = {"embed_dim": bundle.embed_dim, "image_res": bundle.image_res,
-            "image_tokens_shape": list(bundle.image_tokens_shape), "text_width": bundle.text_width,
-            "max_tokens": bundle.max_tokens, "name": getattr(getattr(bundle, "config", None), "name", None),
-            "path": str(Path(bundle.path).resolve()) if getattr(bundle, "path", None) else None}
+    info = {
+        "embed_dim": bundle.embed_dim,
+        "image_res": bundle.image_res,
+        "image_tokens_shape": list(bundle.image_tokens_shape),
+        "text_width": bundle.text_width,
+        "max_tokens": bundle.max_tokens,
+        "name": getattr(getattr(bundle, "config", None), "name", None),
+        "path": str(Path(bundle.path).resolve()) if getattr(bundle, "path", None) else None,
+    }
     return bundle.bundle_id, info
 
 
@@ -288,7 +396,9 @@ def _bytes_per_item(index_dir: Path, tmp: Path, manifest: dict[str, Any]) -> dic
             out[kind] = None
             continue
         faiss_b = manifest["ann"][kind].get("file_bytes", 0) or 0
-        per = {name.removeprefix(f"{kind}_"): round(b / max(rows[kind], 1), 1) for name, b in parts[kind].items()}
+        per = {
+            name.removeprefix(f"{kind}_"): round(b / max(rows[kind], 1), 1) for name, b in parts[kind].items()
+        }
         per["faiss"] = round(faiss_b / n, 1)
         per["sqlite"] = round(meta_bytes / n_all, 1)
         per["total"] = round((totals[kind] + faiss_b) / n + meta_bytes / n_all, 1)

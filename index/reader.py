@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
 from albef.index import ann, layout, metadata
 from albef.index.errors import IndexFormatError
 from albef.index.features import Segment
@@ -53,10 +54,18 @@ _KINDS = ("image", "text")
 
 
 class IndexReader:
-    def __init__(self, index_dir: Path, version: str, manifest: dict[str, Any], encoder: Any | None = None,
-                 search_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        index_dir: Path,
+        version: str,
+        manifest: dict[str, Any],
+        encoder: Any | None = None,
+        search_threads: int | None = None,
+    ) -> None:
         self.index_dir = index_dir
-        self.search_threads = search_threads  # OpenMP threads per FAISS search (None: albef.index.ann's default)
+        self.search_threads = (
+            search_threads  # OpenMP threads per FAISS search (None: albef.index.ann's default)
+        )
         self.version = version
         self.manifest = manifest
         self.encoder = encoder
@@ -76,8 +85,15 @@ class IndexReader:
         self.text_shape = (int(manifest["bundle"]["max_tokens"]), int(manifest["bundle"]["text_width"]))
 
     @classmethod
-    def open(cls, index_dir: str | Path, *, bundle_id: str | None = None, version: str | None = None,
-             encoder: Any | None = None, search_threads: int | None = None) -> IndexReader:
+    def open(
+        cls,
+        index_dir: str | Path,
+        *,
+        bundle_id: str | None = None,
+        version: str | None = None,
+        encoder: Any | None = None,
+        search_threads: int | None = None,
+    ) -> IndexReader:
         index_dir = Path(index_dir)
         vdir = layout.version_path(index_dir, version)
         manifest = layout.read_manifest(vdir)
@@ -148,7 +164,9 @@ class IndexReader:
         n, w = self.image_tokens_shape
         if len(ids) == 0:
             return np.zeros((0, n, w), np.float32)
-        return np.stack(self._gather("image", ids, lambda s, r: s.image_tokens(r))).astype(np.float32, copy=False)
+        return np.stack(self._gather("image", ids, lambda s, r: s.image_tokens(r))).astype(
+            np.float32, copy=False
+        )
 
     def text_token_ids(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         length = self.text_shape[0]
@@ -163,12 +181,16 @@ class IndexReader:
         if len(ids) == 0:
             return np.zeros((0, length, width), np.float32), np.zeros((0, length), np.int64)
         if self.manifest["features"]["text_features"] == "tokens":
-            tok = np.stack(self._gather("text", ids, lambda s, r: s.array("text_tokens")[r])).astype(np.float32)
+            tok = np.stack(self._gather("text", ids, lambda s, r: s.array("text_tokens")[r])).astype(
+                np.float32
+            )
             mask = np.stack(self._gather("text", ids, lambda s, r: s.array("text_mask")[r])).astype(np.int64)
             return tok, mask
         if self.encoder is None:
-            raise IndexFormatError("this index stores text token ids only; open it with encoder=<bundle> "
-                                   "to re-encode them for re-ranking")
+            raise IndexFormatError(
+                "this index stores text token ids only; open it with encoder=<bundle> "
+                "to re-encode them for re-ranking"
+            )
         tid, mask = self.text_token_ids(ids)
         _, tok = self.encoder.encode_ids(tid, mask)
         return np.asarray(tok, dtype=np.float32), mask

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from albef.model.bert import BertModel, ImageKV
 from albef.model.config import AlbefConfig
 from albef.model.vit import build_vit
-from torch import Tensor, nn
 
 
 class ALBEF(nn.Module):

@@ -12,8 +12,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from albef.model.config import TextConfig
 from torch import Tensor, nn
+
+from albef.model.config import TextConfig
 
 # Per fusion layer, the cross-attention keys and values of one set of image tokens: [B|1, heads, N, d].
 ImageKV = list[tuple[Tensor, Tensor]]

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from albef.model.config import AlbefConfig
 from albef.model.vit import interpolate_pos_embed
-from torch import nn
 
 FORMAT = "albef-search"
 FORMAT_VERSION = 1

@@ -12,9 +12,13 @@ from albef.errors import CLIError
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an official ALBEF .pth into this project's format")
-    p.add_argument("checkpoint", type=Path, help="official ALBEF.pth / ALBEF_4M.pth / flickr30k.pth / mscoco.pth")
+    p.add_argument(
+        "checkpoint", type=Path, help="official ALBEF.pth / ALBEF_4M.pth / flickr30k.pth / mscoco.pth"
+    )
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--config", default="albef-base", help="model config name or JSON path (default albef-base)")
+    p.add_argument(
+        "--config", default="albef-base", help="model config name or JSON path (default albef-base)"
+    )
     p.add_argument("--image-res", type=int, default=None, help="resolution to convert to (pos_embed resized)")
     p.add_argument("--keep-mlm", action="store_true", help="keep the MLM head of a pretraining checkpoint")
     p.set_defaults(func=convert_command)
@@ -30,7 +34,6 @@ def convert_command(args: argparse.Namespace) -> int:
 
     from albef.model.checkpoint import CheckpointError, save_albef
     from albef.model.factory import create_model
-
 
     if not args.checkpoint.is_file():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")
@@ -72,7 +75,6 @@ def checkpoint_info(path: Path) -> dict[str, Any]:
 
 def info_command(args: argparse.Namespace) -> int:
     from albef.model.checkpoint import CheckpointError
-
 
     if not args.checkpoint.exists():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")

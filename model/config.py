@@ -105,5 +105,7 @@ def get_config(name_or_config: str | Path | dict[str, Any] | AlbefConfig) -> Alb
     if str(name_or_config) in list_models():
         path = CONFIG_DIR / f"{name_or_config}.json"
     if not path.is_file():
-        raise ValueError(f"unknown model config {str(name_or_config)!r}; built-in: {', '.join(list_models())}")
+        raise ValueError(
+            f"unknown model config {str(name_or_config)!r}; built-in: {', '.join(list_models())}"
+        )
     return AlbefConfig.from_dict(json.loads(path.read_text()))

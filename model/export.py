@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from albef import atomic
 from albef.model.albef import ALBEF
 from albef.model.export_adapters import (
     ImageEncoderAdapter,
@@ -70,14 +71,32 @@ from albef.model.export_variants import (
 )
 from albef.model.runtime import VARIANTS
 
-from albef import atomic
-
 __all__ = [
-    "DEFAULT_OPSET", "FP32_TOLERANCE", "ExportError", "Evaluator", "export_bundle",
-    "ImageEncoderAdapter", "TextEncoderAdapter", "ItmAdapter", "ImageKVAdapter", "ItmKVAdapter",
-    "num_fusion_layers", "kv_names", "example_inputs", "io_description", "export_graphs", "probe_bf16",
-    "torch_reference", "validate", "check_fp32", "rerank_agreement", "library_versions", "source_info",
-    "write_manifest", "runtime_score_matrices", "make_evaluator",
+    "DEFAULT_OPSET",
+    "FP32_TOLERANCE",
+    "ExportError",
+    "Evaluator",
+    "export_bundle",
+    "ImageEncoderAdapter",
+    "TextEncoderAdapter",
+    "ItmAdapter",
+    "ImageKVAdapter",
+    "ItmKVAdapter",
+    "num_fusion_layers",
+    "kv_names",
+    "example_inputs",
+    "io_description",
+    "export_graphs",
+    "probe_bf16",
+    "torch_reference",
+    "validate",
+    "check_fp32",
+    "rerank_agreement",
+    "library_versions",
+    "source_info",
+    "write_manifest",
+    "runtime_score_matrices",
+    "make_evaluator",
 ]
 
 log = logging.getLogger(__name__)
@@ -133,7 +152,9 @@ def export_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     steps = ["export fp32", "validate fp32", *[f"{v}" for v in variants if v != "fp32"], "manifest"]
-    bar = progress_bar(total=len(steps) + (len(variants) if evaluator else 0), desc="export", enabled=progress)
+    bar = progress_bar(
+        total=len(steps) + (len(variants) if evaluator else 0), desc="export", enabled=progress
+    )
     job = _Job(model, tmp, bar)
     try:
         _export_fp32(job, vocab_path, checkpoint, opset)

@@ -10,12 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from albef.model.albef import ALBEF
 from torch import Tensor, nn
 
+from albef.model.albef import ALBEF
+
 __all__ = [
-    "ImageEncoderAdapter", "TextEncoderAdapter", "ItmAdapter", "ImageKVAdapter", "ItmKVAdapter",
-    "num_fusion_layers", "kv_names", "example_inputs", "io_description",
+    "ImageEncoderAdapter",
+    "TextEncoderAdapter",
+    "ItmAdapter",
+    "ImageKVAdapter",
+    "ItmKVAdapter",
+    "num_fusion_layers",
+    "kv_names",
+    "example_inputs",
+    "io_description",
 ]
 
 
@@ -112,13 +120,21 @@ def io_description(model: ALBEF) -> dict[str, Any]:
     kv = {name: ["1", heads, n, h // heads] for name in kv_names(model)}
     r = cfg.vision.image_res
     return {
-        "image_encoder": {"inputs": {"pixels": ["B", 3, r, r]},
-                          "outputs": {"image_emb": ["B", d], "image_tokens": ["B", n, w]}},
-        "text_encoder": {"inputs": {"input_ids": ["B", "L"], "attention_mask": ["B", "L"]},
-                         "outputs": {"text_emb": ["B", d], "text_tokens": ["B", "L", h]}},
-        "itm": {"inputs": {"text_tokens": ["B", "L", h], "text_mask": ["B", "L"], "image_tokens": ["B|1", n, w]},
-                "outputs": {"itm_logits": ["B", 2]}},
+        "image_encoder": {
+            "inputs": {"pixels": ["B", 3, r, r]},
+            "outputs": {"image_emb": ["B", d], "image_tokens": ["B", n, w]},
+        },
+        "text_encoder": {
+            "inputs": {"input_ids": ["B", "L"], "attention_mask": ["B", "L"]},
+            "outputs": {"text_emb": ["B", d], "text_tokens": ["B", "L", h]},
+        },
+        "itm": {
+            "inputs": {"text_tokens": ["B", "L", h], "text_mask": ["B", "L"], "image_tokens": ["B|1", n, w]},
+            "outputs": {"itm_logits": ["B", 2]},
+        },
         "image_kv": {"inputs": {"image_tokens": ["1", n, w]}, "outputs": kv},
-        "itm_kv": {"inputs": {"text_tokens": ["K", "L", h], "text_mask": ["K", "L"], **kv},
-                   "outputs": {"itm_logits": ["K", 2]}},
+        "itm_kv": {
+            "inputs": {"text_tokens": ["K", "L", h], "text_mask": ["K", "L"], **kv},
+            "outputs": {"itm_logits": ["K", 2]},
+        },
     }

@@ -7,26 +7,57 @@ import json
 from pathlib import Path
 
 from albef.errors import CLIError, UsageError
+from albef.model.export_defaults import DEFAULT_OPSET, FP32_TOLERANCE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to an ONNX model bundle for the torch-free runtime")
-    p.add_argument("checkpoint", type=Path, help="our checkpoint folder (config.json + model.safetensors) or an official .pth")
+    p = sub.add_parser(
+        "export", help="export a checkpoint to an ONNX model bundle for the torch-free runtime"
+    )
+    p.add_argument(
+        "checkpoint",
+        type=Path,
+        help="our checkpoint folder (config.json + model.safetensors) or an official .pth",
+    )
     p.add_argument("out_dir", type=Path, help="bundle folder to create (built beside it, then renamed)")
-    p.add_argument("--config", default=None, help="model config name or JSON (default: the checkpoint's own, else albef-base)")
-    p.add_argument("--variants", default="fp32,int8", help="comma list from fp32,int8,bf16 (default fp32,int8)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: ALBEF_VOCAB or the bundled copy)")
-    p.add_argument("--image-res", type=int, default=None, help="export at another resolution (pos_embed resized)")
-    p.add_argument("--int8-per-channel", action="store_true",
-                   help="int8 weights with one scale per output channel (slower export)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="model config name or JSON (default: the checkpoint's own, else albef-base)",
+    )
+    p.add_argument(
+        "--variants", default="fp32,int8", help="comma list from fp32,int8,bf16 (default fp32,int8)"
+    )
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument(
+        "--vocab", type=Path, default=None, help="vocab.txt (default: ALBEF_VOCAB or the bundled copy)"
+    )
+    p.add_argument(
+        "--image-res", type=int, default=None, help="export at another resolution (pos_embed resized)"
+    )
+    p.add_argument(
+        "--int8-per-channel",
+        action="store_true",
+        help="int8 weights with one scale per output channel (slower export)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    p.add_argument("--eval-data", type=Path, default=None,
-                   help="official val/test JSON: measure every variant's R@K with the runtime into the manifest")
+    p.add_argument(
+        "--eval-data",
+        type=Path,
+        default=None,
+        help="official val/test JSON: measure every variant's R@K with the runtime into the manifest",
+    )
     p.add_argument("--image-root", type=Path, default=None, help="image folder for --eval-data paths")
     p.add_argument("--k-test", type=int, default=16, help="ITM re-rank depth for --eval-data (default 16)")
-    p.add_argument("--json", action="store_true", help="print the manifest summary as one JSON object (for scripts)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |torch - ORT| for fp32 (default 1e-4)")
+    p.add_argument(
+        "--json", action="store_true", help="print the manifest summary as one JSON object (for scripts)"
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=FP32_TOLERANCE,
+        help=f"max |torch - ORT| for fp32 (default {FP32_TOLERANCE:g})",
+    )
     p.set_defaults(func=export_command)
 
 
@@ -36,7 +67,9 @@ def export_command(args: argparse.Namespace) -> int:
     allowed = ("fp32", "int8", "bf16")
     bad = [v for v in variants if v not in allowed]
     if bad or not variants:
-        raise UsageError(f"--variants: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(allowed)}")
+        raise UsageError(
+            f"--variants: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(allowed)}"
+        )
     if not args.checkpoint.exists():
         raise CLIError(f"checkpoint not found: {args.checkpoint}")
     if args.out_dir.exists() and not args.force:
@@ -64,33 +97,57 @@ def export_command(args: argparse.Namespace) -> int:
             raise CLIError(f"--eval-data: {exc}") from exc
     try:
         manifest = export_bundle(
-            model, args.out_dir, variants=variants, opset=args.opset, vocab=args.vocab,
-            checkpoint=args.checkpoint, overwrite=args.force, evaluator=evaluator, tolerance=args.tolerance,
+            model,
+            args.out_dir,
+            variants=variants,
+            opset=args.opset,
+            vocab=args.vocab,
+            checkpoint=args.checkpoint,
+            overwrite=args.force,
+            evaluator=evaluator,
+            tolerance=args.tolerance,
             int8_per_channel=args.int8_per_channel,
         )
     except (ExportError, ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
     total = sum(f["bytes"] for f in manifest["files"].values())
     if args.json:
-        print(json.dumps({"bundle": str(args.out_dir.resolve()), "bundle_id": manifest["bundle_id"],  # noqa: T201
-                          "bytes": total, "variants": manifest["variants"],
-                          "variants_not_shipped": manifest.get("variants_not_shipped", {})}, default=str))
+        print(  # noqa: T201
+            json.dumps(
+                {
+                    "bundle": str(args.out_dir.resolve()),
+                    "bundle_id": manifest["bundle_id"],
+                    "bytes": total,
+                    "variants": manifest["variants"],
+                    "variants_not_shipped": manifest.get("variants_not_shipped", {}),
+                },
+                default=str,
+            )
+        )
         return 0
     val = manifest["variants"]["fp32"]["validation"]
-    print(f"wrote {args.out_dir} (bundle {manifest['bundle_id'][:16]}, {total / 1e6:.1f} MB, "  # noqa: T201
-          f"variants {','.join(manifest['variants'])})")
-    print(f"fp32 max |torch - ORT|: image_emb {val['image_emb']:.1e}, text_emb {val['text_emb']:.1e}, "  # noqa: T201
-          f"itm {val['itm_logits']:.1e}")
+    print(  # noqa: T201
+        f"wrote {args.out_dir} (bundle {manifest['bundle_id'][:16]}, {total / 1e6:.1f} MB, "
+        f"variants {','.join(manifest['variants'])})"
+    )
+    print(  # noqa: T201
+        f"fp32 max |torch - ORT|: image_emb {val['image_emb']:.1e}, text_emb {val['text_emb']:.1e}, "
+        f"itm {val['itm_logits']:.1e}"
+    )
     if "int8" in manifest["variants"]:
         q = manifest["variants"]["int8"]["validation"]
-        print(f"int8 vs fp32 on {q['cpu']['model']} ({q['cpu']['int8_kernel']} int8 kernel): min cosine "  # noqa: T201
-              f"image {q['image_emb_min_cos']:.4f} text {q['text_emb_min_cos']:.4f}, ITM logit max diff "
-              f"{q['itm_logits']:.3f}; within the bounds")
+        print(  # noqa: T201
+            f"int8 vs fp32 on {q['cpu']['model']} ({q['cpu']['int8_kernel']} int8 kernel): min cosine "
+            f"image {q['image_emb_min_cos']:.4f} text {q['text_emb_min_cos']:.4f}, ITM logit max diff "
+            f"{q['itm_logits']:.3f}; within the bounds"
+        )
     for name, info in manifest.get("variants_not_shipped", {}).items():
         print(f"{name} not shipped: {info['reason']}")  # noqa: T201
     for name, info in manifest["variants"].items():
         if "eval" in info:
             e = info["eval"]
-            print(f"{name}: ITM r_mean {e['itm']['r_mean']:.2f} txt_r1 {e['itm']['txt_r1']:.2f} "  # noqa: T201
-                  f"img_r1 {e['itm']['img_r1']:.2f} (ITC r_mean {e['itc']['r_mean']:.2f})")
+            print(  # noqa: T201
+                f"{name}: ITM r_mean {e['itm']['r_mean']:.2f} txt_r1 {e['itm']['txt_r1']:.2f} "
+                f"img_r1 {e['itm']['img_r1']:.2f} (ITC r_mean {e['itc']['r_mean']:.2f})"
+            )
     return 0

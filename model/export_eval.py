@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from albef.model.ranking import rank
 
 __all__ = ["Evaluator", "runtime_score_matrices", "make_evaluator"]
@@ -43,7 +44,9 @@ def runtime_score_matrices(
     return sims, i2t, t2i
 
 
-def make_evaluator(eval_json: str | Path, image_root: str | Path | None = None, k_test: int = 16) -> Evaluator:
+def make_evaluator(
+    eval_json: str | Path, image_root: str | Path | None = None, k_test: int = 16
+) -> Evaluator:
     """An evaluator for :func:`export_bundle`: R@K of ITC alone and of ITC+ITM re-ranking on an eval set
     (official val/test JSON), with ``albef.model.train.evaluate.itm_eval``."""
     from albef.model.data.annotations import load_eval_set

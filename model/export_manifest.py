@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from albef import atomic
 from albef.model.albef import ALBEF
 from albef.model.config import AlbefConfig
 from albef.model.export_adapters import io_description
@@ -28,11 +29,15 @@ from albef.model.runtime import (
 )
 from albef.model.text import AlbefTokenizer, default_vocab_path
 
-from albef import atomic
-
 __all__ = [
-    "package_version", "library_versions", "source_info", "checkpoint_vocab", "resolve_vocab", "write_text_files",
-    "base_manifest", "write_manifest",
+    "package_version",
+    "library_versions",
+    "source_info",
+    "checkpoint_vocab",
+    "resolve_vocab",
+    "write_text_files",
+    "base_manifest",
+    "write_manifest",
 ]
 
 
@@ -89,19 +94,24 @@ def write_text_files(out: Path, vocab_path: Path, config: AlbefConfig) -> None:
     tok = AlbefTokenizer.from_vocab(vocab_path, max_tokens=config.max_tokens)
     tok.save(out / TOKENIZER_FILE)
     shutil.copyfile(vocab_path, out / VOCAB_FILE)
-    atomic.write_json(out / PREPROCESS_FILE, {
-        "image_res": config.vision.image_res,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "interpolation": "bicubic",
-        "resize": "square",
-        "scale": 1 / 255,
-        "channels": "RGB",
-        "layout": "NCHW",
-    })
+    atomic.write_json(
+        out / PREPROCESS_FILE,
+        {
+            "image_res": config.vision.image_res,
+            "mean": list(config.mean),
+            "std": list(config.std),
+            "interpolation": "bicubic",
+            "resize": "square",
+            "scale": 1 / 255,
+            "channels": "RGB",
+            "layout": "NCHW",
+        },
+    )
 
 
-def base_manifest(model: ALBEF, checkpoint: str | Path | None, opset: int, files32: dict[str, str]) -> dict[str, Any]:
+def base_manifest(
+    model: ALBEF, checkpoint: str | Path | None, opset: int, files32: dict[str, str]
+) -> dict[str, Any]:
     """The manifest before validation: the fp32 variant only; later steps add figures and variants."""
     return {
         "format": BUNDLE_FORMAT,

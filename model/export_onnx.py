@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from torch import Tensor, nn
+
 from albef.model.albef import ALBEF
 from albef.model.export_adapters import (
     ImageEncoderAdapter,
@@ -22,12 +24,11 @@ from albef.model.export_adapters import (
     io_description,
     kv_names,
 )
+from albef.model.export_defaults import DEFAULT_OPSET
 from albef.model.runtime import variant_file
-from torch import Tensor, nn
 
 __all__ = ["DEFAULT_OPSET", "GraphSpec", "graph_specs", "export_graphs"]
 
-DEFAULT_OPSET = 17
 
 Axes = dict[str, dict[int, str]]
 
@@ -84,7 +85,12 @@ def graph_specs(model: ALBEF, ex: dict[str, Tensor]) -> dict[str, GraphSpec]:
             (ex["text_tokens"], ex["attention_mask"], *kv),
             ["text_tokens", "text_mask", *kvn],
             ["itm_logits"],
-            {"text_tokens": text, "text_mask": text, "itm_logits": batch, **{n: {0: "kv_batch"} for n in kvn}},
+            {
+                "text_tokens": text,
+                "text_mask": text,
+                "itm_logits": batch,
+                **{n: {0: "kv_batch"} for n in kvn},
+            },
         ),
     }
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from albef.model.albef import ALBEF
 from albef.model.export_adapters import example_inputs
+from albef.model.export_defaults import FP32_TOLERANCE
 from albef.model.quantize import INT8_BOUNDS
 
 __all__ = ["ExportError", "FP32_TOLERANCE", "torch_reference", "validate", "check_fp32", "rerank_agreement"]
-
-FP32_TOLERANCE = 1e-4
 
 
 class ExportError(RuntimeError):
@@ -43,22 +43,31 @@ def torch_reference(model: ALBEF, seed: int = 1) -> dict[str, Any]:
     dynamic axis), plain ITM pairs and one image against all texts (what the K/V-cached graph computes)."""
     model.eval()
     ex = example_inputs(model, batch=3, seed=seed)
-    short = example_inputs(model, batch=3, length=max(4, model.config.max_tokens // 2), seed=seed + 1,
-                           encode_images=False)
-    ref: dict[str, Any] = {"pixels": ex["pixels"].numpy(), "image_emb": ex["image_emb"].numpy(),
-                           "image_tokens": ex["image_tokens"].numpy(), "texts": []}
+    short = example_inputs(
+        model, batch=3, length=max(4, model.config.max_tokens // 2), seed=seed + 1, encode_images=False
+    )
+    ref: dict[str, Any] = {
+        "pixels": ex["pixels"].numpy(),
+        "image_emb": ex["image_emb"].numpy(),
+        "image_tokens": ex["image_tokens"].numpy(),
+        "texts": [],
+    }
     img = ex["image_tokens"]
     with torch.no_grad():
         for inp in (ex, short):
             tok, mask = inp["text_tokens"], inp["attention_mask"]
-            ref["texts"].append({
-                "ids": inp["input_ids"].numpy(),
-                "mask": mask.numpy(),
-                "text_emb": inp["text_emb"].numpy(),
-                "text_tokens": tok.numpy(),
-                "itm": model.itm_logits(tok, mask, img).numpy(),
-                "itm_one_image": model.itm_logits(tok, mask, img[:1].expand(tok.shape[0], -1, -1)).numpy(),
-            })
+            ref["texts"].append(
+                {
+                    "ids": inp["input_ids"].numpy(),
+                    "mask": mask.numpy(),
+                    "text_emb": inp["text_emb"].numpy(),
+                    "text_tokens": tok.numpy(),
+                    "itm": model.itm_logits(tok, mask, img).numpy(),
+                    "itm_one_image": model.itm_logits(
+                        tok, mask, img[:1].expand(tok.shape[0], -1, -1)
+                    ).numpy(),
+                }
+            )
     return ref
 
 
@@ -81,7 +90,9 @@ def validate(ref: dict[str, Any], bundle_dir: Path, variant: str) -> dict[str, f
         tok_diffs.append(_maxdiff(t["text_tokens"], o_tok))
         coss.append(_min_cos(t["text_emb"], o_emb))
         # ITM on PyTorch's token features, so the figure is the ITM graph's own error
-        itm_diffs.append(_maxdiff(t["itm"], bundle.itm_scores(t["text_tokens"], t["mask"], ref["image_tokens"])))
+        itm_diffs.append(
+            _maxdiff(t["itm"], bundle.itm_scores(t["text_tokens"], t["mask"], ref["image_tokens"]))
+        )
         o_kv = bundle.itm_scores_for_image(img1, t["text_tokens"], t["mask"])
         itm_diffs.append(_maxdiff(t["itm_one_image"], o_kv))
         repeated = np.repeat(img1, len(t["mask"]), axis=0)
@@ -96,14 +107,19 @@ def validate(ref: dict[str, Any], bundle_dir: Path, variant: str) -> dict[str, f
 
 
 def check_fp32(figures: dict[str, float], tolerance: float = FP32_TOLERANCE) -> None:
-    bad = {k: figures[k] for k in ("image_emb", "text_emb", "itm_logits", "itm_kv_vs_itm") if figures[k] > tolerance}
+    bad = {
+        k: figures[k]
+        for k in ("image_emb", "text_emb", "itm_logits", "itm_kv_vs_itm")
+        if figures[k] > tolerance
+    }
     if bad:
         detail = ", ".join(f"{k} {v:.2e}" for k, v in bad.items())
         raise ExportError(f"ONNX Runtime differs from PyTorch by more than {tolerance:g}: {detail}")
 
 
-def rerank_agreement(ref: dict[str, np.ndarray], other: dict[str, np.ndarray],
-                     tol: float = INT8_BOUNDS.max_itm_logit_diff) -> dict[str, float]:
+def rerank_agreement(
+    ref: dict[str, np.ndarray], other: dict[str, np.ndarray], tol: float = INT8_BOUNDS.max_itm_logit_diff
+) -> dict[str, float]:
     """How often ``other``'s top-1 after ITM re-ranking is ``ref``'s, per direction (score matrices
     ``[queries, gallery]``, -100 outside the shortlist). ``strict``: the same item (argmax takes the lowest id
     among ties, as the ranking rule does). The bound uses the near form: the same item, or one that ``ref``

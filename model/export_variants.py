@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from albef.cpu import cpu_info
 from albef.model.export_manifest import package_version, write_manifest
 from albef.model.export_validate import rerank_agreement, validate
 from albef.model.quantize import bounds_dict, check_int8, int8_scheme, max_int8_weight, quantize_int8
-
-from albef.cpu import cpu_info
 
 __all__ = ["probe_bf16", "add_int8", "decide_bf16", "add_int8_agreement", "drop_failed_int8"]
 
@@ -25,8 +25,9 @@ __all__ = ["probe_bf16", "add_int8", "decide_bf16", "add_int8_agreement", "drop_
 log = logging.getLogger("albef.model.export")
 
 
-def add_int8(tmp: Path, manifest: dict[str, Any], files32: dict[str, str], ref: dict[str, Any],
-             per_channel: bool) -> None:
+def add_int8(
+    tmp: Path, manifest: dict[str, Any], files32: dict[str, str], ref: dict[str, Any], per_channel: bool
+) -> None:
     """Quantise the fp32 graphs in ``tmp`` and record the int8 variant with its validation figures."""
     files = quantize_int8(tmp, files32, per_channel)
     manifest["variants"]["int8"] = {
@@ -39,7 +40,10 @@ def add_int8(tmp: Path, manifest: dict[str, Any], files32: dict[str, str], ref: 
     figures = validate(ref, tmp, "int8")
     figures["max_int8_weight"] = max(max_int8_weight(tmp / f) for f in files.values())
     manifest["variants"]["int8"]["validation"] = {
-        **figures, "cpu": cpu_info(), "bounds": bounds_dict(), "failed": check_int8(figures),
+        **figures,
+        "cpu": cpu_info(),
+        "bounds": bounds_dict(),
+        "failed": check_int8(figures),
     }
 
 
@@ -64,8 +68,10 @@ def drop_failed_int8(tmp: Path, manifest: dict[str, Any]) -> None:
         "validation": int8["validation"],
         "alternative": "fp32 (shipped); see docs/cpu.md",
     }
-    log.warning("int8 variant not shipped", extra={"failed": int8["validation"]["failed"],
-                                                   "cpu": int8["validation"]["cpu"]["model"]})
+    log.warning(
+        "int8 variant not shipped",
+        extra={"failed": int8["validation"]["failed"], "cpu": int8["validation"]["cpu"]["model"]},
+    )
 
 
 def decide_bf16(manifest: dict[str, Any]) -> None:
@@ -96,8 +102,11 @@ def probe_bf16(threads: int = 2, m: int = 256, k: int = 768, n: int = 3072, reps
         nodes = [helper.make_node("MatMul", ["X", "Wc"], ["Y"])]
         nodes.insert(0, helper.make_node("Cast", ["W"], ["Wc"], to=dt))
         graph = helper.make_graph(
-            nodes, "probe", [helper.make_tensor_value_info("X", dt, [m, k])],
-            [helper.make_tensor_value_info("Y", dt, [m, n])], [init],
+            nodes,
+            "probe",
+            [helper.make_tensor_value_info("X", dt, [m, k])],
+            [helper.make_tensor_value_info("Y", dt, [m, n])],
+            [init],
         )
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 

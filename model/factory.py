@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from albef.model.albef import ALBEF
 from albef.model.checkpoint import (
     fit_pos_embed,

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from albef.model.config import CLIP_MEAN, CLIP_STD
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from albef.model.config import CLIP_MEAN, CLIP_STD
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -41,7 +42,9 @@ def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
     Image.init()
     unknown = [n for n in names if n not in Image.OPEN]
     if unknown or not names:
-        raise ValueError(f"unknown image formats {unknown or '(none given)'}; Pillow knows {', '.join(Image.OPEN)}")
+        raise ValueError(
+            f"unknown image formats {unknown or '(none given)'}; Pillow knows {', '.join(Image.OPEN)}"
+        )
     return tuple(names)
 
 
@@ -81,8 +84,9 @@ def upright(img: Image.Image, exif_transpose: bool = True) -> Image.Image:
     return ImageOps.exif_transpose(img) or img
 
 
-def load_image(source: ImageSource, *, exif_transpose: bool = True,
-               formats: Sequence[str] | None = None) -> Image.Image:
+def load_image(
+    source: ImageSource, *, exif_transpose: bool = True, formats: Sequence[str] | None = None
+) -> Image.Image:
     """Open a path, raw bytes or a PIL image and return it decoded as RGB, upright by its EXIF orientation
     unless ``exif_transpose=False`` (the official loader). ``formats`` restricts the decoders for paths and
     bytes (default: all; user-facing callers pass an allow-list)."""
@@ -112,7 +116,9 @@ def resize(img: Image.Image, image_res: int) -> Image.Image:
     return img.resize((image_res, image_res), Image.Resampling.BICUBIC)
 
 
-def normalize(img: Image.Image, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+def normalize(
+    img: Image.Image, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> np.ndarray:
     """An RGB image of the final size -> float32 ``[3, H, W]``."""
     arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)
     arr = arr.transpose(2, 0, 1)

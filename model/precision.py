@@ -40,7 +40,9 @@ def _rate(dtype: torch.dtype, n: int, reps: int, budget_s: float) -> float:
     return 2.0 * n**3 / times[len(times) // 2] / 1e9
 
 
-def probe_dtype(dtype: str | torch.dtype, n: int = 384, reps: int = 3, budget_s: float = 2.0) -> dict[str, Any]:
+def probe_dtype(
+    dtype: str | torch.dtype, n: int = 384, reps: int = 3, budget_s: float = 2.0
+) -> dict[str, Any]:
     """Time an ``n``^3 matmul in ``dtype`` and in fp32 on the CPU (well under a second where the dtype is
     native, at most a few seconds where it is not)."""
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -48,12 +50,19 @@ def probe_dtype(dtype: str | torch.dtype, n: int = 384, reps: int = 3, budget_s:
     fp32 = _rate(torch.float32, n, reps, budget_s)
     rate = fp32 if dt == torch.float32 else _rate(dt, n, reps, budget_s)
     native = rate >= NATIVE_FRACTION * fp32
-    out: dict[str, Any] = {"dtype": str(dt).removeprefix("torch."), "n": n, "gflops": round(rate, 1),
-                           "fp32_gflops": round(fp32, 1), "native": native}
+    out: dict[str, Any] = {
+        "dtype": str(dt).removeprefix("torch."),
+        "n": n,
+        "gflops": round(rate, 1),
+        "fp32_gflops": round(fp32, 1),
+        "native": native,
+    }
     if not native:
         info = cpu_info()
-        out["reason"] = (f"no native {out['dtype']} matmul on this CPU ({info['model']}; flags: "
-                         f"{' '.join(info['flags']) or 'none'}): {rate:.1f} GFLOP/s against {fp32:.1f} in fp32")
+        out["reason"] = (
+            f"no native {out['dtype']} matmul on this CPU ({info['model']}; flags: "
+            f"{' '.join(info['flags']) or 'none'}): {rate:.1f} GFLOP/s against {fp32:.1f} in fp32"
+        )
     return out
 
 
@@ -61,6 +70,7 @@ def require_native(dtype: str, what: str) -> dict[str, Any]:
     """Raise :class:`UnsupportedDtypeError` (naming ``what``, e.g. the setting) unless ``dtype`` is native."""
     probe = probe_dtype(dtype)
     if not probe["native"]:
-        raise UnsupportedDtypeError(f"{what}: {probe['reason']}; it would run far slower than fp32, so it is "
-                                    "refused (turn it off)")
+        raise UnsupportedDtypeError(
+            f"{what}: {probe['reason']}; it would run far slower than fp32, so it is refused (turn it off)"
+        )
     return probe

@@ -21,7 +21,12 @@ from typing import Any
 from albef.model.runtime import variant_file
 
 __all__ = [
-    "INT8_BOUNDS", "Int8Bounds", "bounds_dict", "check_int8", "int8_scheme", "max_int8_weight",
+    "INT8_BOUNDS",
+    "Int8Bounds",
+    "bounds_dict",
+    "check_int8",
+    "int8_scheme",
+    "max_int8_weight",
     "quantize_int8",
 ]
 
@@ -32,9 +37,11 @@ W_MAX = 64
 def int8_scheme(per_channel: bool = False) -> str:
     """The manifest's description of the int8 weights."""
     granularity = "per output channel" if per_channel else "per tensor"
-    return (f"int8 symmetric {granularity}, 7-bit range (reduce_range: weights in [-64, 64], so no u8 x s8 pair "
-            "sum can saturate a 16-bit register on CPUs without VNNI), MatMul/Gemm weights only; activations "
-            "quantised to uint8 dynamically (onnxruntime.quantization.quantize_dynamic)")
+    return (
+        f"int8 symmetric {granularity}, 7-bit range (reduce_range: weights in [-64, 64], so no u8 x s8 pair "
+        "sum can saturate a 16-bit register on CPUs without VNNI), MatMul/Gemm weights only; activations "
+        "quantised to uint8 dynamically (onnxruntime.quantization.quantize_dynamic)"
+    )
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,12 @@ def quantize_int8(out: Path, files: Mapping[str, str], per_channel: bool = False
             qname = variant_file(role, "int8")
             tmp = out / (qname + ".part")
             quantize_dynamic(
-                str(out / name), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel,
-                reduce_range=True, op_types_to_quantize=["MatMul", "Gemm"],
+                str(out / name),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                per_channel=per_channel,
+                reduce_range=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
             )
             tmp.replace(out / qname)
             q[role] = qname
@@ -105,7 +116,9 @@ def check_int8(figures: Mapping[str, float], bounds: Int8Bounds = INT8_BOUNDS) -
     if "itm_logits" in figures and figures["itm_logits"] > bounds.max_itm_logit_diff:
         bad.append(f"itm_logits deviation {figures['itm_logits']:.4f} > {bounds.max_itm_logit_diff}")
     if "max_int8_weight" in figures and figures["max_int8_weight"] > bounds.max_int8_weight:
-        bad.append(f"int8 weights reach {figures['max_int8_weight']:.0f} > {bounds.max_int8_weight} (can saturate)")
+        bad.append(
+            f"int8 weights reach {figures['max_int8_weight']:.0f} > {bounds.max_int8_weight} (can saturate)"
+        )
     for key in ("rerank_top1_agreement_t2i", "rerank_top1_agreement_i2t"):
         if key in figures and figures[key] < bounds.min_rerank_top1_agreement:
             bad.append(f"{key} {figures[key]:.3f} < {bounds.min_rerank_top1_agreement}")

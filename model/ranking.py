@@ -21,8 +21,9 @@ __all__ = ["RANKING", "rank", "itc_order", "order_candidates"]
 RANKING = "descending score, stable: ties keep ascending id order"  # recorded in evaluation reports
 
 
-def rank(scores: np.ndarray | Sequence[float], ids: np.ndarray | Sequence[int] | None = None,
-         k: int | None = None) -> np.ndarray:
+def rank(
+    scores: np.ndarray | Sequence[float], ids: np.ndarray | Sequence[int] | None = None, k: int | None = None
+) -> np.ndarray:
     """Positions in ranking order along the last axis (the first ``k`` if given): score descending, ties by
     id ascending. Without ``ids`` (1-D ``scores`` only otherwise) a position is its own id."""
     s = np.asarray(scores)
@@ -60,4 +61,4 @@ def order_candidates(
         raise ValueError(f"{len(itm)} ITM scores for {len(head)} re-ranked candidates")
     head_ids = np.asarray(ids, dtype=np.int64)[head]
     head_sorted = head[rank(np.asarray(itm, dtype=np.float64), head_ids)]
-    return np.concatenate([head_sorted, by_itc[len(head):]])[:k].tolist()
+    return np.concatenate([head_sorted, by_itc[len(head) :]])[:k].tolist()

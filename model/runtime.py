@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from albef.model.config import AlbefConfig
 from albef.model.image import ImageSource, preprocess
 from albef.model.text import AlbefTokenizer
@@ -76,7 +77,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{mpath}: not an {BUNDLE_FORMAT} manifest")
     if int(manifest.get("format_version", 0)) > BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{mpath}: bundle format {manifest.get('format_version')} is newer than this runtime")
+        raise BundleError(
+            f"{mpath}: bundle format {manifest.get('format_version')} is newer than this runtime"
+        )
     return manifest
 
 
@@ -148,7 +151,9 @@ class Bundle:
         manifest = read_manifest(p)
         variants = manifest.get("variants", {})
         if variant not in variants:
-            raise BundleError(f"{p}: no variant {variant!r} in this bundle (available: {', '.join(variants)})")
+            raise BundleError(
+                f"{p}: no variant {variant!r} in this bundle (available: {', '.join(variants)})"
+            )
         files = manifest.get("files", {})
         needed = [*variants[variant]["files"].values(), TOKENIZER_FILE, PREPROCESS_FILE]
         for name in needed:
@@ -156,7 +161,9 @@ class Bundle:
             if not f.is_file():
                 raise BundleError(f"{p}: missing file {name}")
             if name in files and f.stat().st_size != files[name]["bytes"]:
-                raise BundleError(f"{p}: {name} has {f.stat().st_size} bytes, manifest says {files[name]['bytes']}")
+                raise BundleError(
+                    f"{p}: {name} has {f.stat().st_size} bytes, manifest says {files[name]['bytes']}"
+                )
             if verify and name in files and sha256_file(f) != files[name]["sha256"]:
                 raise BundleError(f"{p}: {name} does not match its sha256 in the manifest")
         if bundle_id_from_files(files) != manifest.get("bundle_id"):
@@ -207,11 +214,15 @@ class Bundle:
         if x.ndim != 4 or x.shape[1:] != (3, r, r):
             raise ValueError(f"pixels must have shape [B, 3, {r}, {r}], got {list(x.shape)}")
         if x.shape[0] == 0:
-            return np.zeros((0, self.embed_dim), np.float32), np.zeros((0, *self.image_tokens_shape), np.float32)
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros(
+                (0, *self.image_tokens_shape), np.float32
+            )
         emb, tokens = self._run("image_encoder", {"pixels": x})
         return emb, tokens
 
-    def encode_images(self, images: Sequence[ImageSource], batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    def encode_images(
+        self, images: Sequence[ImageSource], batch_size: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
         embs, toks = [], []
         for start in range(0, len(images), batch_size):
             e, t = self.encode_pixels(self.preprocess(images[start : start + batch_size]))
@@ -232,7 +243,9 @@ class Bundle:
         if i.ndim != 2 or i.shape != m.shape:
             raise ValueError(f"ids and mask must both be [B, L], got {list(i.shape)} and {list(m.shape)}")
         if i.shape[0] == 0:
-            return np.zeros((0, self.embed_dim), np.float32), np.zeros((0, i.shape[1], self.text_width), np.float32)
+            return np.zeros((0, self.embed_dim), np.float32), np.zeros(
+                (0, i.shape[1], self.text_width), np.float32
+            )
         emb, tokens = self._run("text_encoder", {"input_ids": i, "attention_mask": m})
         return emb, tokens
 
@@ -315,13 +328,26 @@ class Bundle:
             return {}
         val = self.manifest["variants"][self.variant].get("validation", {})
         if "cpu" not in val:
-            return {"validated": "no CPU recorded in this bundle's manifest; re-export it to record the figures"}
-        keep = ("image_emb_min_cos", "text_emb_min_cos", "itm_logits", "max_int8_weight",
-                "rerank_top1_agreement_t2i", "rerank_top1_agreement_i2t")
-        return {"validated": {k: val[k] for k in keep if k in val},
-                "validated_on": {"model": val["cpu"].get("model"), "flags": val["cpu"].get("flags"),
-                                 "int8_kernel": val["cpu"].get("int8_kernel")},
-                "validation_bounds": val.get("bounds")}
+            return {
+                "validated": "no CPU recorded in this bundle's manifest; re-export it to record the figures"
+            }
+        keep = (
+            "image_emb_min_cos",
+            "text_emb_min_cos",
+            "itm_logits",
+            "max_int8_weight",
+            "rerank_top1_agreement_t2i",
+            "rerank_top1_agreement_i2t",
+        )
+        return {
+            "validated": {k: val[k] for k in keep if k in val},
+            "validated_on": {
+                "model": val["cpu"].get("model"),
+                "flags": val["cpu"].get("flags"),
+                "int8_kernel": val["cpu"].get("int8_kernel"),
+            },
+            "validation_bounds": val.get("bounds"),
+        }
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, model={self.config.name!r}, variant={self.variant!r}, id={self.bundle_id[:12]})"

@@ -26,7 +26,9 @@ _SPACES = re.compile(r"\s{2,}")
 
 def pre_caption(caption: str, max_words: int = 30) -> str:
     """``dataset/utils.py:pre_caption`` of the official code, step for step."""
-    caption = _PUNCT.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    caption = (
+        _PUNCT.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
+    )
     caption = _SPACES.sub(" ", caption)
     caption = caption.rstrip("\n").strip(" ")
     words = caption.split(" ")
@@ -72,7 +74,9 @@ class AlbefTokenizer:
         path = Path(vocab_path)
         if not path.is_file():
             raise FileNotFoundError(f"vocab file not found: {path}")
-        tok = Tokenizer(models.WordPiece.from_file(str(path), unk_token="[UNK]", max_input_chars_per_word=100))
+        tok = Tokenizer(
+            models.WordPiece.from_file(str(path), unk_token="[UNK]", max_input_chars_per_word=100)
+        )
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
         )

@@ -10,8 +10,9 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from albef.model.config import VisionConfig
 from torch import nn
+
+from albef.model.config import VisionConfig
 
 
 def build_vit(cfg: VisionConfig) -> nn.Module:
@@ -35,7 +36,9 @@ def build_vit(cfg: VisionConfig) -> nn.Module:
     )
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, num_patches: int, num_extra_tokens: int = 1) -> torch.Tensor:
+def interpolate_pos_embed(
+    pos_embed: torch.Tensor, num_patches: int, num_extra_tokens: int = 1
+) -> torch.Tensor:
     """``models/vit.py:interpolate_pos_embed``: keep the CLS row, resize the patch grid with plain bicubic
     (``align_corners=False``, antialias off), e.g. 257 -> 577 for a 256 px checkpoint used at 384 px."""
     length, dim = pos_embed.shape[-2], pos_embed.shape[-1]

@@ -11,15 +11,15 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
+from fastapi import FastAPI
+
+from albef import __version__
 from albef.service import errors, web
 from albef.service.images import configure_pillow
 from albef.service.metrics import Metrics
 from albef.service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from albef.service.routes import health, index, items, metrics, search
 from albef.service.state import ServiceState
-from fastapi import FastAPI
-
-from albef import __version__
 from albef.settings import Settings
 
 __all__ = ["create_app"]
@@ -60,10 +60,17 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, routes_of=app, access_log=settings.access_log)
+    app.add_middleware(
+        MetricsMiddleware, metrics=state.metrics, routes_of=app, access_log=settings.access_log
+    )
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Content-Type", "X-API-Key", "Authorization"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "X-API-Key", "Authorization"],
+            max_age=600,
+        )
     return app

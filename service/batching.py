@@ -127,7 +127,9 @@ class MicroBatcher(Generic[T, R]):
             try:
                 results = self.fn([item for item, _ in live])
                 if len(results) != len(live):
-                    raise RuntimeError(f"batch fn of {self.name} returned {len(results)} results for {len(live)}")
+                    raise RuntimeError(
+                        f"batch fn of {self.name} returned {len(results)} results for {len(live)}"
+                    )
             except BaseException as exc:  # noqa: BLE001 - handed to every waiter, the worker keeps running
                 for _, fut in live:
                     fut.set_exception(exc)

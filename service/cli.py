@@ -10,12 +10,19 @@ from albef.errors import CLIError, UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the search REST service (FastAPI on uvicorn)",
-                       description="Serve an index over HTTP. Every option can also be set with an ALBEF_* "
-                                   "environment variable (see albef/settings.py); flags win.")
+    p = sub.add_parser(
+        "serve",
+        help="run the search REST service (FastAPI on uvicorn)",
+        description="Serve an index over HTTP. Every option can also be set with an ALBEF_* "
+        "environment variable (see albef/settings.py); flags win.",
+    )
     p.add_argument("--index", type=Path, default=None, help="index folder (ALBEF_INDEX_DIR)")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model bundle (ALBEF_BUNDLE; default: the bundle the index manifest records)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model bundle (ALBEF_BUNDLE; default: the bundle the index manifest records)",
+    )
     p.add_argument("--variant", default=None, help="bundle variant, fp32 or int8 (ALBEF_VARIANT)")
     p.add_argument("--host", default=None, help="address to bind (ALBEF_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (ALBEF_PORT, default 8000)")
@@ -46,8 +53,11 @@ def _check(settings: object) -> None:
             from albef.index.errors import IndexMismatchError
 
             try:
-                layout.check_bundle(layout.read_manifest(layout.version_path(Path(index_dir))),
-                                    manifest.get("bundle_id"), index_dir)
+                layout.check_bundle(
+                    layout.read_manifest(layout.version_path(Path(index_dir))),
+                    manifest.get("bundle_id"),
+                    index_dir,
+                )
             except IndexMismatchError as exc:
                 raise CLIError(f"{exc} (--model {bundle})") from exc
     elif current_version(index_dir) is not None:
@@ -81,8 +91,14 @@ def cli_settings(**overrides: object) -> Any:
 def serve_command(args: argparse.Namespace) -> int:
     import logging
 
-    settings = cli_settings(index_dir=args.index, bundle=args.model, variant=args.variant, host=args.host,
-                            port=args.port, threads=args.threads)
+    settings = cli_settings(
+        index_dir=args.index,
+        bundle=args.model,
+        variant=args.variant,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+    )
     _check(settings)
     from albef.service import server
     from albef.service.app import create_app

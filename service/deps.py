@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+from fastapi import Depends, Request
+
 from albef.service.engine import SearchEngine
 from albef.service.errors import NotReadyError
 from albef.service.metrics import Metrics
 from albef.service.protocols import IndexView
 from albef.service.state import ServiceState
-from fastapi import Depends, Request
-
 from albef.settings import Settings
 
 __all__ = ["StateDep", "SettingsDep", "MetricsDep", "ReaderDep", "EngineDep"]

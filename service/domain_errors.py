@@ -7,7 +7,15 @@ the ``field`` that names it.
 
 from __future__ import annotations
 
-__all__ = ["SearchError", "BadQuery", "WrongItemKind", "NotFound", "TooLarge", "UnsupportedFormat", "Overloaded"]
+__all__ = [
+    "SearchError",
+    "BadQuery",
+    "WrongItemKind",
+    "NotFound",
+    "TooLarge",
+    "UnsupportedFormat",
+    "Overloaded",
+]
 
 
 class SearchError(Exception):
@@ -27,8 +35,11 @@ class WrongItemKind(BadQuery):
     names no route: the caller knows which one takes the other kind."""
 
     def __init__(self, item_id: int, kind: str, wanted: str) -> None:
-        super().__init__("wrong_item_kind", f"item {item_id} is an {kind}; the search needs an indexed {wanted}",
-                         field="item_id")
+        super().__init__(
+            "wrong_item_kind",
+            f"item {item_id} is an {kind}; the search needs an indexed {wanted}",
+            field="item_id",
+        )
         self.item_id = item_id
         self.kind = kind
         self.wanted = wanted

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
 from albef.model.ranking import itc_order, order_candidates
 from albef.model.text import pre_caption
 from albef.service.batching import MicroBatcher
@@ -63,20 +64,37 @@ def clean_query_text(text: str) -> str:
 class Stages:
     """The model calls of a search, each behind its own micro-batcher (one worker thread each)."""
 
-    def __init__(self, bundle: ModelBundle, *, batch_max_size: int = 16, batch_max_wait_ms: float = 2.0,
-                 itm_max_pairs: int = 256, queue_max: int = 64, retry_after_s: int = 1,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        batch_max_size: int = 16,
+        batch_max_wait_ms: float = 2.0,
+        itm_max_pairs: int = 256,
+        queue_max: int = 64,
+        retry_after_s: int = 1,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.bundle = bundle
         self.metrics = metrics
         self.itm_max_pairs = int(itm_max_pairs)
         on_batch = metrics.on_batch if metrics is not None else None
-        common = {"max_wait_ms": batch_max_wait_ms, "queue_max": queue_max, "retry_after_s": retry_after_s,
-                  "on_batch": on_batch}
+        common = {
+            "max_wait_ms": batch_max_wait_ms,
+            "queue_max": queue_max,
+            "retry_after_s": retry_after_s,
+            "on_batch": on_batch,
+        }
         self.text = MicroBatcher("encode_text", self._encode_texts, max_cost=batch_max_size, **common)
         self.image = MicroBatcher("encode_image", self._encode_images, max_cost=batch_max_size, **common)
         # ITM jobs weigh their number of pairs; with batching off (size 1) each job runs alone.
-        self.itm = MicroBatcher("rerank", self._itm_jobs, max_cost=itm_max_pairs if batch_max_size > 1 else 1,
-                                cost=lambda job: len(job[2]), **common)
+        self.itm = MicroBatcher(
+            "rerank",
+            self._itm_jobs,
+            max_cost=itm_max_pairs if batch_max_size > 1 else 1,
+            cost=lambda job: len(job[2]),
+            **common,
+        )
         self.batchers = (self.text, self.image, self.itm)
         if metrics is not None:
             for b in self.batchers:
@@ -103,16 +121,22 @@ class Stages:
         """One image's pixels ``[3,R,R]`` -> (embedding ``[D]``, token features ``[N,W]``)."""
         return await self._call(self.image, pixels)
 
-    async def itm_t2i(self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:
+    async def itm_t2i(
+        self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray
+    ) -> np.ndarray:
         """One text ``[L,H]``/``[L]`` against K images ``[K,N,W]`` -> logits ``[K,2]``."""
         return await self._call(self.itm, ("t2i", (text_tokens, text_mask), image_tokens))
 
-    async def itm_i2t(self, image_tokens: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray) -> np.ndarray:
+    async def itm_i2t(
+        self, image_tokens: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray
+    ) -> np.ndarray:
         """One image ``[N,W]`` against K texts ``[K,L,H]``/``[K,L]`` -> logits ``[K,2]`` (K/V computed once)."""
         return await self._call(self.itm, ("i2t", image_tokens, (text_tokens, text_mask)))
 
     # -- batch functions (worker threads) -----------------------------------------------------------------
-    def _encode_texts(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _encode_texts(
+        self, items: list[tuple[np.ndarray, np.ndarray]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         emb, tok = self.bundle.encode_ids(np.stack([i for i, _ in items]), np.stack([m for _, m in items]))
         return [(emb[j], tok[j]) for j in range(len(items))]
 
@@ -212,8 +236,14 @@ def _wall_ms(timings: dict[str, float], key: str) -> Iterator[None]:
 class SearchEngine:
     """Searches one index reader with one bundle. ``reader`` is passed per call (hot swaps)."""
 
-    def __init__(self, bundle: ModelBundle, stages: Stages, *, metrics: Metrics | None = None,
-                 uploads: UploadPolicy | None = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        stages: Stages,
+        *,
+        metrics: Metrics | None = None,
+        uploads: UploadPolicy | None = None,
+    ) -> None:
         self.bundle = bundle
         self.stages = stages
         self.metrics = metrics
@@ -224,7 +254,9 @@ class SearchEngine:
         img = stages.image
         self._decode_slots = threading.BoundedSemaphore(img.queue_max + img.max_cost)
 
-    async def search(self, reader: IndexView, request: SearchRequest | Direction, /, **fields: Any) -> SearchResult:
+    async def search(
+        self, reader: IndexView, request: SearchRequest | Direction, /, **fields: Any
+    ) -> SearchResult:
         """Encode the query, find the ITC candidates, re-rank the head, rank. ``request`` may also be given as
         a direction with the other :class:`SearchRequest` fields as keywords."""
         if not isinstance(request, SearchRequest):
@@ -284,8 +316,9 @@ class SearchEngine:
         def lookup() -> _Query:
             item = reader.item(item_id)
             if item is None:
-                raise NotFound("item_not_found", f"no item {item_id} in index version {reader.version}",
-                               field="item_id")
+                raise NotFound(
+                    "item_not_found", f"no item {item_id} in index version {reader.version}", field="item_id"
+                )
             if item["kind"] != kind:
                 raise WrongItemKind(item_id, item["kind"], kind)
             emb = reader.vector(kind, item_id)
@@ -298,8 +331,9 @@ class SearchEngine:
         return await asyncio.to_thread(lookup)
 
     # -- stage 2: the ITC candidates ------------------------------------------------------------------------
-    async def _candidates(self, reader: IndexView, request: SearchRequest, q: _Query,
-                          timer: StageTimer) -> _Candidates:
+    async def _candidates(
+        self, reader: IndexView, request: SearchRequest, q: _Query, timer: StageTimer
+    ) -> _Candidates:
         excluded = {int(i) for i in request.exclude}
         wanted = max(request.k, request.rerank_k) if request.rerank else request.k
         n = min(reader.count(request.target), wanted + len(excluded))
@@ -317,8 +351,9 @@ class SearchEngine:
         return _Candidates([ids[i] for i in by_itc], [itc[i] for i in by_itc])
 
     # -- stage 3: the ITM re-rank of the head -----------------------------------------------------------------
-    async def _rerank(self, reader: IndexView, request: SearchRequest, q: _Query, cands: _Candidates,
-                      timer: StageTimer) -> np.ndarray | None:
+    async def _rerank(
+        self, reader: IndexView, request: SearchRequest, q: _Query, cands: _Candidates, timer: StageTimer
+    ) -> np.ndarray | None:
         """The ITM logits ``[H, 2]`` of the first ``rerank_k`` candidates, or None when not re-ranking."""
         if not (request.rerank and cands.ids):
             return None
@@ -334,7 +369,9 @@ class SearchEngine:
                 return await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
 
 
-def _assemble(request: SearchRequest, q: _Query, cands: _Candidates, logits: np.ndarray | None) -> SearchResult:
+def _assemble(
+    request: SearchRequest, q: _Query, cands: _Candidates, logits: np.ndarray | None
+) -> SearchResult:
     """The final top ``k`` (the rule of :mod:`albef.model.ranking`) with the scores of each result."""
     itm = [float(x) for x in logits[:, 1]] if logits is not None else None
     probs = match_probability(logits) if logits is not None else None

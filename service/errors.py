@@ -11,6 +11,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from albef.service.domain_errors import (
     BadQuery,
     NotFound,
@@ -19,23 +24,32 @@ from albef.service.domain_errors import (
     TooLarge,
     UnsupportedFormat,
 )
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ApiError", "NotReadyError", "PayloadTooLargeError", "api_error", "error_body", "install", "document_errors",
+    "ApiError",
+    "NotReadyError",
+    "PayloadTooLargeError",
+    "api_error",
+    "error_body",
+    "install",
+    "document_errors",
 ]
 
 
 class ApiError(Exception):
     """An error with an HTTP status, a machine-readable code and a message safe to show to clients."""
 
-    def __init__(self, status: int, code: str, message: str, *, field: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -59,7 +73,11 @@ class PayloadTooLargeError(StarletteHTTPException):
 
 # Most specific first: the first class an error is an instance of gives its status.
 _SEARCH_STATUS: tuple[tuple[type[SearchError], int], ...] = (
-    (Overloaded, 503), (NotFound, 404), (TooLarge, 413), (UnsupportedFormat, 415), (BadQuery, 422),
+    (Overloaded, 503),
+    (NotFound, 404),
+    (TooLarge, 413),
+    (UnsupportedFormat, 415),
+    (BadQuery, 422),
 )
 
 
@@ -71,9 +89,17 @@ def api_error(exc: SearchError) -> ApiError:
 
 
 _STATUS_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 413: "payload_too_large", 415: "unsupported_media_type", 422: "validation_error",
-    429: "too_many_requests", 503: "unavailable",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    503: "unavailable",
 }
 
 
@@ -93,14 +119,21 @@ def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
 
 def validation_details(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Pydantic errors without their ``input``/``ctx`` (they may echo big or private payloads)."""
-    return [{"field": _loc_to_field(e.get("loc", ())), "message": str(e.get("msg", "invalid value")),
-             "type": str(e.get("type", ""))} for e in errors]
+    return [
+        {
+            "field": _loc_to_field(e.get("loc", ())),
+            "message": str(e.get("msg", "invalid value")),
+            "type": str(e.get("type", "")),
+        }
+        for e in errors
+    ]
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(error_body(exc.code, exc.message, field=exc.field), status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(
+        error_body(exc.code, exc.message, field=exc.field), status_code=exc.status, headers=exc.headers
+    )
 
 
 async def _search_error(request: Request, exc: Exception) -> JSONResponse:
@@ -113,12 +146,15 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     raw = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in raw):
         # FastAPI puts the byte offset into loc; name the body instead.
-        return JSONResponse(error_body("validation_error", "body: invalid JSON", field="body"), status_code=422)
+        return JSONResponse(
+            error_body("validation_error", "body: invalid JSON", field="body"), status_code=422
+        )
     details = validation_details(raw)
     first = details[0] if details else {"field": "body", "message": "invalid request"}
     message = f"{first['field']}: {first['message']}"
-    return JSONResponse(error_body("validation_error", message, field=first["field"], details=details),
-                        status_code=422)
+    return JSONResponse(
+        error_body("validation_error", message, field=first["field"], details=details), status_code=422
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -146,18 +182,34 @@ def install(app: FastAPI) -> None:
     document_errors(app)
 
 
-_OPEN_PATHS = ("/healthz", "/readyz", "/")  # as ApiKeyMiddleware's OPEN_PATHS (static files are not in the doc)
+_OPEN_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/",
+)  # as ApiKeyMiddleware's OPEN_PATHS (static files are not in the doc)
 # The key (when the service runs with ALBEF_API_KEY) goes in either header; without a key nothing is checked.
 _SECURITY_SCHEMES = {
-    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
-               "description": "the service's ALBEF_API_KEY (required only when it is set)"},
-    "bearer": {"type": "http", "scheme": "bearer", "description": "the same key as `Authorization: Bearer KEY`"},
+    "apiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "the service's ALBEF_API_KEY (required only when it is set)",
+    },
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "the same key as `Authorization: Bearer KEY`",
+    },
 }
 _SECURITY = [{"apiKey": []}, {"bearer": []}]
 _ERROR_DESCRIPTIONS = {
-    400: "malformed request (e.g. an unparsable body)", 401: "API key missing or wrong (when ALBEF_API_KEY is set)",
-    404: "not found", 413: "body, upload or image too large", 415: "unsupported content type",
-    422: "invalid input (the field is named)", 503: "not ready, or overloaded (Retry-After)",
+    400: "malformed request (e.g. an unparsable body)",
+    401: "API key missing or wrong (when ALBEF_API_KEY is set)",
+    404: "not found",
+    413: "body, upload or image too large",
+    415: "unsupported content type",
+    422: "invalid input (the field is named)",
+    503: "not ready, or overloaded (Retry-After)",
 }
 
 
@@ -171,7 +223,9 @@ def document_errors(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
-        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        spec = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for path, ops in spec.get("paths", {}).items():
             for op in ops.values():

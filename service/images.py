@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from PIL import Image, UnidentifiedImageError
+
 from albef.model.image import DEFAULT_FORMATS, ImageFormatError, open_image, to_rgb, upright
 from albef.service.domain_errors import BadQuery, SearchError, TooLarge, UnsupportedFormat
-from PIL import Image, UnidentifiedImageError
 
 __all__ = ["UploadPolicy", "configure_pillow", "decode_upload", "sniff_content_type"]
 
@@ -38,8 +39,12 @@ class UploadPolicy:
 
     @classmethod
     def from_settings(cls, s: Any) -> UploadPolicy:
-        return cls(max_bytes=s.max_upload_bytes, max_pixels=s.max_image_pixels, formats=tuple(s.image_formats),
-                   exif_transpose=not s.official_loader)
+        return cls(
+            max_bytes=s.max_upload_bytes,
+            max_pixels=s.max_image_pixels,
+            formats=tuple(s.image_formats),
+            exif_transpose=not s.official_loader,
+        )
 
 
 def decode_upload(data: bytes, policy: UploadPolicy) -> Image.Image:
@@ -48,15 +53,20 @@ def decode_upload(data: bytes, policy: UploadPolicy) -> Image.Image:
     if not data:
         raise BadQuery("invalid_image", "the image is empty", field="image")
     if len(data) > policy.max_bytes:
-        raise TooLarge("payload_too_large", f"the image has {len(data)} bytes; the limit is {policy.max_bytes}",
-                       field="image")
+        raise TooLarge(
+            "payload_too_large",
+            f"the image has {len(data)} bytes; the limit is {policy.max_bytes}",
+            field="image",
+        )
     try:
         img = open_image(data, policy.formats)
         width, height = img.size
         if width * height > policy.max_pixels:
-            raise TooLarge("image_too_large",
-                           f"the image has {width}x{height} pixels; the limit is {policy.max_pixels} pixels",
-                           field="image")
+            raise TooLarge(
+                "image_too_large",
+                f"the image has {width}x{height} pixels; the limit is {policy.max_pixels} pixels",
+                field="image",
+            )
         img.load()
         # to_rgb, as the index builder does: plain convert('RGB') clips 16-bit greyscale to white.
         rgb = to_rgb(upright(img, policy.exif_transpose))
@@ -65,8 +75,9 @@ def decode_upload(data: bytes, policy: UploadPolicy) -> Image.Image:
     except ImageFormatError as exc:
         raise UnsupportedFormat("unsupported_image_format", str(exc), field="image") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooLarge("image_too_large", f"the image exceeds the pixel limit ({policy.max_pixels})",
-                       field="image") from exc
+        raise TooLarge(
+            "image_too_large", f"the image exceeds the pixel limit ({policy.max_pixels})", field="image"
+        ) from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         # Pillow reports truncated/corrupt files with several exception types; none of their texts is shown.
         raise BadQuery("invalid_image", "the data is not a readable image", field="image") from exc

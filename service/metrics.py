@@ -41,22 +41,48 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("albef_http_requests", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=r)
-        self.request_latency = Histogram("albef_http_request_duration_seconds", "HTTP request latency",
-                                         ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.stage_latency = Histogram("albef_stage_duration_seconds", "latency of each search stage",
-                                       ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("albef_batch_size", "items per model call of a micro-batcher", ["stage"],
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.queue_depth = Gauge("albef_queue_depth", "items waiting in a micro-batcher queue", ["stage"],
-                                 registry=r)
-        self.rejections = Counter("albef_queue_rejections", "requests refused because a queue was full",
-                                  ["stage"], registry=r)
-        self.index_items = Gauge("albef_index_items", "items in the served index version", ["kind"], registry=r)
-        self.index_info = Gauge("albef_index_info", "the served index version (value 1)", ["version", "bundle"],
-                                registry=r)
-        self.reloads = Counter("albef_index_reloads", "index hot-swap attempts by result", ["result"], registry=r)
+        self.requests = Counter(
+            "albef_http_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "albef_http_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "albef_stage_duration_seconds",
+            "latency of each search stage",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "albef_batch_size",
+            "items per model call of a micro-batcher",
+            ["stage"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "albef_queue_depth", "items waiting in a micro-batcher queue", ["stage"], registry=r
+        )
+        self.rejections = Counter(
+            "albef_queue_rejections", "requests refused because a queue was full", ["stage"], registry=r
+        )
+        self.index_items = Gauge(
+            "albef_index_items", "items in the served index version", ["kind"], registry=r
+        )
+        self.index_info = Gauge(
+            "albef_index_info", "the served index version (value 1)", ["version", "bundle"], registry=r
+        )
+        self.reloads = Counter(
+            "albef_index_reloads", "index hot-swap attempts by result", ["result"], registry=r
+        )
         self.ready = Gauge("albef_ready", "1 when the model bundle and the index are loaded", registry=r)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         # Every known label has a sample from the start: a rate() over "no series yet" is no rate at all.

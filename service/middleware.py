@@ -25,11 +25,21 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})
 OPEN_PREFIXES = ("/static/",)
 
 
-async def _send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(
+    send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()
+) -> None:
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -59,13 +69,23 @@ class ApiKeyMiddleware:
         return given is not None and hmac.compare_digest(given, self.key)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES) \
-                or scope["method"] == "OPTIONS" or self._authorised(scope):
+        if (
+            scope["type"] != "http"
+            or scope["path"] in OPEN_PATHS
+            or scope["path"].startswith(OPEN_PREFIXES)
+            or scope["method"] == "OPTIONS"
+            or self._authorised(scope)
+        ):
             await self.app(scope, receive, send)
             return
-        await _send_json(send, 401, error_body("unauthorized", "a valid API key is required (X-API-Key header "
-                                                               "or Authorization: Bearer)"),
-                         [(b"www-authenticate", b"Bearer")])
+        await _send_json(
+            send,
+            401,
+            error_body(
+                "unauthorized", "a valid API key is required (X-API-Key header or Authorization: Bearer)"
+            ),
+            [(b"www-authenticate", b"Bearer")],
+        )
 
 
 class BodyLimitMiddleware:
@@ -87,8 +107,11 @@ class BodyLimitMiddleware:
                 await _send_json(send, 400, error_body("bad_request", "invalid Content-Length header"))
                 return
             if declared > self.max_bytes:
-                await _send_json(send, 413, error_body("payload_too_large",
-                                                       f"the request body exceeds {self.max_bytes} bytes"))
+                await _send_json(
+                    send,
+                    413,
+                    error_body("payload_too_large", f"the request body exceeds {self.max_bytes} bytes"),
+                )
                 return
         seen = 0
 
@@ -148,7 +171,9 @@ class MetricsMiddleware:
 
     Outermost but for CORS, so 401s and 413s are counted and logged too."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes_of: Any = None, access_log: bool = True) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, routes_of: Any = None, access_log: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.routes_of = routes_of  # the FastAPI app whose routes name the templates
@@ -168,8 +193,10 @@ class MetricsMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", request_id.encode())]}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())],
+                }
             await send(message)
 
         try:
@@ -180,6 +207,13 @@ class MetricsMiddleware:
             self.metrics.requests.labels(method=scope["method"], route=template, status=str(status)).inc()
             self.metrics.request_latency.labels(route=template).observe(seconds)
             if self.access_log:
-                access_log.info("request", extra={"method": scope["method"], "route": template, "status": status,
-                                                   "duration_ms": round(seconds * 1000, 2),
-                                                   "request_id": request_id})
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(seconds * 1000, 2),
+                        "request_id": request_id,
+                    },
+                )

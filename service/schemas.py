@@ -11,7 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
-    "ImageSearchRequest", "TextSearchRequest", "Hit", "Item", "SearchResponse", "Timings", "IndexInfo",
+    "ImageSearchRequest",
+    "TextSearchRequest",
+    "Hit",
+    "Item",
+    "SearchResponse",
+    "Timings",
+    "IndexInfo",
     "ErrorResponse",
 ]
 
@@ -22,14 +28,23 @@ class _Request(BaseModel):
     k: int | None = Field(None, ge=1, description="number of results (default ALBEF_DEFAULT_K)")
     rerank: bool = Field(True, description="re-rank the top rerank_k ITC candidates with the ITM head")
     rerank_k: int | None = Field(
-        None, ge=1, description="ITC candidates re-ranked by ITM (default ALBEF_DEFAULT_RERANK_K); when k > "
-        "rerank_k the results after the re-ranked ones follow in ITC order"
+        None,
+        ge=1,
+        description="ITC candidates re-ranked by ITM (default ALBEF_DEFAULT_RERANK_K); when k > "
+        "rerank_k the results after the re-ranked ones follow in ITC order",
     )
     # le: ids are SQLite/FAISS int64; a larger number would overflow the lookup instead of being "not found".
-    item_id: int | None = Field(None, ge=0, le=2**63 - 1, description="query with an indexed item (its stored "
-                                "vector and features) instead of new content")
-    exclude: list[int] = Field(default_factory=list, max_length=1000,
-                               description="item ids to leave out of the results (nothing is excluded by default)")
+    item_id: int | None = Field(
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="query with an indexed item (its stored vector and features) instead of new content",
+    )
+    exclude: list[int] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="item ids to leave out of the results (nothing is excluded by default)",
+    )
 
 
 class ImageSearchRequest(_Request):
@@ -74,8 +89,10 @@ class Item(BaseModel):
 class Hit(BaseModel):
     id: int
     rank: int = Field(description="1-based position in the results")
-    itc_rank: int = Field(description="1-based position in the ITC order of the candidates, before re-ranking "
-                          "(rank - itc_rank is how far the ITM head moved it)")
+    itc_rank: int = Field(
+        description="1-based position in the ITC order of the candidates, before re-ranking "
+        "(rank - itc_rank is how far the ITM head moved it)"
+    )
     itc_score: float = Field(description="cosine similarity of the ITC embeddings")
     itm_score: float | None = Field(None, description="ITM logit of class 'match' (None if not re-ranked)")
     match_probability: float | None = Field(None, description="softmax of the two ITM logits, class 'match'")

@@ -40,12 +40,25 @@ class _AnnouncingServer(uvicorn.Server):
         self._on_listening(public_url(host, port))
 
 
-def run(app: Any, *, host: str = "127.0.0.1", port: int = 8000, sock: socket.socket | None = None,
-        on_listening: Callable[[str], None] | None = None, timeout_graceful_shutdown: int = 10) -> None:
+def run(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    sock: socket.socket | None = None,
+    on_listening: Callable[[str], None] | None = None,
+    timeout_graceful_shutdown: int = 10,
+) -> None:
     """Serve ``app`` until stopped (SIGINT/SIGTERM). ``sock``: an already bound socket to listen on (its
     address wins over host/port); ``on_listening(url)`` runs once connections are accepted."""
     # log_config=None keeps our JSON logging; uvicorn's own loggers propagate to the root handler.
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=timeout_graceful_shutdown,
+    )
     server = _AnnouncingServer(config, on_listening)
     server.run(sockets=[sock] if sock is not None else None)

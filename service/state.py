@@ -24,7 +24,6 @@ from albef.service.engine import SearchEngine, Stages
 from albef.service.errors import NotReadyError
 from albef.service.metrics import Metrics
 from albef.service.protocols import IndexView, ModelBundle
-
 from albef.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -150,38 +149,53 @@ class ServiceState:
             return True
 
     def _load(self, index_dir: Path) -> None:
+        from albef.cpu import cpu_info
         from albef.index import IndexReader
         from albef.model.runtime import Bundle
         from albef.service.images import UploadPolicy
-
-        from albef.cpu import cpu_info
 
         s = self.settings
         if self.bundle is None:
             path = bundle_path_for(index_dir, s.bundle)
             self.bundle = Bundle.load(path, variant=s.variant, intra_op_threads=s.threads, eager=True)
             _warm_up(self.bundle)
-            log.info("bundle loaded", extra={"bundle": str(path), "bundle_id": self.bundle.bundle_id,
-                                             "variant": s.variant, "cpu": cpu_info(),
-                                             **self.bundle.validation_summary()})
-        reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, encoder=self.bundle,
-                                  search_threads=s.faiss_threads)
+            log.info(
+                "bundle loaded",
+                extra={
+                    "bundle": str(path),
+                    "bundle_id": self.bundle.bundle_id,
+                    "variant": s.variant,
+                    "cpu": cpu_info(),
+                    **self.bundle.validation_summary(),
+                },
+            )
+        reader = IndexReader.open(
+            index_dir, bundle_id=self.bundle.bundle_id, encoder=self.bundle, search_threads=s.faiss_threads
+        )
         if self.stages is None:
             self.stages = Stages(
-                self.bundle, batch_max_size=s.batch_max_size, batch_max_wait_ms=s.batch_max_wait_ms,
-                itm_max_pairs=s.itm_max_pairs, queue_max=s.queue_max, retry_after_s=s.retry_after_s,
+                self.bundle,
+                batch_max_size=s.batch_max_size,
+                batch_max_wait_ms=s.batch_max_wait_ms,
+                itm_max_pairs=s.itm_max_pairs,
+                queue_max=s.queue_max,
+                retry_after_s=s.retry_after_s,
                 metrics=self.metrics,
             )
         self._swap(reader)
-        self.engine = SearchEngine(self.bundle, self.stages, metrics=self.metrics,
-                                   uploads=UploadPolicy.from_settings(s))
+        self.engine = SearchEngine(
+            self.bundle, self.stages, metrics=self.metrics, uploads=UploadPolicy.from_settings(s)
+        )
         self.status = "ready"
         self.metrics.ready.set(1)
 
     def _swap(self, reader: IndexView) -> None:
         old, self._handle = self._handle, ReaderHandle(reader)
-        self.metrics.set_index(reader.version, self.bundle.bundle_id if self.bundle else "",
-                               {k: reader.count(k) for k in ("image", "text")})
+        self.metrics.set_index(
+            reader.version,
+            self.bundle.bundle_id if self.bundle else "",
+            {k: reader.count(k) for k in ("image", "text")},
+        )
         log.info("serving index version", extra={"index": str(reader.index_dir), "version": reader.version})
         if old is not None:
             old.retire()
@@ -199,13 +213,20 @@ class ServiceState:
         if version is None or version == self.reader.version or version == self._refused_version:
             return None  # a refused version is not retried (nor logged again) until the pointer moves on
         try:
-            reader = IndexReader.open(index_dir, bundle_id=self.bundle.bundle_id, version=version,
-                                      encoder=self.bundle, search_threads=self.settings.faiss_threads)
+            reader = IndexReader.open(
+                index_dir,
+                bundle_id=self.bundle.bundle_id,
+                version=version,
+                encoder=self.bundle,
+                search_threads=self.settings.faiss_threads,
+            )
         except Exception:  # noqa: BLE001 - keep serving the old version
             self._refused_version = version
             self.metrics.reloads.labels(result="error").inc()
-            log.exception("index reload failed; still serving the old version",
-                          extra={"version": version, "serving": self.reader.version})
+            log.exception(
+                "index reload failed; still serving the old version",
+                extra={"version": version, "serving": self.reader.version},
+            )
             return None
         self._swap(reader)
         self.metrics.reloads.labels(result="ok").inc()

@@ -16,8 +16,10 @@ from fastapi.staticfiles import StaticFiles
 __all__ = ["STATIC_DIR", "PAGE_CSP", "install"]
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -25,9 +27,16 @@ router = APIRouter(include_in_schema=False)
 @router.get("/")
 async def page() -> FileResponse:
     # no-cache: the browser revalidates, so a new version of the page shows after an upgrade.
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8",
-                        headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache",
-                                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
+    return FileResponse(
+        STATIC_DIR / "index.html",
+        media_type="text/html; charset=utf-8",
+        headers={
+            "Content-Security-Policy": PAGE_CSP,
+            "Cache-Control": "no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ from albef.model.data import formats
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class PairItem:
     """One (image, caption) training pair."""
@@ -80,8 +81,12 @@ def load_pairs(
         items.extend(pairs)
         problems.extend(p.as_dict() for p in found)
         if uncaptioned:
-            log.info("images without a caption file skipped", extra={"folder": str(path), "skipped": uncaptioned})
-        log.info("annotations loaded", extra={"source": str(path), "pairs": len(pairs), "problems": len(found)})
+            log.info(
+                "images without a caption file skipped", extra={"folder": str(path), "skipped": uncaptioned}
+            )
+        log.info(
+            "annotations loaded", extra={"source": str(path), "pairs": len(pairs), "problems": len(found)}
+        )
     return items, problems
 
 
@@ -104,8 +109,10 @@ def _pairs(path: Path, root: Path | None) -> tuple[list[PairItem], list[formats.
             found.append(formats.Problem(row.where, "image file not found", row.image))
             continue
         image_id = str(row.image_id) if row.image_id is not None else str(row.image_ref)
-        items.extend(PairItem(image, cap, image_id, where)
-                     for cap, where in zip(row.captions, row.caption_where, strict=True))
+        items.extend(
+            PairItem(image, cap, image_id, where)
+            for cap, where in zip(row.captions, row.caption_where, strict=True)
+        )
     return items, found, uncaptioned
 
 

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=synth_command)
 
     c = data_sub.add_parser("check", help="load annotation sources as training would and report bad rows")
-    c.add_argument("sources", nargs="+", help="JSON / JSONL / CSV annotation files or image folders")
+    c.add_argument("sources", nargs="+", help="JSON / JSONL / CSV / TSV annotation files or image folders")
     c.add_argument("--image-root", type=Path, default=None, help="folder image paths are relative to")
     c.add_argument("--eval", action="store_true", help="read as an eval set (val/test format)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -34,7 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def synth_command(args: argparse.Namespace) -> int:
     from albef.model.data.synth import generate
-
 
     if args.images < 1:
         raise UsageError("--images must be >= 1")
@@ -58,7 +57,6 @@ def synth_command(args: argparse.Namespace) -> int:
 
 def check_command(args: argparse.Namespace) -> int:
     from albef.model.data.annotations import load_eval_set, load_pairs
-
 
     try:
         if args.eval:

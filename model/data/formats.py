@@ -36,7 +36,9 @@ from typing import Any, Literal
 
 Policy = Literal["strict", "skip"]
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+)
 IMAGE_KEYS = ("image", "path", "image_path", "filepath", "file", "url", "uri")
 CAPTION_KEYS = ("caption", "text", "captions")
 SOURCE_KINDS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "captions"}
@@ -109,18 +111,27 @@ def source_kind(path: str | Path) -> str:
         return SOURCE_KINDS[suffix]
     if suffix in IMAGE_SUFFIXES:
         return "image"
-    raise FormatError(f"unknown source type: {path} (expected a folder, .json, .jsonl, .csv, .tsv, .txt "
-                      "or an image file)")
+    raise FormatError(
+        f"unknown source type: {path} (expected a folder, .json, .jsonl, .csv, .tsv, .txt or an image file)"
+    )
 
 
-def read_sources(sources: Iterable[str | Path], image_root: str | Path | None = None, policy: Policy = "strict",
-                 problems: list[Problem] | None = None) -> Iterator[Row]:
+def read_sources(
+    sources: Iterable[str | Path],
+    image_root: str | Path | None = None,
+    policy: Policy = "strict",
+    problems: list[Problem] | None = None,
+) -> Iterator[Row]:
     for src in sources:
         yield from read_source(src, image_root, policy, problems)
 
 
-def read_source(path: str | Path, image_root: str | Path | None = None, policy: Policy = "strict",
-                problems: list[Problem] | None = None) -> Iterator[Row]:
+def read_source(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    policy: Policy = "strict",
+    problems: list[Problem] | None = None,
+) -> Iterator[Row]:
     """The rows of one source, in order. ``skip`` appends the bad rows to ``problems``."""
     pol = _Policy(policy, problems)
     kind = source_kind(path)
@@ -149,7 +160,7 @@ def resolve_image(value: Any, root: Path) -> str | None:
     if not isinstance(value, str):
         raise _BadRow(f"image must be a string path, got {type(value).__name__}")
     if value.startswith("file://"):
-        value = value[len("file://"):]
+        value = value[len("file://") :]
     elif "://" in value:
         return value
     p = Path(value).expanduser()
@@ -167,8 +178,10 @@ def read_annotation_json(path: Path) -> list[Any]:
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
     if not isinstance(data, list):
-        raise FormatError(f"{path}: expected a JSON list of {{image, caption}} entries (the ALBEF annotation "
-                          f"format), got {type(data).__name__}")
+        raise FormatError(
+            f"{path}: expected a JSON list of {{image, caption}} entries (the ALBEF annotation "
+            f"format), got {type(data).__name__}"
+        )
     return data
 
 
@@ -199,8 +212,10 @@ def _table_row(obj: Any, root: Path, where: str, source: str, pol: _Policy) -> I
         image_key = next((k for k in IMAGE_KEYS if k in obj), None)
         cap_key = next((k for k in CAPTION_KEYS if k in obj), None)
         if image_key is None and cap_key is None:
-            raise _BadRow(f"needs an image column ({', '.join(IMAGE_KEYS)}) or a caption column "
-                          f"({', '.join(CAPTION_KEYS)}); has {sorted(obj)}")
+            raise _BadRow(
+                f"needs an image column ({', '.join(IMAGE_KEYS)}) or a caption column "
+                f"({', '.join(CAPTION_KEYS)}); has {sorted(obj)}"
+            )
         ref = obj.get(image_key) if image_key else None
         image = resolve_image(ref, root)
         value = obj.get(cap_key) if cap_key else None
@@ -226,8 +241,17 @@ def _table_row(obj: Any, root: Path, where: str, source: str, pol: _Policy) -> I
         pol.bad(where, "row has neither an image nor a caption")
         return
     image_id = obj.get("image_id")
-    yield Row("row", image, captions, wheres, where, source, image_ref=ref if image is not None else None,
-              image_id=None if image_id in (None, "") else image_id, metadata=metadata)
+    yield Row(
+        "row",
+        image,
+        captions,
+        wheres,
+        where,
+        source,
+        image_ref=ref if image is not None else None,
+        image_id=None if image_id in (None, "") else image_id,
+        metadata=metadata,
+    )
 
 
 def _image_row(image: Path, ref: str, source: str, pol: _Policy) -> Iterator[Row]:
@@ -249,8 +273,10 @@ def _image_row(image: Path, ref: str, source: str, pol: _Policy) -> Iterator[Row
 
 
 def _folder(folder: Path, pol: _Policy) -> Iterator[Row]:
-    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                   key=lambda p: p.relative_to(folder).as_posix())
+    files = sorted(
+        (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
     for p in files:
         yield from _image_row(p, p.relative_to(folder).as_posix(), str(folder), pol)
 
@@ -280,8 +306,10 @@ def _csv(path: Path, root: Path, delimiter: str, pol: _Policy) -> Iterator[Row]:
                 raise FormatError(f"{path}: empty file or no header row")
             columns = [k.strip().lower() for k in reader.fieldnames]
             if not any(k in columns for k in IMAGE_KEYS + CAPTION_KEYS):
-                raise FormatError(f"{path}: needs an image column ({', '.join(IMAGE_KEYS)}) or a caption column "
-                                  f"({', '.join(CAPTION_KEYS)}); has {columns}")
+                raise FormatError(
+                    f"{path}: needs an image column ({', '.join(IMAGE_KEYS)}) or a caption column "
+                    f"({', '.join(CAPTION_KEYS)}); has {columns}"
+                )
             for row in reader:
                 where = f"{path}:{reader.line_num}"
                 if None in row:  # more cells than the header: a shifted row, not one to guess at

@@ -27,6 +27,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageDraw
+
 from albef.model.data.scenes import (  # noqa: F401  (re-exported: the generator's public names)
     CLEAR_RATIO,
     COLOURS,
@@ -52,7 +54,6 @@ from albef.model.data.scenes import (  # noqa: F401  (re-exported: the generator
     relation,
     scene_from_record,
 )
-from PIL import Image, ImageDraw
 
 log = logging.getLogger(__name__)
 

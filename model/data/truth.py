@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from albef.model.data.synth import FALSE, TRUE, caption_truth, parse_caption, scene_from_record
 
 __all__ = ["Truth", "load_truth", "swap_suite", "truth_precision"]
@@ -79,14 +80,18 @@ def _top(scores: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
-def truth_precision(t2i: np.ndarray, i2t: np.ndarray, truth: Truth, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def truth_precision(
+    t2i: np.ndarray, i2t: np.ndarray, truth: Truth, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """Caption-truth precision@K in % (``t2i`` [texts, images], ``i2t`` [images, texts] score matrices)."""
     out: dict[str, float] = {}
     rows = np.flatnonzero(truth.parsed)
     for k in ks:
         kt = min(k, t2i.shape[1])
         top = _top(t2i[rows], kt)
-        out[f"t2i_p{k}"] = round(100.0 * float(truth.true[rows[:, None], top].mean()), 3) if len(rows) else 0.0
+        out[f"t2i_p{k}"] = (
+            round(100.0 * float(truth.true[rows[:, None], top].mean()), 3) if len(rows) else 0.0
+        )
         ki = min(k, len(rows))
         if ki:
             top = _top(i2t[:, rows], ki)  # columns restricted to parsed captions
@@ -111,13 +116,15 @@ def swap_cases(truth: Truth, txt2img: Sequence[int]) -> list[tuple[int, list[int
     return cases
 
 
-def swap_suite(cases: Sequence[tuple[int, list[int], int]],
-               scorers: dict[str, Callable[[int, list[int]], np.ndarray]]) -> dict[str, Any]:
+def swap_suite(
+    cases: Sequence[tuple[int, list[int], int]], scorers: dict[str, Callable[[int, list[int]], np.ndarray]]
+) -> dict[str, Any]:
     """Accuracy (%) of each scorer at picking the right member; ``scorer(text, members) -> scores``. Ties go
     to the lower image id, as in the ranking rule."""
-    result: dict[str, Any] = {"cases": len(cases),
-                              "chance": round(100.0 * float(np.mean([1 / len(m) for _, m, _ in cases])), 3)
-                              if cases else None}
+    result: dict[str, Any] = {
+        "cases": len(cases),
+        "chance": round(100.0 * float(np.mean([1 / len(m) for _, m, _ in cases])), 3) if cases else None,
+    }
     for name, score in scorers.items():
         hits = [int(np.argmax(score(t, members)) == right) for t, members, right in cases]
         result[name] = round(100.0 * float(np.mean(hits)), 3) if hits else None

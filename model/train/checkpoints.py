@@ -1,9 +1,9 @@
 """Training checkpoints: what ``--resume`` needs to continue exactly where a run stopped.
 
-    OUT/checkpoints/step-000200/model/        our format (save_albef, float32)
-    OUT/checkpoints/step-000200/state.pt      optimizer, scheduler, momentum weights, queues, step,
-                                              every rank's RNG states (the data position is the step)
-    OUT/checkpoints/latest                    name of the newest complete checkpoint
+OUT/checkpoints/step-000200/model/        our format (save_albef, float32)
+OUT/checkpoints/step-000200/state.pt      optimizer, scheduler, momentum weights, queues, step,
+                                          every rank's RNG states (the data position is the step)
+OUT/checkpoints/latest                    name of the newest complete checkpoint
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from albef import atomic
 from albef.model.checkpoint import load_strict, read_albef, save_albef
 from albef.model.train.distributed import barrier
@@ -26,7 +27,14 @@ log = logging.getLogger("albef.model.train.trainer")  # one logger for the whole
 STATE_FILE = "state.pt"
 LATEST = "latest"
 
-__all__ = ["LATEST", "STATE_FILE", "config_diff", "load_training_state", "save_training_state", "truncate_metrics"]
+__all__ = [
+    "LATEST",
+    "STATE_FILE",
+    "config_diff",
+    "load_training_state",
+    "save_training_state",
+    "truncate_metrics",
+]
 
 
 def save_training_state(tr: Any) -> None:
@@ -107,7 +115,9 @@ def truncate_metrics(path: Path, step: int) -> None:
     """Keep the metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step
+    ]
     atomic.write_text(path, "".join(ln + "\n" for ln in keep))
 
 

@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="recipe YAML (a path, or the name of a built-in recipe)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--final", type=Path, default=None, help="where to write the final weights (default OUT/final)")
+    p.add_argument(
+        "--final", type=Path, default=None, help="where to write the final weights (default OUT/final)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
     p.set_defaults(func=train_command)
@@ -40,7 +42,6 @@ def recipe_path(name: str) -> Path:
 def train_command(args: argparse.Namespace) -> int:
     from albef.model.train.settings import ConfigError, load_config
 
-
     path = recipe_path(args.config)
     try:
         cfg = load_config(path, args.overrides)
@@ -51,7 +52,9 @@ def train_command(args: argparse.Namespace) -> int:
     from albef.model.train.trainer import Trainer
 
     try:
-        summary = Trainer(cfg, out, resume=args.resume, final_dir=args.final, progress=not args.no_progress).run()
+        summary = Trainer(
+            cfg, out, resume=args.resume, final_dir=args.final, progress=not args.no_progress
+        ).run()
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         raise CLIError(str(exc)) from exc
     from albef.model.train.momentum import rank

@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from albef.model.image import load_image, normalize
-from albef.model.train.settings import ALL_OPS
 from PIL import Image, ImageEnhance, ImageOps
 from torch.utils.data import Dataset
+
+from albef.model.image import load_image, normalize
+from albef.model.train.settings import ALL_OPS
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,14 @@ class AugmentConfig:
         lo, hi = d.get("crop_scale", (0.5, 1.0))
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {lo}, {hi}")
-        return cls((float(lo), float(hi)), bool(d.get("hflip", True)), int(ra.get("n", 2)), int(ra.get("m", 7)), ops)
+        return cls(
+            (float(lo), float(hi)), bool(d.get("hflip", True)), int(ra.get("n", 2)), int(ra.get("m", 7)), ops
+        )
 
 
-def _random_resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: random.Random) -> tuple[int, ...]:
+def _random_resized_crop_box(
+    w: int, h: int, scale: tuple[float, float], rng: random.Random
+) -> tuple[int, ...]:
     """torchvision ``RandomResizedCrop.get_params`` (ratio 3/4..4/3), drawn from ``rng``."""
     area = w * h
     log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
@@ -93,11 +98,15 @@ def _apply_op(img: Image.Image, op: str, m: int, rng: random.Random) -> Image.Im
     if op in ("ShearX", "ShearY"):
         s = sign * m / 10 * 0.3
         coeffs = (1, s, 0, 0, 1, 0) if op == "ShearX" else (1, 0, 0, s, 1, 0)
-        return img.transform(img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL)
+        return img.transform(
+            img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL
+        )
     if op in ("TranslateX", "TranslateY"):
         t = sign * float(m)
         coeffs = (1, 0, t, 0, 1, 0) if op == "TranslateX" else (1, 0, 0, 0, 1, t)
-        return img.transform(img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL)
+        return img.transform(
+            img.size, Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR, fillcolor=FILL
+        )
     if op == "Rotate":
         return img.rotate(sign * m / 10 * 30, resample=Image.Resampling.BILINEAR, fillcolor=FILL)
     raise ValueError(f"unknown op {op}")
@@ -106,7 +115,9 @@ def _apply_op(img: Image.Image, op: str, m: int, rng: random.Random) -> Image.Im
 class TrainTransform:
     """PIL RGB image + a seeded ``random.Random`` -> float32 tensor [3, R, R]."""
 
-    def __init__(self, image_res: int, mean: Sequence[float], std: Sequence[float], aug: AugmentConfig) -> None:
+    def __init__(
+        self, image_res: int, mean: Sequence[float], std: Sequence[float], aug: AugmentConfig
+    ) -> None:
         self.image_res = image_res
         self.mean, self.std = tuple(mean), tuple(std)
         self.aug = aug
@@ -123,8 +134,11 @@ class TrainTransform:
         return torch.from_numpy(normalize(img, self.mean, self.std))
 
 
-def scan_images(items: Sequence[Any], decode: bool = True, exif_transpose: bool = True,
-                ) -> tuple[list[int], list[dict[str, str]], dict[Path, np.ndarray]]:
+def scan_images(
+    items: Sequence[Any],
+    decode: bool = True,
+    exif_transpose: bool = True,
+) -> tuple[list[int], list[dict[str, str]], dict[Path, np.ndarray]]:
     """Check every distinct image once. Returns (indices of good items, problems, decoded cache).
 
     ``decode`` keeps the decoded uint8 arrays (a cache that also serves every epoch without re-reading PNG);
@@ -151,7 +165,9 @@ def scan_images(items: Sequence[Any], decode: bool = True, exif_transpose: bool 
             good.append(i)
         else:
             problems.append({"source": item.source, "path": str(path), "error": err})
-            log.warning("skipping unreadable image", extra={"source": item.source, "path": str(path), "error": err})
+            log.warning(
+                "skipping unreadable image", extra={"source": item.source, "path": str(path), "error": err}
+            )
     return good, problems, cache
 
 
@@ -172,7 +188,9 @@ class PairDataset(Dataset):
 
     def _image(self, path: Path) -> Image.Image:
         arr = self.cache.get(path)
-        return Image.fromarray(arr) if arr is not None else load_image(path, exif_transpose=self.exif_transpose)
+        return (
+            Image.fromarray(arr) if arr is not None else load_image(path, exif_transpose=self.exif_transpose)
+        )
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, i = key
@@ -187,8 +205,13 @@ class PairDataset(Dataset):
                 continue
             rng = random.Random(f"{self.seed}/{epoch}/{j}")
             group = int(self.groups[j]) if self.groups is not None else -1
-            return {"image": self.transform(img, rng), "caption": item.caption, "idx": int(self.idx[j]),
-                    "group": group, "bad": bad}
+            return {
+                "image": self.transform(img, rng),
+                "caption": item.caption,
+                "idx": int(self.idx[j]),
+                "group": group,
+                "bad": bad,
+            }
         raise RuntimeError("no readable image in the data set")
 
 
@@ -222,9 +245,7 @@ class ShardedBatches:
         self.per_rank = n // world
         self.num_batches = self.per_rank // batch_size
         if self.num_batches == 0:
-            raise ValueError(
-                f"{n} training pairs are too few for batch {batch_size} x {world} process(es)"
-            )
+            raise ValueError(f"{n} training pairs are too few for batch {batch_size} x {world} process(es)")
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
         shard = epoch_order(self.n, self.seed, epoch)[self.rank :: self.world][: self.per_rank]
@@ -243,8 +264,9 @@ class GroupBatches:
     (seed, epoch) only, and ``start`` skips micro-batches for a resume.
     """
 
-    def __init__(self, idx: Sequence[int], groups: Sequence[int], batch_size: int, world: int, rank: int,
-                 seed: int) -> None:
+    def __init__(
+        self, idx: Sequence[int], groups: Sequence[int], batch_size: int, world: int, rank: int, seed: int
+    ) -> None:
         if len(idx) != len(groups):
             raise ValueError("one group per training pair is needed")
         self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
@@ -260,7 +282,9 @@ class GroupBatches:
         per_rank = min(sum(len(members[g]) for g in s) for s in shards)
         self.num_batches = per_rank // batch_size
         if self.num_batches == 0:
-            raise ValueError(f"{len(captions)} training images are too few for batch {batch_size} x {world} process(es)")
+            raise ValueError(
+                f"{len(captions)} training images are too few for batch {batch_size} x {world} process(es)"
+            )
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[list[tuple[int, int]]]:
         order = epoch_order(len(self.group_ids), self.seed, epoch)

@@ -6,8 +6,9 @@ import os
 
 import torch
 import torch.distributed as dist
-from albef.model.train.momentum import world_size
 from torch import nn
+
+from albef.model.train.momentum import world_size
 
 __all__ = ["barrier", "init_weights", "setup_distributed"]
 

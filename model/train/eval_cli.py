@@ -31,8 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", type=Path, default=None, help="write the JSON report here")
-    p.add_argument("--official-loader", action="store_true",
-                   help="load images as the official code does (EXIF orientation ignored; default: upright)")
+    p.add_argument(
+        "--official-loader",
+        action="store_true",
+        help="load images as the official code does (EXIF orientation ignored; default: upright)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of R@1 against K here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=eval_command)
@@ -65,6 +68,7 @@ def eval_command(args: argparse.Namespace) -> int:
             raise CLIError(f"output folder does not exist: {target.parent}")
 
     import torch
+
     from albef.model.checkpoint import CheckpointError
     from albef.model.data.annotations import load_eval_set
     from albef.model.data.truth import load_truth

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from albef.model.ranking import RANKING, rank
 from albef.model.train.recall import default_ks, format_table, itm_eval, plot_r1_vs_k  # noqa: F401 (re-exported)
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ def compute_features(
     ``text_mask [M, L]`` on ``device``.
     """
     from albef.model.image import preprocess
-
     from albef.progress import progress_bar
 
     model = _unwrap(model)
@@ -108,8 +108,13 @@ def compute_features(
             out["text_mask"].append(mask_t)
 
         def load(start: int) -> np.ndarray:
-            return preprocess(images[start : start + batch_size], cfg.vision.image_res, cfg.mean, cfg.std,
-                              exif_transpose=exif_transpose)
+            return preprocess(
+                images[start : start + batch_size],
+                cfg.vision.image_res,
+                cfg.mean,
+                cfg.std,
+                exif_transpose=exif_transpose,
+            )
 
         starts = list(range(0, len(images), batch_size))
         # Decode/resize the next batch (PIL releases the GIL) while the model runs on this one.
@@ -304,8 +309,16 @@ def evaluate(
     if ks[0] < 1:
         raise ValueError("every K must be >= 1")
     t0 = time.perf_counter()
-    feats = compute_features(model, eval_set.images, eval_set.texts, tokenizer, batch_size, device, progress,
-                             exif_transpose=exif_transpose)
+    feats = compute_features(
+        model,
+        eval_set.images,
+        eval_set.texts,
+        tokenizer,
+        batch_size,
+        device,
+        progress,
+        exif_transpose=exif_transpose,
+    )
     t1 = time.perf_counter()
     full = score_matrices(model, feats, ks[-1], batch_size, progress)
     t2 = time.perf_counter()
@@ -339,8 +352,9 @@ def evaluate(
         },
     }
     if truth is not None:
-        report["truth"] = truth_report(model, feats, restrict_k(full, k_test), truth, eval_set.txt2img,
-                                       batch_size)
+        report["truth"] = truth_report(
+            model, feats, restrict_k(full, k_test), truth, eval_set.txt2img, batch_size
+        )
     log.info("evaluation done", extra={"k_test": k_test, "r_mean": itm["r_mean"] if itm else None})
     return report
 
@@ -350,8 +364,14 @@ class _NoBar:
         pass
 
 
-def truth_report(model: Any, feats: dict[str, Tensor], scores: ScoreMatrices, truth: Any,
-                 txt2img: Sequence[int], batch_size: int = 64) -> dict[str, Any]:
+def truth_report(
+    model: Any,
+    feats: dict[str, Tensor],
+    scores: ScoreMatrices,
+    truth: Any,
+    txt2img: Sequence[int],
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """Caption-truth P@1/P@5 of ITC alone and of ITC+ITM (``scores`` at k_test), and the swap suite: ITC
     cosine against the ITM match logit at picking the one group member a caption is true of
     (:mod:`albef.model.data.truth`)."""
@@ -367,15 +387,21 @@ def truth_report(model: Any, feats: dict[str, Tensor], scores: ScoreMatrices, tr
             cache = _kv_cache(model, feats["image_tokens"], batch_size, 2 << 30)
             logits = _pair_scores(model, feats, t_idx, i_idx, cache, batch_size, _NoBar())
     itm_of = {(int(t), int(i)): float(v) for t, i, v in zip(t_idx, i_idx, logits, strict=True)}
-    suite = swap_suite(cases, {
-        "itc": lambda t, members: scores.sims[members, t],
-        "itm": lambda t, members: np.array([itm_of[(t, m)] for m in members]),
-    })
-    return {"itc": truth_precision(scores.sims.T, scores.sims, truth),
-            "itm": truth_precision(scores.t2i, scores.i2t, truth), "swap": suite,
-            "metric": "caption-truth precision@K (%): share of the top K the caption is true of, by the "
-                      "generator's scene semantics; swap: accuracy (%) at picking the one group member a "
-                      "caption is true of (false of the others)"}
+    suite = swap_suite(
+        cases,
+        {
+            "itc": lambda t, members: scores.sims[members, t],
+            "itm": lambda t, members: np.array([itm_of[(t, m)] for m in members]),
+        },
+    )
+    return {
+        "itc": truth_precision(scores.sims.T, scores.sims, truth),
+        "itm": truth_precision(scores.t2i, scores.i2t, truth),
+        "swap": suite,
+        "metric": "caption-truth precision@K (%): share of the top K the caption is true of, by the "
+        "generator's scene semantics; swap: accuracy (%) at picking the one group member a "
+        "caption is true of (false of the others)",
+    }
 
 
 def _pair(s: ScoreMatrices) -> tuple[np.ndarray, np.ndarray]:

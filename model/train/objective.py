@@ -12,11 +12,12 @@ MLM when enabled).
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
+
 from albef.model.albef import ALBEF
 from albef.model.text import CLS_ID, MASK_ID, PAD_ID
 from albef.model.train import losses as L
 from albef.model.train.momentum import FeatureQueues, MomentumEncoders
-from torch import Tensor, nn
 
 MODES = ("retrieval", "pretrain")
 
@@ -59,7 +60,13 @@ class AlbefObjective(nn.Module):
         self.queues = FeatureQueues(model.config.embed_dim, queue_size)
 
     def forward(
-        self, image: Tensor, ids: Tensor, mask: Tensor, idx: Tensor, alpha: float, warmup: bool = False,
+        self,
+        image: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+        idx: Tensor,
+        alpha: float,
+        warmup: bool = False,
         group: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Losses of one batch: ``loss_itc``, ``loss_itm``, ``loss_mlm`` (0 when off), ``loss`` (their sum),
@@ -114,8 +121,15 @@ class AlbefObjective(nn.Module):
         zero = loss_itc.new_zeros(())
         # ---- ITM with in-batch hard negatives.
         if self.use_itm:
-            loss_itm, itm_acc, n_neg = self._itm(sim_i2t[:, :B], sim_t2i[:, :B], text_tokens, mask, image_tokens,
-                                                 idx if self.mode == "retrieval" else None, group)
+            loss_itm, itm_acc, n_neg = self._itm(
+                sim_i2t[:, :B],
+                sim_t2i[:, :B],
+                text_tokens,
+                mask,
+                image_tokens,
+                idx if self.mode == "retrieval" else None,
+                group,
+            )
             out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
         else:
             out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
@@ -127,20 +141,29 @@ class AlbefObjective(nn.Module):
         return out
 
     def _warmup(
-        self, image_feat: Tensor, text_feat: Tensor, idx: Tensor, tokens: tuple[Tensor, Tensor, Tensor] | None = None,
+        self,
+        image_feat: Tensor,
+        text_feat: Tensor,
+        idx: Tensor,
+        tokens: tuple[Tensor, Tensor, Tensor] | None = None,
         group: Tensor | None = None,
     ) -> dict[str, Tensor]:
         B = image_feat.shape[0]
         positives_idx = idx if self.mode == "retrieval" else None
         sim_i2t = image_feat.float() @ text_feat.float().t() / self.model.temp
-        targets = L.idx_targets(idx, idx) if positives_idx is not None else L.diagonal_targets(B, B, image_feat.device)
+        targets = (
+            L.idx_targets(idx, idx)
+            if positives_idx is not None
+            else L.diagonal_targets(B, B, image_feat.device)
+        )
         loss_itc = L.itc_loss(sim_i2t, sim_i2t.t(), targets)
         zero = loss_itc.new_zeros(())
         out: dict[str, Tensor] = {"loss_itc": loss_itc, "loss_mlm": zero}
         if self.itm_in_warmup and self.use_itm and tokens is not None:
             text_tokens, mask, image_tokens = tokens
-            loss_itm, itm_acc, n_neg = self._itm(sim_i2t, sim_i2t.t(), text_tokens, mask, image_tokens, positives_idx,
-                                                 group)
+            loss_itm, itm_acc, n_neg = self._itm(
+                sim_i2t, sim_i2t.t(), text_tokens, mask, image_tokens, positives_idx, group
+            )
             out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
         else:  # by default no ITM yet: its negatives come from ITC similarities that mean little so far
             out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
@@ -182,18 +205,21 @@ class AlbefObjective(nn.Module):
             neg_cls = m.fusion(text_tokens[t_idx], mask[t_idx], image_tokens[v_idx])[:, 0, :]
             logits_parts.append(neg_cls)
         logits = m.itm_head(torch.cat(logits_parts, dim=0))
-        labels = torch.cat(
-            [torch.ones(B, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]
-        ).to(logits.device)
+        labels = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(n_neg, dtype=torch.long)]).to(
+            logits.device
+        )
         loss = L.itm_loss(logits, labels)
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()
         return loss, acc, torch.tensor(float(n_neg))
 
-    def _mlm(self, ids: Tensor, mask: Tensor, image_tokens: Tensor, image_tokens_m: Tensor, alpha: float) -> Tensor:
+    def _mlm(
+        self, ids: Tensor, mask: Tensor, image_tokens: Tensor, image_tokens_m: Tensor, alpha: float
+    ) -> Tensor:
         m = self.model
         vocab = m.config.text.vocab_size
-        masked_ids, labels = L.mask_tokens(ids, vocab, self.mlm_probability, pad_id=PAD_ID, cls_id=CLS_ID,
-                                           mask_id=MASK_ID)
+        masked_ids, labels = L.mask_tokens(
+            ids, vocab, self.mlm_probability, pad_id=PAD_ID, cls_id=CLS_ID, mask_id=MASK_ID
+        )
         sel = labels != L.IGNORE_INDEX
         # The vocabulary projection only at masked positions: the loss ignores the others (exact, cheaper).
         hidden = m.text_encoder(masked_ids, mask, image_tokens=image_tokens, mode="multi_modal")

@@ -45,10 +45,14 @@ def create_optimizer(
     lr_mult: dict[str, float] | None = None,
 ) -> torch.optim.AdamW:
     # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop on this small model.
-    return torch.optim.AdamW(param_groups(model, weight_decay, lr_mult), lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay, lr_mult), lr=lr, betas=betas, eps=eps, fused=True
+    )
 
 
-def cosine_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, warmup_lr: float) -> float:
+def cosine_lr(
+    step: int, total_steps: int, lr: float, min_lr: float, warmup_steps: int, warmup_lr: float
+) -> float:
     """The learning rate of optimizer step ``step`` (0-based)."""
     if step < warmup_steps:
         return warmup_lr + (lr - warmup_lr) * step / warmup_steps
@@ -78,7 +82,9 @@ class CosineWarmup:
         self._apply()
 
     def current(self) -> float:
-        return cosine_lr(self.step_count, self.total_steps, self.lr, self.min_lr, self.warmup_steps, self.warmup_lr)
+        return cosine_lr(
+            self.step_count, self.total_steps, self.lr, self.min_lr, self.warmup_steps, self.warmup_lr
+        )
 
     def _apply(self) -> None:
         lr = self.current()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from albef.model.ranking import rank
 
 __all__ = ["default_ks", "format_table", "itm_eval", "plot_r1_vs_k"]
@@ -70,13 +71,17 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{name:<22}" + "".join(f"{res[c]:>9.2f}" for c in cols))
     if "truth" in report:
         t = report["truth"]
-        lines.append(f"{'caption truth (%)':<22}{'t2i_p1':>9}{'t2i_p5':>9}{'i2t_p1':>9}{'i2t_p5':>9}{'swap':>9}")
+        lines.append(
+            f"{'caption truth (%)':<22}{'t2i_p1':>9}{'t2i_p5':>9}{'i2t_p1':>9}{'i2t_p5':>9}{'swap':>9}"
+        )
         for name in ("itc", "itm"):
             p = t[name]
             swap = t["swap"][name]
-            lines.append(f"{name.upper():<22}" + "".join(f"{p[c]:>9.2f}" for c in ("t2i_p1", "t2i_p5", "i2t_p1",
-                                                                                  "i2t_p5"))
-                         + (f"{swap:>9.2f}" if swap is not None else f"{'-':>9}"))
+            lines.append(
+                f"{name.upper():<22}"
+                + "".join(f"{p[c]:>9.2f}" for c in ("t2i_p1", "t2i_p5", "i2t_p1", "i2t_p5"))
+                + (f"{swap:>9.2f}" if swap is not None else f"{'-':>9}")
+            )
         lines.append(f"swap suite: {t['swap']['cases']} captions, chance {t['swap']['chance']}")
     return "\n".join(lines)
 
@@ -110,13 +115,24 @@ def plot_r1_vs_k(report: dict[str, Any], path: str | Path) -> None:
     ax.legend(fontsize=8)
     if "truth" in report:  # the caption-truth metrics beside the official ones
         t = report["truth"]
-        lines = [f"caption-truth P@1 t->i ITC {t['itc']['t2i_p1']:.1f} / ITM {t['itm']['t2i_p1']:.1f}",
-                 f"caption-truth P@1 i->t ITC {t['itc']['i2t_p1']:.1f} / ITM {t['itm']['i2t_p1']:.1f}"]
+        lines = [
+            f"caption-truth P@1 t->i ITC {t['itc']['t2i_p1']:.1f} / ITM {t['itm']['t2i_p1']:.1f}",
+            f"caption-truth P@1 i->t ITC {t['itc']['i2t_p1']:.1f} / ITM {t['itm']['i2t_p1']:.1f}",
+        ]
         if t["swap"]["cases"]:
-            lines.append(f"swap suite ({t['swap']['cases']}): ITC {t['swap']['itc']:.1f} / ITM "
-                         f"{t['swap']['itm']:.1f} (chance {t['swap']['chance']:.1f})")
-        ax.text(0.02, 0.98, "\n".join(lines), transform=ax.transAxes, va="top", fontsize=7,
-                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+            lines.append(
+                f"swap suite ({t['swap']['cases']}): ITC {t['swap']['itc']:.1f} / ITM "
+                f"{t['swap']['itm']:.1f} (chance {t['swap']['chance']:.1f})"
+            )
+        ax.text(
+            0.02,
+            0.98,
+            "\n".join(lines),
+            transform=ax.transAxes,
+            va="top",
+            fontsize=7,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"},
+        )
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -12,8 +12,16 @@ from typing import Any
 
 # The official RandomAugment op list (kept here so this module stays torch-free).
 ALL_OPS = (
-    "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
-    "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
 )
 
 DEFAULTS: dict[str, Any] = {

@@ -22,11 +22,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from albef import atomic
 from albef.model.train.checkpoints import load_training_state, save_training_state, truncate_metrics
 from albef.model.train.distributed import barrier, init_weights, setup_distributed
 from albef.model.train.momentum import check_queue_size, rank, world_size
-from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,21 @@ class Trainer:
             if self.rank == 0 and not (root / "dataset.json").is_file():
                 from albef.model.data.synth import generate
 
-                generate(root, int(s.get("images", 1000)), int(s.get("seed", 0)), int(s.get("size", 128)),
-                         overwrite=True, progress=self.progress)
+                generate(
+                    root,
+                    int(s.get("images", 1000)),
+                    int(s.get("seed", 0)),
+                    int(s.get("size", 128)),
+                    overwrite=True,
+                    progress=self.progress,
+                )
             barrier()
-            d = {**d, "train": d["train"] or [str(root / "train.json")],
-                 "val": d["val"] or str(root / "val.json"), "test": d["test"] or str(root / "test.json")}
+            d = {
+                **d,
+                "train": d["train"] or [str(root / "train.json")],
+                "val": d["val"] or str(root / "val.json"),
+                "test": d["test"] or str(root / "test.json"),
+            }
             self.cfg = {**self.cfg, "data": d}
         items, problems = load_pairs(d["train"], d["image_root"])
         for p in problems:
@@ -89,10 +100,22 @@ class Trainer:
         mc = self.model.config
         aug = AugmentConfig.from_dict(self.cfg["augment"])
         transform = TrainTransform(mc.vision.image_res, mc.mean, mc.std, aug)
-        self.groups = self._groups(items, d["train"]) if float(self.cfg["train"]["group_negatives"]) > 0 else None
-        self.dataset = PairDataset(items, idx, transform, seed=int(self.cfg["seed"]), cache=cache,
-                                   exif_transpose=exif, groups=self.groups)
-        log.info("training data", extra={"pairs": len(items), "images": len(set(idx)), "skipped": len(self.problems)})
+        self.groups = (
+            self._groups(items, d["train"]) if float(self.cfg["train"]["group_negatives"]) > 0 else None
+        )
+        self.dataset = PairDataset(
+            items,
+            idx,
+            transform,
+            seed=int(self.cfg["seed"]),
+            cache=cache,
+            exif_transpose=exif,
+            groups=self.groups,
+        )
+        log.info(
+            "training data",
+            extra={"pairs": len(items), "images": len(set(idx)), "skipped": len(self.problems)},
+        )
 
     @staticmethod
     def _groups(items: list[Any], train_files: list[str]) -> list[int]:
@@ -105,8 +128,10 @@ class Trainer:
             known.update(image_groups(folder))
         missing = [str(it.image) for it in items if str(Path(it.image).resolve()) not in known]
         if missing:
-            raise ValueError(f"train.group_negatives: {len(missing)} training images have no group in scenes.json "
-                             f"(first: {missing[0]})")
+            raise ValueError(
+                f"train.group_negatives: {len(missing)} training images have no group in scenes.json "
+                f"(first: {missing[0]})"
+            )
         return [known[str(Path(it.image).resolve())] for it in items]
 
     def _build_model(self) -> None:
@@ -125,15 +150,26 @@ class Trainer:
 
         self.model = model
         self.objective = AlbefObjective(
-            model, self.cfg["mode"], t["queue_size"], t["momentum"], t["distill"], t["itm"], t["mlm"],
-            t["mlm_probability"], t["clamp_temp"], t["itm_in_warmup"], float(t["group_negatives"]),
+            model,
+            self.cfg["mode"],
+            t["queue_size"],
+            t["momentum"],
+            t["distill"],
+            t["itm"],
+            t["mlm"],
+            t["mlm_probability"],
+            t["clamp_temp"],
+            t["itm_in_warmup"],
+            float(t["group_negatives"]),
         ).to(self.device)
         self.objective.train()
 
     def _build_tokenizer(self) -> None:
         from albef.model.text import AlbefTokenizer, default_vocab_path
 
-        self.tokenizer = AlbefTokenizer.from_vocab(default_vocab_path(), max_tokens=int(self.cfg["data"]["max_tokens"]))
+        self.tokenizer = AlbefTokenizer.from_vocab(
+            default_vocab_path(), max_tokens=int(self.cfg["data"]["max_tokens"])
+        )
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
@@ -187,8 +223,14 @@ class Trainer:
                 if self.step == warmup_steps and warmup_steps > 0:
                     self._end_scratch_warmup()
                 for j in range(accum):
-                    self._micro_step(net, next(batches), j, accum, alpha_at(t, epoch, pos * accum + j, micro_per_epoch),
-                                     warm)
+                    self._micro_step(
+                        net,
+                        next(batches),
+                        j,
+                        accum,
+                        alpha_at(t, epoch, pos * accum + j, micro_per_epoch),
+                        warm,
+                    )
                 self._optimizer_step()
                 pos += 1
                 self._log_metrics(epoch, total, B * accum * self.world, pbar)
@@ -252,7 +294,9 @@ class Trainer:
         from albef.model.train.dataset import collate
 
         return torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=list(sampler.batches(epoch, start)), collate_fn=collate,
+            self.dataset,
+            batch_sampler=list(sampler.batches(epoch, start)),
+            collate_fn=collate,
             num_workers=int(self.cfg["data"]["num_workers"]),
             # Its own generator: creating an iterator draws a worker base seed, which must not come
             # from the global RNG (a resumed run creates one more iterator than an uninterrupted one).
@@ -266,22 +310,32 @@ class Trainer:
         o = self.cfg["optim"]
         text = self.model.config.text
         mult = float(o["fusion_lr_mult"])
-        lr_mult = {f"text_encoder.encoder.layer.{i}.": mult for i in range(text.fusion_layer, text.num_hidden_layers)}
+        lr_mult = {
+            f"text_encoder.encoder.layer.{i}.": mult for i in range(text.fusion_layer, text.num_hidden_layers)
+        }
         lr_mult["itm_head."] = mult
-        self.optimizer = create_optimizer(self.model, float(o["lr"]), float(o["weight_decay"]),
-                                          tuple(o["betas"]), float(o["eps"]), lr_mult if mult != 1.0 else None)
-        self.scheduler = CosineWarmup(self.optimizer, total, float(o["lr"]), float(o["min_lr"]),
-                                      int(o["warmup_steps"]), o["warmup_lr"])
+        self.optimizer = create_optimizer(
+            self.model,
+            float(o["lr"]),
+            float(o["weight_decay"]),
+            tuple(o["betas"]),
+            float(o["eps"]),
+            lr_mult if mult != 1.0 else None,
+        )
+        self.scheduler = CosineWarmup(
+            self.optimizer, total, float(o["lr"]), float(o["min_lr"]), int(o["warmup_steps"]), o["warmup_lr"]
+        )
 
     def _wrap_ddp(self) -> nn.Module:
         t = self.cfg["train"]
         if self.world == 1:
             return self.objective
         return nn.parallel.DistributedDataParallel(
-            self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            self.objective,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=False,
-            find_unused_parameters=not t["itm"] or (int(t["scratch_warmup_steps"] or 0) > 0
-                                                     and not t["itm_in_warmup"]),
+            find_unused_parameters=not t["itm"]
+            or (int(t["scratch_warmup_steps"] or 0) > 0 and not t["itm_in_warmup"]),
         )
 
     def _end_scratch_warmup(self) -> None:
@@ -292,8 +346,9 @@ class Trainer:
             with torch.no_grad():
                 self.model.temp.fill_(float(temp))
 
-    def _micro_step(self, net: nn.Module, batch: dict[str, Any], j: int, accum: int, alpha: float,
-                    warm: bool) -> None:
+    def _micro_step(
+        self, net: nn.Module, batch: dict[str, Any], j: int, accum: int, alpha: float, warm: bool
+    ) -> None:
         """Forward and backward of one micro-batch (gradients synchronised on the last one only)."""
         ids, mask = self._tokenize(batch["caption"])
         image = batch["image"].to(self.device, non_blocking=True)
@@ -302,7 +357,9 @@ class Trainer:
         group = batch["group"].to(self.device) if use_groups else None
         sync = contextlib.nullcontext() if (self.world == 1 or j == accum - 1) else net.no_sync()
         with sync:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["train"]["bf16"])):
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["train"]["bf16"])
+            ):
                 out = net(image, ids, mask, idx, alpha, warm, group)
             (out["loss"] / accum).backward()
         self._meter.add(out, alpha)
@@ -333,8 +390,14 @@ class Trainer:
         started, steps = self._interval
         rate = steps * samples_per_step / max(now - started, 1e-9)
         rec = self._meter.summary(self.world)
-        rec.update(step=self.step, epoch=epoch, lr=self._last_lr, temp=float(self.model.temp.detach()),
-                   samples_per_s=round(rate, 2), bad_items=self.bad_items)
+        rec.update(
+            step=self.step,
+            epoch=epoch,
+            lr=self._last_lr,
+            temp=float(self.model.temp.detach()),
+            samples_per_s=round(rate, 2),
+            bad_items=self.bad_items,
+        )
         if self.rank == 0:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -346,17 +409,25 @@ class Trainer:
     def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(captions)
         length = max(1, int(mask.sum(axis=1).max()))  # padding='longest', as the official training
-        return (torch.from_numpy(ids[:, :length]).to(self.device),
-                torch.from_numpy(mask[:, :length]).to(self.device))
+        return (
+            torch.from_numpy(ids[:, :length]).to(self.device),
+            torch.from_numpy(mask[:, :length]).to(self.device),
+        )
 
     def _dump(self, out: dict[str, Any], idx: torch.Tensor) -> None:
         q = self.objective.queues
         folder = self.out / "debug"
         folder.mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"image_feat_m": out["image_feat_m"].float().cpu(), "text_feat_m": out["text_feat_m"].float().cpu(),
-             "idx": idx.cpu(), "image_queue": q.image_queue.cpu().clone(), "text_queue": q.text_queue.cpu().clone(),
-             "idx_queue": q.idx_queue.cpu().clone(), "queue_ptr": int(q.queue_ptr)},
+            {
+                "image_feat_m": out["image_feat_m"].float().cpu(),
+                "text_feat_m": out["text_feat_m"].float().cpu(),
+                "idx": idx.cpu(),
+                "image_queue": q.image_queue.cpu().clone(),
+                "text_queue": q.text_queue.cpu().clone(),
+                "idx_queue": q.idx_queue.cpu().clone(),
+                "queue_ptr": int(q.queue_ptr),
+            },
             folder / f"rank{self.rank}-step{self.step:06d}.pt",
         )
 
@@ -368,14 +439,21 @@ class Trainer:
         save_albef(self.model, final, source={"recipe": self.cfg, "training": summary}, dtype=dtype)
         self.tokenizer.save(final / "tokenizer.json.tmp")
         (final / "tokenizer.json.tmp").replace(final / "tokenizer.json")
-        atomic.write_text(final / "training.json", json.dumps({"config": self.cfg, "summary": summary}, indent=2))
+        atomic.write_text(
+            final / "training.json", json.dumps({"config": self.cfg, "summary": summary}, indent=2)
+        )
         atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         log.info("final weights written", extra={"path": str(final), **summary})
         split = self.cfg["eval"]["split"]
         data_file = self.cfg["data"].get(split) if split else None
         if data_file:
-            report = evaluate_checkpoint(final, data_file, self.cfg["data"]["image_root"],
-                                         int(self.cfg["eval"]["k_test"]), int(self.cfg["eval"]["batch_size"]))
+            report = evaluate_checkpoint(
+                final,
+                data_file,
+                self.cfg["data"]["image_root"],
+                int(self.cfg["eval"]["k_test"]),
+                int(self.cfg["eval"]["batch_size"]),
+            )
             report["training"] = summary
             text = json.dumps(report, indent=2)
             atomic.write_text(final / "eval.json", text)
@@ -384,7 +462,11 @@ class Trainer:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data_file: str | Path, image_root: str | Path | None, k_test: int, batch_size: int = 64
+    checkpoint: str | Path,
+    data_file: str | Path,
+    image_root: str | Path | None,
+    k_test: int,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """The official evaluation (helper module ``evaluate``) of a saved checkpoint, loaded as shipped."""
     from albef.model.data.annotations import load_eval_set

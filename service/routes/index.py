@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi import APIRouter
+
 from albef.service.deps import ReaderDep, StateDep
 from albef.service.schemas import ErrorResponse, IndexInfo
-from fastapi import APIRouter
 
 router = APIRouter(prefix="/v1", tags=["index"])
 
@@ -19,10 +20,21 @@ async def get_index(state: StateDep, reader: ReaderDep) -> Any:
     return IndexInfo(
         version=reader.version,
         counts={kind: reader.count(kind) for kind in ("image", "text")},
-        model={"bundle_id": bundle.bundle_id, "name": bundle.config.name, "variant": bundle.variant,
-               "embed_dim": bundle.embed_dim, "image_res": bundle.image_res, "max_tokens": bundle.max_tokens},
+        model={
+            "bundle_id": bundle.bundle_id,
+            "name": bundle.config.name,
+            "variant": bundle.variant,
+            "embed_dim": bundle.embed_dim,
+            "image_res": bundle.image_res,
+            "max_tokens": bundle.max_tokens,
+        },
         factory={kind: (ann.get(kind) or {}).get("factory") for kind in ("image", "text")},
-        ann={kind: {key: (ann.get(kind) or {}).get(key) for key in ("family", "recall_at_k", "k", "params", "ntotal")}
-             for kind in ("image", "text")},
+        ann={
+            kind: {
+                key: (ann.get(kind) or {}).get(key)
+                for key in ("family", "recall_at_k", "k", "params", "ntotal")
+            }
+            for kind in ("image", "text")
+        },
         created=m.get("created"),
     )

@@ -17,12 +17,13 @@ import os
 import stat
 from typing import Any
 
+from fastapi import APIRouter
+from fastapi.responses import Response
+
 from albef.service.deps import ReaderDep
 from albef.service.errors import ApiError
 from albef.service.images import sniff_content_type
 from albef.service.schemas import ErrorResponse, Item
-from fastapi import APIRouter
-from fastapi.responses import Response
 
 _MAX_ID = 2**63 - 1  # ids are int64; larger numbers are simply not items (and would overflow SQLite)
 
@@ -34,9 +35,16 @@ def public_item(item: dict[str, Any]) -> dict[str, Any]:
     route below)."""
     path = item.get("path")
     out = {
-        "id": int(item["id"]), "kind": item["kind"], "caption": item.get("caption"),
-        "width": item.get("width"), "height": item.get("height"), "sha256": item.get("sha256"),
-        "image_id": item.get("image_id"), "metadata": item.get("metadata"), "image_url": None, "uri": None,
+        "id": int(item["id"]),
+        "kind": item["kind"],
+        "caption": item.get("caption"),
+        "width": item.get("width"),
+        "height": item.get("height"),
+        "sha256": item.get("sha256"),
+        "image_id": item.get("image_id"),
+        "metadata": item.get("metadata"),
+        "image_url": None,
+        "uri": None,
     }
     if item["kind"] == "image" and path:
         if "://" in str(path):
@@ -63,8 +71,11 @@ def _read_no_follow(path: Any) -> bytes:
         return fh.read()
 
 
-@router.get("/{item_id}/image", response_class=Response,
-            responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}})
+@router.get(
+    "/{item_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}}, 404: {"model": ErrorResponse}},
+)
 async def get_item_image(item_id: int, reader: ReaderDep) -> Response:
     def locate() -> tuple[bytes, str | None]:
         item = reader.item(item_id) if 0 <= item_id <= _MAX_ID else None
@@ -78,14 +89,20 @@ async def get_item_image(item_id: int, reader: ReaderDep) -> Response:
         try:
             data = _read_no_follow(path)
         except OSError:  # gone, not a regular file, or a symlink (ELOOP)
-            raise ApiError(404, "image_missing", f"the image file of item {item_id} is no longer available") \
-                from None
+            raise ApiError(
+                404, "image_missing", f"the image file of item {item_id} is no longer available"
+            ) from None
         if hashlib.sha256(data).hexdigest() != item.get("sha256"):
-            raise ApiError(404, "image_changed", f"the file of item {item_id} no longer holds the indexed image")
+            raise ApiError(
+                404, "image_changed", f"the file of item {item_id} no longer holds the indexed image"
+            )
         return data, sniff_content_type(io.BytesIO(data))
 
     data, content_type = await asyncio.to_thread(locate)
     if content_type is None:
         raise ApiError(404, "image_unreadable", f"the stored file of item {item_id} is not a readable image")
-    return Response(data, media_type=content_type, headers={"X-Content-Type-Options": "nosniff",
-                                                            "Cache-Control": "private, max-age=3600"})
+    return Response(
+        data,
+        media_type=content_type,
+        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
+    )

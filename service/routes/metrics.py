@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from albef.service.deps import MetricsDep
-from albef.service.metrics import CONTENT_TYPE_LATEST
 from fastapi import APIRouter
 from fastapi.responses import Response
+
+from albef.service.deps import MetricsDep
+from albef.service.metrics import CONTENT_TYPE_LATEST
 
 router = APIRouter(tags=["metrics"])
 

@@ -14,6 +14,10 @@ import binascii
 import json
 from typing import Any
 
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
 from albef.service.deps import EngineDep, ReaderDep, SettingsDep
 from albef.service.domain_errors import WrongItemKind
 from albef.service.engine import SearchEngine, SearchRequest, SearchResult
@@ -21,10 +25,6 @@ from albef.service.errors import ApiError
 from albef.service.protocols import IndexView
 from albef.service.routes.items import public_item
 from albef.service.schemas import ErrorResponse, Hit, ImageSearchRequest, SearchResponse, TextSearchRequest
-from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-
 from albef.settings import Settings
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
@@ -41,33 +41,57 @@ def _limits(body: ImageSearchRequest | TextSearchRequest, settings: Settings) ->
     if k > settings.max_k:
         raise ApiError(422, "validation_error", f"k: at most {settings.max_k}", field="k")
     if rerank_k > settings.max_rerank_k:
-        raise ApiError(422, "validation_error", f"rerank_k: at most {settings.max_rerank_k}", field="rerank_k")
+        raise ApiError(
+            422, "validation_error", f"rerank_k: at most {settings.max_rerank_k}", field="rerank_k"
+        )
     return k, rerank_k
 
 
-async def _search(engine: SearchEngine, reader: IndexView, request: SearchRequest, path: str) -> SearchResponse:
+async def _search(
+    engine: SearchEngine, reader: IndexView, request: SearchRequest, path: str
+) -> SearchResponse:
     try:
         result = await engine.search(reader, request)
     except WrongItemKind as exc:
         # The engine knows directions, not URLs: name the route that was called.
-        raise ApiError(422, exc.code, f"item {exc.item_id} is an {exc.kind}; {path} needs an indexed {exc.wanted}",
-                       field=exc.field) from exc
+        raise ApiError(
+            422,
+            exc.code,
+            f"item {exc.item_id} is an {exc.kind}; {path} needs an indexed {exc.wanted}",
+            field=exc.field,
+        ) from exc
     return await _respond(result, reader, engine, request)
 
 
-async def _respond(result: SearchResult, reader: IndexView, engine: SearchEngine,
-                   request: SearchRequest) -> SearchResponse:
+async def _respond(
+    result: SearchResult, reader: IndexView, engine: SearchEngine, request: SearchRequest
+) -> SearchResponse:
     items = {it["id"]: it for it in await asyncio.to_thread(reader.items, result.ids)}
     hits = [
-        Hit(id=i, rank=r + 1, itc_rank=c, itc_score=s, itm_score=m, match_probability=p,
-            metadata=public_item(items[i]))
-        for r, (i, c, s, m, p) in enumerate(zip(result.ids, result.itc_rank, result.itc, result.itm, result.prob,
-                                                strict=True))
+        Hit(
+            id=i,
+            rank=r + 1,
+            itc_rank=c,
+            itc_score=s,
+            itm_score=m,
+            match_probability=p,
+            metadata=public_item(items[i]),
+        )
+        for r, (i, c, s, m, p) in enumerate(
+            zip(result.ids, result.itc_rank, result.itc, result.itm, result.prob, strict=True)
+        )
         if i in items
     ]
-    return SearchResponse(results=hits, timings_ms=result.timings_ms, k=request.k, rerank=request.rerank,
-                          rerank_k=request.rerank_k, query=result.query, index_version=reader.version,
-                          bundle_id=engine.bundle.bundle_id)
+    return SearchResponse(
+        results=hits,
+        timings_ms=result.timings_ms,
+        k=request.k,
+        rerank=request.rerank,
+        rerank_k=request.rerank_k,
+        query=result.query,
+        index_version=reader.version,
+        bundle_id=engine.bundle.bundle_id,
+    )
 
 
 def _require_json(request: Request) -> None:
@@ -77,16 +101,31 @@ def _require_json(request: Request) -> None:
         raise ApiError(415, "unsupported_media_type", "send the search as application/json")
 
 
-@router.post("/images", response_model=SearchResponse, responses=_ERRORS, summary="text -> images",
-             dependencies=[Depends(_require_json)])
-async def search_images(body: ImageSearchRequest, settings: SettingsDep, reader: ReaderDep,
-                        engine: EngineDep) -> SearchResponse:
+@router.post(
+    "/images",
+    response_model=SearchResponse,
+    responses=_ERRORS,
+    summary="text -> images",
+    dependencies=[Depends(_require_json)],
+)
+async def search_images(
+    body: ImageSearchRequest, settings: SettingsDep, reader: ReaderDep, engine: EngineDep
+) -> SearchResponse:
     k, rerank_k = _limits(body, settings)
     if body.text is not None and len(body.text) > settings.max_text_chars:
-        raise ApiError(422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text")
+        raise ApiError(
+            422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text"
+        )
     # A text without words is refused by the engine, where the text is cleaned for the model.
-    request = SearchRequest("t2i", text=body.text, item_id=body.item_id, k=k, rerank=body.rerank,
-                            rerank_k=rerank_k, exclude=body.exclude)
+    request = SearchRequest(
+        "t2i",
+        text=body.text,
+        item_id=body.item_id,
+        k=k,
+        rerank=body.rerank,
+        rerank_k=rerank_k,
+        exclude=body.exclude,
+    )
     return await _search(engine, reader, request, f"{router.prefix}/images")
 
 
@@ -97,7 +136,9 @@ def _validate(model: type[TextSearchRequest], data: Any) -> TextSearchRequest:
         raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
 
 
-async def _parse_texts_request(request: Request, settings: Settings) -> tuple[TextSearchRequest, bytes | None]:
+async def _parse_texts_request(
+    request: Request, settings: Settings
+) -> tuple[TextSearchRequest, bytes | None]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 8, max_part_size=64 * 1024)
@@ -111,13 +152,20 @@ async def _parse_texts_request(request: Request, settings: Settings) -> tuple[Te
                 if isinstance(upload, str):
                     raise ApiError(422, "validation_error", "image: must be a file upload", field="image")
                 data = await upload.read(settings.max_upload_bytes + 1)
-            fields: dict[str, Any] = {key: form.get(key) for key in ("k", "rerank", "rerank_k", "item_id")
-                                      if form.get(key) not in (None, "")}
-            excl = [x for v in form.getlist("exclude") if isinstance(v, str) for x in v.split(",") if x.strip()]
+            fields: dict[str, Any] = {
+                key: form.get(key)
+                for key in ("k", "rerank", "rerank_k", "item_id")
+                if form.get(key) not in (None, "")
+            }
+            excl = [
+                x for v in form.getlist("exclude") if isinstance(v, str) for x in v.split(",") if x.strip()
+            ]
             if excl:
                 fields["exclude"] = excl
             # The upload stands in for image_base64 when checking "exactly one query".
-            body = _validate(TextSearchRequest, {**fields, **({"image_base64": "-"} if data is not None else {})})
+            body = _validate(
+                TextSearchRequest, {**fields, **({"image_base64": "-"} if data is not None else {})}
+            )
             return body, data
         finally:
             await form.close()
@@ -134,14 +182,20 @@ async def _parse_texts_request(request: Request, settings: Settings) -> tuple[Te
         if body.image_base64 is not None:
             b64 = body.image_base64
             if len(b64) > settings.max_upload_bytes * 4 // 3 + 4:
-                raise ApiError(413, "payload_too_large", f"image_base64: the image exceeds "
-                               f"{settings.max_upload_bytes} bytes", field="image_base64")
+                raise ApiError(
+                    413,
+                    "payload_too_large",
+                    f"image_base64: the image exceeds {settings.max_upload_bytes} bytes",
+                    field="image_base64",
+                )
             if b64.startswith("data:") and "," in b64[:100]:
                 b64 = b64.split(",", 1)[1]  # a data: URL as browsers produce it
             try:
                 data = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError) as exc:
-                raise ApiError(422, "invalid_image", "image_base64: not valid base64", field="image_base64") from exc
+                raise ApiError(
+                    422, "invalid_image", "image_base64: not valid base64", field="image_base64"
+                ) from exc
         return body, data
     raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
 
@@ -151,26 +205,43 @@ _TEXTS_OPENAPI = {
         "required": True,
         "content": {
             "application/json": {"schema": TextSearchRequest.model_json_schema()},
-            "multipart/form-data": {"schema": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "string", "format": "binary"},
-                    "k": {"type": "integer", "minimum": 1}, "rerank": {"type": "boolean"},
-                    "rerank_k": {"type": "integer", "minimum": 1}, "item_id": {"type": "integer", "minimum": 0},
-                    "exclude": {"type": "array", "items": {"type": "integer"}},
-                },
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "k": {"type": "integer", "minimum": 1},
+                        "rerank": {"type": "boolean"},
+                        "rerank_k": {"type": "integer", "minimum": 1},
+                        "item_id": {"type": "integer", "minimum": 0},
+                        "exclude": {"type": "array", "items": {"type": "integer"}},
+                    },
+                }
+            },
         },
     }
 }
 
 
-@router.post("/texts", response_model=SearchResponse, responses=_ERRORS, summary="image -> texts",
-             openapi_extra=_TEXTS_OPENAPI)
-async def search_texts(request: Request, settings: SettingsDep, reader: ReaderDep,
-                       engine: EngineDep) -> SearchResponse:
+@router.post(
+    "/texts",
+    response_model=SearchResponse,
+    responses=_ERRORS,
+    summary="image -> texts",
+    openapi_extra=_TEXTS_OPENAPI,
+)
+async def search_texts(
+    request: Request, settings: SettingsDep, reader: ReaderDep, engine: EngineDep
+) -> SearchResponse:
     body, data = await _parse_texts_request(request, settings)
     k, rerank_k = _limits(body, settings)
-    request = SearchRequest("i2t", image=data, item_id=body.item_id, k=k, rerank=body.rerank, rerank_k=rerank_k,
-                            exclude=body.exclude)
+    request = SearchRequest(
+        "i2t",
+        image=data,
+        item_id=body.item_id,
+        k=k,
+        rerank=body.rerank,
+        rerank_k=rerank_k,
+        exclude=body.exclude,
+    )
     return await _search(engine, reader, request, f"{router.prefix}/texts")

@@ -361,13 +361,8 @@ def test_python_code_is_ruff_formatted_and_lint_clean() -> None:
 
 # -- configuration: the environment is read in albef.settings only ------------------------------------------
 ENV_SCANNED = ("albef", "model", "index", "service")
-# torch.distributed's launcher protocol, read where the process group is set up (the trainer, or the module
-# the process-group set-up moves to).
-ENV_READS_ALLOWED = {
-    (path, key)
-    for path in ("model/train/trainer.py", "model/train/distributed.py")
-    for key in ("WORLD_SIZE", "LOCAL_RANK")
-}
+# torch.distributed's launcher protocol, read where the process group is set up.
+ENV_READS_ALLOWED = {("model/train/distributed.py", key) for key in ("WORLD_SIZE", "LOCAL_RANK")}
 
 
 def _environment_reads(source: str) -> list[tuple[int, str | None]]:

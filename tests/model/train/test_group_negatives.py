@@ -74,10 +74,21 @@ def test_training_with_group_negatives_resumes_bit_for_bit(tmp_path) -> None:
     generate(data, 24, seed=4, size=48, progress=False)
 
     def cfg(**over: str) -> dict:
-        base = {"model.image_res": "32", "data.train": f"[{data / 'train.json'}]", "train.batch_size": "4",
-                "train.max_steps": "6", "train.queue_size": "16", "train.threads": "1", "optim.lr": "1e-3",
-                "train.group_negatives": "1.0", "train.group_negatives_start": "2", "checkpoint.every": "100",
-                "log.every": "1", "eval.split": "null", **over}
+        base = {
+            "model.image_res": "32",
+            "data.train": f"[{data / 'train.json'}]",
+            "train.batch_size": "4",
+            "train.max_steps": "6",
+            "train.queue_size": "16",
+            "train.threads": "1",
+            "optim.lr": "1e-3",
+            "train.group_negatives": "1.0",
+            "train.group_negatives_start": "2",
+            "checkpoint.every": "100",
+            "log.every": "1",
+            "eval.split": "null",
+            **over,
+        }
         return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
     full = Trainer(cfg(), tmp_path / "full", progress=False).run()
@@ -99,8 +110,17 @@ def test_group_negatives_need_the_generators_scenes(tmp_path) -> None:
     data = tmp_path / "data"
     generate(data, 8, seed=1, size=48, progress=False)
     (data / "scenes.json").unlink()
-    cfg = load_config(None, [f"data.train=[{data / 'train.json'}]", "train.group_negatives=0.5",
-                             "model.image_res=32", "train.batch_size=2", "train.queue_size=4", "train.max_steps=1",
-                             "eval.split=null"])
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{data / 'train.json'}]",
+            "train.group_negatives=0.5",
+            "model.image_res=32",
+            "train.batch_size=2",
+            "train.queue_size=4",
+            "train.max_steps=1",
+            "eval.split=null",
+        ],
+    )
     with pytest.raises(FileNotFoundError, match="scenes.json"):
         Trainer(cfg, tmp_path / "run", progress=False).run()
