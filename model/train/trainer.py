@@ -21,17 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from albef import atomic
 from albef.model.train.checkpoints import load_training_state, save_training_state, truncate_metrics
 from albef.model.train.distributed import barrier, init_weights, setup_distributed
 from albef.model.train.momentum import check_queue_size, rank, world_size
+from albef.model.train.outputs import LossMeter, write_final
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def alpha_at(cfg_train: dict[str, Any], epoch: int, micro: int, micro_per_epoch: int) -> float:
@@ -211,7 +208,7 @@ class Trainer:
             from albef.progress import progress_bar
 
             pbar = progress_bar(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        self._meter = _Meter()
+        self._meter = LossMeter()
         t_start = time.perf_counter()
         self._interval = (time.perf_counter(), 0)
         start_step = self.step
@@ -403,7 +400,7 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
             if pbar is not None:
                 pbar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{self._last_lr:.2e}", sps=f"{rate:.0f}")
-        self._meter = _Meter()
+        self._meter = LossMeter()
         self._interval = (now, 0)
 
     def _tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -432,75 +429,4 @@ class Trainer:
         )
 
     def _finish(self, summary: dict[str, Any]) -> None:
-        from albef.model.checkpoint import save_albef
-
-        dtype = DTYPES[self.cfg["final"]["dtype"]]
-        final = self.final_dir
-        save_albef(self.model, final, source={"recipe": self.cfg, "training": summary}, dtype=dtype)
-        self.tokenizer.save(final / "tokenizer.json.tmp")
-        (final / "tokenizer.json.tmp").replace(final / "tokenizer.json")
-        atomic.write_text(
-            final / "training.json", json.dumps({"config": self.cfg, "summary": summary}, indent=2)
-        )
-        atomic.write_text(self.out / "summary.json", json.dumps(summary, indent=2))
-        log.info("final weights written", extra={"path": str(final), **summary})
-        split = self.cfg["eval"]["split"]
-        data_file = self.cfg["data"].get(split) if split else None
-        if data_file:
-            report = evaluate_checkpoint(
-                final,
-                data_file,
-                self.cfg["data"]["image_root"],
-                int(self.cfg["eval"]["k_test"]),
-                int(self.cfg["eval"]["batch_size"]),
-            )
-            report["training"] = summary
-            text = json.dumps(report, indent=2)
-            atomic.write_text(final / "eval.json", text)
-            atomic.write_text(self.out / "eval.json", text)
-            summary["eval"] = {"itc": report["itc"], "itm": report["itm"]}
-
-
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    data_file: str | Path,
-    image_root: str | Path | None,
-    k_test: int,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """The official evaluation (helper module ``evaluate``) of a saved checkpoint, loaded as shipped."""
-    from albef.model.data.annotations import load_eval_set
-    from albef.model.factory import create_model
-    from albef.model.text import AlbefTokenizer, default_vocab_path
-    from albef.model.train.evaluate import evaluate
-
-    model = create_model(None, checkpoint)
-    tok = AlbefTokenizer.from_vocab(default_vocab_path())
-    eval_set = load_eval_set(data_file, image_root)
-    with torch.no_grad():
-        report = evaluate(model, eval_set, tok, k_test=k_test, batch_size=batch_size, progress=False)
-    report["checkpoint"] = str(checkpoint)
-    report["data"] = str(data_file)
-    return report
-
-
-class _Meter:
-    KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc")
-
-    def __init__(self) -> None:
-        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, out: dict[str, Any], alpha: float) -> None:
-        vals = [float(out[k].detach()) for k in self.KEYS] + [alpha]
-        self.sums += torch.tensor(vals, dtype=torch.float64)
-        self.n += 1
-
-    def summary(self, world: int) -> dict[str, float]:
-        sums = torch.cat([self.sums, torch.tensor([float(self.n)], dtype=torch.float64)])
-        if world > 1:
-            dist.all_reduce(sums)
-        n = max(float(sums[-1]), 1.0)
-        rec = {k: round(float(v) / n, 5) for k, v in zip(self.KEYS, sums[: len(self.KEYS)], strict=True)}
-        rec["alpha"] = round(float(sums[len(self.KEYS)]) / n, 5)
-        return rec
+        write_final(self, summary)
