@@ -28,7 +28,7 @@ from pathlib import Path
 
 from albef.index import ann, layout, metadata
 from albef.index.delete import delete
-from albef.index.encode import encode_images, encode_texts, items_done, save_npz
+from albef.index.encode import encode_images, encode_texts, items_done
 from albef.index.errors import IndexError_, IndexNotFoundError
 from albef.index.options import KINDS, BuildOptions, Encoder, Result
 from albef.index.plan import open_work
@@ -37,11 +37,6 @@ from albef.index.publish import publish_build
 __all__ = ["KINDS", "BuildOptions", "Encoder", "Result", "add", "build", "delete"]
 
 log = logging.getLogger(__name__)
-
-# The shard writer every build commits through, looked up here when a build starts: a wrapper put in its
-# place (tests/slow_shards.py pauses after each shard so crash tests can kill a build between shards) sees
-# every commit without a hook in the encoder.
-_save_npz = save_npz
 
 
 def build(
@@ -145,8 +140,8 @@ def _encode_and_publish(
         enabled=opts.progress,
         smoothing=0.1,
     ) as bar:
-        encode_images(wdir, plan, bundle, opts, known, bar, save=_save_npz)
-        encode_texts(wdir, plan, bundle, opts, bar, save=_save_npz)
+        encode_images(wdir, plan, bundle, opts, known, bar)
+        encode_texts(wdir, plan, bundle, opts, bar)
     enc_s = time.perf_counter() - t_enc
     encoded_now = n_img + n_txt - done
     result = publish_build(

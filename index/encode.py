@@ -27,8 +27,6 @@ from albef.index.features import encode_tokens
 from albef.index.options import BuildOptions, Encoder
 from albef.model.image import ImageFormatError, open_image, upright
 
-SaveShard = Callable[[Path, dict[str, np.ndarray]], None]  # commits one shard file
-
 
 def shard_path(wdir: Path, kind: str, i: int) -> Path:
     return wdir / "shards" / f"{'img' if kind == 'image' else 'txt'}-{i:05d}.npz"
@@ -89,7 +87,6 @@ def encode_images(
     opts: BuildOptions,
     known: dict[str, int],
     bar: Any,
-    save: SaveShard = save_npz,
 ) -> None:
     """Encode the image shards not committed yet; ``known`` maps the index's image hashes to ids."""
     images = plan["images"]
@@ -154,7 +151,7 @@ def encode_images(
                 arrays["scales"] = (
                     np.concatenate(state["scales"]) if state["scales"] else np.zeros((0, n_tok), np.float32)
                 )
-            save(shard_path(wdir, "image", shard), arrays)
+            save_npz(shard_path(wdir, "image", shard), arrays)
             bar.update(len(state["errors"]) + len(state["dups"]))
 
         for shard, idx, res in stream:
@@ -195,7 +192,6 @@ def encode_texts(
     bundle: Encoder,
     opts: BuildOptions,
     bar: Any,
-    save: SaveShard = save_npz,
 ) -> None:
     """Encode the text shards not committed yet."""
     texts = plan["texts"]
@@ -223,7 +219,7 @@ def encode_texts(
         }
         if toks:
             arrays["tokens"] = np.concatenate(toks)
-        save(p, arrays)
+        save_npz(p, arrays)
 
 
 def items_done(wdir: Path, plan: dict[str, Any], opts: BuildOptions) -> int:
