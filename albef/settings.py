@@ -8,6 +8,8 @@ Every field can be set as ``ALBEF_<FIELD NAME IN CAPITALS>`` (``ALBEF_INDEX_DIR=
 their own, so that one command does not fail on another's variable, nor pay for building it:
 :class:`LogSettings` (every command), :class:`ModelSettings` (the vocabulary), :class:`DemoSettings`
 (``albef demo``) and :class:`IndexBuildSettings` (``albef index build|add``, prefix ``ALBEF_INDEX_``).
+Training recipes have their schema beside the trainer, :class:`albef.model.train.settings.TrainingConfig`
+(prefix ``ALBEF_TRAIN_``, nested groups as ``ALBEF_TRAIN_<GROUP>__<FIELD>``; the recipe and overrides win).
 """
 
 from __future__ import annotations
