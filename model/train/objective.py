@@ -36,6 +36,7 @@ class AlbefObjective(nn.Module):
         clamp_temp: bool | None = None,
         itm_in_warmup: bool = False,
         group_negatives: float = 0.0,
+        itm_pairs_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -56,6 +57,9 @@ class AlbefObjective(nn.Module):
         if not 0.0 <= group_negatives <= 1.0:
             raise ValueError(f"group_negatives is a probability, not {group_negatives!r}")
         self.group_negatives = float(group_negatives)
+        if itm_pairs_weight < 0:
+            raise ValueError(f"itm_pairs_weight must be >= 0, not {itm_pairs_weight!r}")
+        self.itm_pairs_weight = float(itm_pairs_weight)
         self.momentum_encoders = MomentumEncoders(model)
         self.queues = FeatureQueues(model.config.embed_dim, queue_size)
 
@@ -121,7 +125,7 @@ class AlbefObjective(nn.Module):
         zero = loss_itc.new_zeros(())
         # ---- ITM with in-batch hard negatives.
         if self.use_itm:
-            loss_itm, itm_acc, n_neg = self._itm(
+            loss_itm, itm_acc, n_neg, loss_pairs = self._itm(
                 sim_i2t[:, :B],
                 sim_t2i[:, :B],
                 text_tokens,
@@ -130,9 +134,9 @@ class AlbefObjective(nn.Module):
                 idx if self.mode == "retrieval" else None,
                 group,
             )
-            out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
+            out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg, loss_itm_pairs=loss_pairs)
         else:
-            out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
+            out.update(loss_itm=zero, itm_acc=zero, n_neg=zero, loss_itm_pairs=zero)
         # ---- MLM with distillation (pretraining).
         out["loss_mlm"] = self._mlm(ids, mask, image_tokens, image_tokens_m, alpha) if self.use_mlm else zero
         out["loss"] = out["loss_itc"] + out["loss_itm"] + out["loss_mlm"]
@@ -161,12 +165,12 @@ class AlbefObjective(nn.Module):
         out: dict[str, Tensor] = {"loss_itc": loss_itc, "loss_mlm": zero}
         if self.itm_in_warmup and self.use_itm and tokens is not None:
             text_tokens, mask, image_tokens = tokens
-            loss_itm, itm_acc, n_neg = self._itm(
+            loss_itm, itm_acc, n_neg, loss_pairs = self._itm(
                 sim_i2t, sim_i2t.t(), text_tokens, mask, image_tokens, positives_idx, group
             )
-            out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg)
+            out.update(loss_itm=loss_itm, itm_acc=itm_acc, n_neg=n_neg, loss_itm_pairs=loss_pairs)
         else:  # by default no ITM yet: its negatives come from ITC similarities that mean little so far
-            out.update(loss_itm=zero, itm_acc=zero, n_neg=zero)
+            out.update(loss_itm=zero, itm_acc=zero, n_neg=zero, loss_itm_pairs=zero)
         out["loss"] = out["loss_itc"] + out["loss_itm"]
         out["image_feat_m"] = image_feat.detach()
         out["text_feat_m"] = text_feat.detach()
@@ -181,7 +185,9 @@ class AlbefObjective(nn.Module):
         image_tokens: Tensor,
         idx: Tensor | None,
         group: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """ALBEF's ITM loss (one positive and up to two negatives per row), plus, with ``itm_pairs_weight``,
+        that weight times :meth:`_itm_pairs`; returns (loss, accuracy, number of negatives, pairs loss)."""
         m = self.model
         B = text_tokens.shape[0]
         pos_cls = m.fusion(text_tokens, mask, image_tokens)[:, 0, :]
@@ -210,7 +216,32 @@ class AlbefObjective(nn.Module):
         )
         loss = L.itm_loss(logits, labels)
         acc = (logits.detach().argmax(dim=1) == labels).float().mean()
-        return loss, acc, torch.tensor(float(n_neg))
+        pairs = loss.new_zeros(())
+        if self.itm_pairs_weight > 0 and B > 1:
+            pairs = self._itm_pairs(text_tokens, mask, image_tokens, positives)
+            loss = loss + self.itm_pairs_weight * pairs
+        return loss, acc, torch.tensor(float(n_neg)), pairs.detach()
+
+    def _itm_pairs(
+        self, text_tokens: Tensor, mask: Tensor, image_tokens: Tensor, positives: Tensor
+    ) -> Tensor:
+        """Contrastive ITM over every in-batch pair (a from-scratch aid, not in the official recipes).
+
+        The match margin (ITM logit 1 - logit 0) of all B x B (text, image) pairs, a cross-entropy over the
+        batch's images for each text and over its texts for each image, positives sharing the target mass.
+        From random weights the binary ITM loss is first minimised by the class prior ("no match") and its
+        gradient to the fusion layers then nearly vanishes; this loss has no such minimum, so the fused
+        [CLS] must come to depend on the pair. Each image's cross-attention keys/values are computed once.
+        """
+        m = self.model
+        B = text_tokens.shape[0]
+        t_idx = torch.arange(B, device=text_tokens.device).repeat_interleave(B)
+        v_idx = torch.arange(B, device=text_tokens.device).repeat(B)
+        kv = [(k[v_idx], v[v_idx]) for k, v in m.image_kv(image_tokens)]
+        logits = m.itm_head(m.fusion(text_tokens[t_idx], mask[t_idx], image_kv=kv)[:, 0, :])
+        margin = (logits[:, 1] - logits[:, 0]).float().view(B, B)  # [text, image]
+        targets = positives.float() / positives.float().sum(dim=1, keepdim=True)
+        return (L.soft_cross_entropy(margin, targets) + L.soft_cross_entropy(margin.t(), targets.t())) / 2
 
     def _mlm(
         self, ids: Tensor, mask: Tensor, image_tokens: Tensor, image_tokens_m: Tensor, alpha: float

@@ -79,7 +79,7 @@ def evaluate_checkpoint(
 class LossMeter:
     """Running means of the losses over a logging interval (all-reduced across ranks)."""
 
-    KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc")
+    KEYS = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc", "loss_itm_pairs")
 
     def __init__(self) -> None:
         self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64)

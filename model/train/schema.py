@@ -126,6 +126,11 @@ class TrainGroup(_Group):
         "together",
     )
     group_negatives_start: int = Field(0, ge=0, description="first step that uses them (before: ITC-mined)")
+    itm_pairs_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the contrastive ITM loss over all in-batch pairs (0 = off; from scratch)",
+    )
     temp_after_warmup: float | None = Field(None, gt=0, description="temp after the warm-up (null = learned)")
     itm: bool = Field(True, description="image-text matching loss")
     mlm: bool = Field(False, description="masked language modelling loss (mode: pretrain only)")

@@ -158,6 +158,7 @@ class Trainer:
             t["clamp_temp"],
             t["itm_in_warmup"],
             float(t["group_negatives"]),
+            float(t["itm_pairs_weight"]),
         ).to(self.device)
         self.objective.train()
 

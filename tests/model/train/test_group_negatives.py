@@ -124,3 +124,42 @@ def test_group_negatives_need_the_generators_scenes(tmp_path) -> None:
     )
     with pytest.raises(FileNotFoundError, match="scenes.json"):
         Trainer(cfg, tmp_path / "run", progress=False).run()
+
+
+def test_itm_pairs_loss_scores_every_pair_like_the_plain_fusion_path() -> None:
+    """The contrastive ITM aid: its K/V-reusing pair scores equal plain itm_logits calls, it is added to the
+    ITM loss with its weight, and its gradient reaches the fusion layers."""
+    from albef.model.factory import create_model
+    from albef.model.train.objective import AlbefObjective
+
+    torch.manual_seed(0)
+    model = create_model("albef-tiny", image_res=32).train()
+    for mod in model.modules():  # dropout off: the two paths must see the same arithmetic
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    obj = AlbefObjective(model, queue_size=8, itm_pairs_weight=0.5)
+    B = 4
+    image = torch.randn(B, 3, 32, 32)
+    ids = torch.randint(1000, 2000, (B, 6))
+    ids[:, 0] = 101
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0
+    _, image_tokens = model.encode_image(image)
+    _, text_tokens = model.encode_text(ids, mask)
+    positives = L.positive_mask(B, torch.arange(B))
+    got = obj._itm_pairs(text_tokens, mask, image_tokens, positives)
+    margin = torch.empty(B, B)
+    for t in range(B):
+        for v in range(B):
+            lg = model.itm_logits(text_tokens[t : t + 1], mask[t : t + 1], image_tokens[v : v + 1])[0]
+            margin[t, v] = lg[1] - lg[0]
+    eye = torch.eye(B)
+    want = (L.soft_cross_entropy(margin, eye) + L.soft_cross_entropy(margin.t(), eye)) / 2
+    assert torch.allclose(got, want, atol=1e-5)
+    got.backward()
+    fusion = model.text_encoder.encoder.layer[model.config.text.fusion_layer]
+    assert fusion.crossattention.self.query.weight.grad.abs().sum() > 0
+    out = obj(image, ids, mask, torch.arange(B), alpha=0.0)
+    assert out["loss_itm_pairs"] > 0
+    plain = AlbefObjective(model, queue_size=8)
+    assert plain(image, ids, mask, torch.arange(B), alpha=0.0)["loss_itm_pairs"] == 0
