@@ -115,3 +115,16 @@ def test_shipped_checkpoint_exports_int8_within_its_bounds(fresh_scenes: Path, t
         assert val[f"rerank_top1_agreement_{d}"] >= INT8_BOUNDS.min_rerank_top1_agreement
         assert val[f"rerank_top1_strict_agreement_{d}"] <= val[f"rerank_top1_agreement_{d}"]
     assert "scores" not in manifest["variants"]["int8"]["eval"]
+
+
+def test_experimental_pairs_recipe_is_valid() -> None:
+    """The experimental from-scratch recipe (issue 13) loads and uses the aids it is about."""
+    from albef.model.train.cli import recipe_path
+    from albef.model.train.settings import load_config
+
+    cfg = load_config(recipe_path("tiny-synth-pairs"))
+    assert cfg["model"]["config"] == "albef-tiny-synth"
+    t = cfg["train"]
+    assert t["itm_pairs_weight"] > 0 and 0 < t["group_negatives"] <= 1 and t["itm_in_warmup"]
+    assert cfg["augment"]["hflip"] is False and cfg["data"]["synth"]["seed"] == 0
+    assert t["queue_size"] % t["batch_size"] == 0
