@@ -4,9 +4,9 @@ Steps, all on a synthetic split the model never saw (``albef data synth --seed S
 else; the shipped model trains on seed 0 and was tuned on seed 0's val split):
 
 1. export the checkpoint to an ONNX bundle (fp32) and index the split's test images and captions;
-2. start a real ``albef serve`` on a loopback port and query it with httpx, as a user would:
+2. start a real ``albef serve`` on a loopback port and query it with :mod:`albef.client`, as a user would:
    - text -> image: every test caption as a query text, ``rerank`` off (ITC alone) and on (ITC + ITM, ``k``);
-   - image -> text: every test image uploaded as base64, the same two ways;
+   - image -> text: every test image uploaded, the same two ways;
 3. score the answers by the generator's semantics (:mod:`albef.model.data.truth`): caption-truth P@1 / P@5
    (a hit is a result the caption is true of) and the official R@1 (the annotated image / one of the image's
    own captions), from the item ids the API returned;
@@ -21,7 +21,6 @@ Writes ``bench/results/quality.json`` with every figure, the seeds and the comma
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import json
 import shutil
@@ -31,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench folder, when imported
@@ -66,31 +64,24 @@ def prepare(work: Path, checkpoint: Path, seed: int, images: int, size: int) -> 
 
 def query_all(url: str, test: list[dict[str, Any]], data: Path, k: int, rerank_k: int) -> dict[str, Any]:
     """Every caption (t2i) and every image (i2t) of the test split, rerank off and on: returned ids in order."""
-    out: dict[str, Any] = {"t2i": {False: [], True: []}, "i2t": {False: [], True: []}, "items": {}}
-    with httpx.Client(base_url=url, timeout=60) as client:
+    from albef.client import Client
 
-        def record(hits: list[dict[str, Any]]) -> list[int]:
+    out: dict[str, Any] = {"t2i": {False: [], True: []}, "i2t": {False: [], True: []}, "items": {}}
+    with Client(url, timeout=60) as client:
+
+        def record(hits: list[Any]) -> list[int]:
             for h in hits:
-                out["items"][h["id"]] = h["metadata"]
-            return [h["id"] for h in hits]
+                out["items"][h.id] = h.metadata.model_dump()
+            return [h.id for h in hits]
 
         for rerank in (False, True):
             for entry in test:
                 for caption in entry["caption"]:
-                    r = client.post(
-                        "/v1/search/images",
-                        json={"text": caption, "k": k, "rerank": rerank, "rerank_k": rerank_k},
-                    )
-                    r.raise_for_status()
-                    out["t2i"][rerank].append(record(r.json()["results"]))
-            for entry in test:
-                b64 = base64.b64encode((data / entry["image"]).read_bytes()).decode()
-                r = client.post(
-                    "/v1/search/texts",
-                    json={"image_base64": b64, "k": k, "rerank": rerank, "rerank_k": rerank_k},
-                )
-                r.raise_for_status()
-                out["i2t"][rerank].append(record(r.json()["results"]))
+                    found = client.search_images(caption, k=k, rerank=rerank, rerank_k=rerank_k)
+                    out["t2i"][rerank].append(record(found.results))
+            for entry in test:  # the image uploaded as a user would
+                found = client.search_texts(data / entry["image"], k=k, rerank=rerank, rerank_k=rerank_k)
+                out["i2t"][rerank].append(record(found.results))
     return out
 
 

@@ -1,0 +1,340 @@
+"""A Python client of the albef-search REST API: ``Client`` (blocking) and ``AsyncClient`` (asyncio), on httpx.
+
+Responses are the server's own pydantic models (:mod:`albef.service.schemas`), so a client and a server of the
+same version agree on every field. What the two classes share lives here once: building each request, reading
+each response, turning an error body into :class:`ApiError`, and the retry rule (a 503 is retried up to
+``retries`` times, waiting what its ``Retry-After`` says, capped at ``max_retry_wait`` seconds; other errors are
+raised at once).
+
+    from albef.client import Client
+
+    with Client("http://127.0.0.1:8000", api_key=None) as c:
+        hits = c.search_images("a red circle left of a blue square", k=8)
+        for hit in hits.results:
+            print(hit.rank, hit.itc_rank, hit.match_probability, hit.metadata.image_url)
+        captions = c.search_texts("photo.png")  # a path, bytes, a file object or a PIL image
+
+Needs httpx (``pip install 'albef-search[client]'``); torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from albef.service.schemas import IndexInfo, Item, SearchResponse
+
+__all__ = ["ApiError", "AsyncClient", "Client", "ImageInput"]
+
+# An image to search with: a path, its bytes, an open binary file, or a PIL image (sent as PNG).
+ImageInput = str | Path | bytes | BinaryIO | Any
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """A 4xx/5xx answer: the HTTP status and the server's error body (``code``, ``message``, ``field``)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        field: str | None = None,
+        details: list[dict[str, str]] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.details, self.retry_after = details, retry_after
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request, built once for both clients."""
+
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None
+    data: dict[str, str] | None = None
+
+
+def _image_bytes(image: ImageInput) -> bytes:
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    if isinstance(image, str | Path):
+        return Path(image).read_bytes()
+    if hasattr(image, "read"):
+        return image.read()
+    if hasattr(image, "save"):  # a PIL image
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"an image is a path, bytes, a binary file or a PIL image, not {type(image).__name__}")
+
+
+def _options(k: int | None, rerank: bool, rerank_k: int | None, exclude: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {"rerank": rerank}
+    if k is not None:
+        out["k"] = k
+    if rerank_k is not None:
+        out["rerank_k"] = rerank_k
+    if exclude:
+        out["exclude"] = [int(i) for i in exclude]
+    return out
+
+
+def _images_call(text: str | None, item_id: int | None, **options: Any) -> _Call:
+    if (text is None) == (item_id is None):
+        raise ValueError("give exactly one of text and item_id")
+    body = {"text": text} if text is not None else {"item_id": item_id}
+    return _Call("POST", "/v1/search/images", json={**body, **_options(**options)})
+
+
+def _texts_call(image: ImageInput | None, item_id: int | None, **options: Any) -> _Call:
+    if (image is None) == (item_id is None):
+        raise ValueError("give exactly one of image and item_id")
+    opts = _options(**options)
+    if item_id is not None:
+        return _Call("POST", "/v1/search/texts", json={"item_id": item_id, **opts})
+    # multipart: the image as a file part, the options as form fields (exclude comma-separated)
+    form = {
+        key: ("true" if v is True else "false" if v is False else str(v))
+        for key, v in opts.items()
+        if key != "exclude"
+    }
+    if "exclude" in opts:
+        form["exclude"] = ",".join(str(i) for i in opts["exclude"])
+    return _Call(
+        "POST",
+        "/v1/search/texts",
+        files={"image": ("query", _image_bytes(image), "application/octet-stream")},
+        data=form,
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        err = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        err = {"code": "http_error", "message": response.text[:500] or response.reason_phrase}
+    raise ApiError(
+        response.status_code,
+        err.get("code", "http_error"),
+        err.get("message", ""),
+        err.get("field"),
+        err.get("details"),
+        _retry_after(response),
+    )
+
+
+def _parse(response: httpx.Response, model: type[M]) -> M:
+    _raise_for_error(response)
+    return model.model_validate(response.json())
+
+
+class _Base:
+    def __init__(
+        self, base_url: str, *, api_key: str | None, timeout: float, retries: int, max_retry_wait: float
+    ) -> None:
+        if retries < 0 or max_retry_wait < 0:
+            raise ValueError("retries and max_retry_wait must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"X-API-Key": api_key} if api_key else {}
+        self.timeout, self.retries, self.max_retry_wait = timeout, retries, max_retry_wait
+
+    def _wait(self, response: httpx.Response, attempt: int) -> float | None:
+        """Seconds to wait before retrying ``response``, or None to give up (not a 503, or out of retries)."""
+        if response.status_code != 503 or attempt >= self.retries:
+            return None
+        return min(_retry_after(response) or 1.0, self.max_retry_wait)
+
+
+class Client(_Base):
+    """Blocking client. Use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        max_retry_wait: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, api_key=api_key, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait
+        )
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            r = self._http.request(call.method, call.path, json=call.json, files=call.files, data=call.data)
+            wait = self._wait(r, attempt)
+            if wait is None:
+                return r
+            time.sleep(wait)
+            attempt += 1
+
+    def search_images(
+        self,
+        text: str | None = None,
+        *,
+        item_id: int | None = None,
+        k: int | None = None,
+        rerank: bool = True,
+        rerank_k: int | None = None,
+        exclude: Sequence[int] = (),
+    ) -> SearchResponse:
+        """Text -> images: a query text, or the id of an indexed text."""
+        call = _images_call(text, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        return _parse(self._send(call), SearchResponse)
+
+    def search_texts(
+        self,
+        image: ImageInput | None = None,
+        *,
+        item_id: int | None = None,
+        k: int | None = None,
+        rerank: bool = True,
+        rerank_k: int | None = None,
+        exclude: Sequence[int] = (),
+    ) -> SearchResponse:
+        """Image -> texts: an image (path, bytes, file, PIL image), or the id of an indexed image."""
+        call = _texts_call(image, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        return _parse(self._send(call), SearchResponse)
+
+    def item(self, item_id: int) -> Item:
+        return _parse(self._send(_Call("GET", f"/v1/items/{int(item_id)}")), Item)
+
+    def item_image(self, item_id: int) -> bytes:
+        r = self._send(_Call("GET", f"/v1/items/{int(item_id)}/image"))
+        _raise_for_error(r)
+        return r.content
+
+    def index_info(self) -> IndexInfo:
+        return _parse(self._send(_Call("GET", "/v1/index")), IndexInfo)
+
+    def ready(self) -> bool:
+        """True when the server answers /readyz with 200 (no retries: a probe)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+
+class AsyncClient(_Base):
+    """asyncio client with the same methods as :class:`Client` (awaitable). Use ``async with`` or ``aclose``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        max_retry_wait: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(
+            base_url, api_key=api_key, timeout=timeout, retries=retries, max_retry_wait=max_retry_wait
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=timeout, transport=transport
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call) -> httpx.Response:
+        attempt = 0
+        while True:
+            r = await self._http.request(
+                call.method, call.path, json=call.json, files=call.files, data=call.data
+            )
+            wait = self._wait(r, attempt)
+            if wait is None:
+                return r
+            await asyncio.sleep(wait)
+            attempt += 1
+
+    async def search_images(
+        self,
+        text: str | None = None,
+        *,
+        item_id: int | None = None,
+        k: int | None = None,
+        rerank: bool = True,
+        rerank_k: int | None = None,
+        exclude: Sequence[int] = (),
+    ) -> SearchResponse:
+        call = _images_call(text, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        return _parse(await self._send(call), SearchResponse)
+
+    async def search_texts(
+        self,
+        image: ImageInput | None = None,
+        *,
+        item_id: int | None = None,
+        k: int | None = None,
+        rerank: bool = True,
+        rerank_k: int | None = None,
+        exclude: Sequence[int] = (),
+    ) -> SearchResponse:
+        call = _texts_call(image, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        return _parse(await self._send(call), SearchResponse)
+
+    async def item(self, item_id: int) -> Item:
+        return _parse(await self._send(_Call("GET", f"/v1/items/{int(item_id)}")), Item)
+
+    async def item_image(self, item_id: int) -> bytes:
+        r = await self._send(_Call("GET", f"/v1/items/{int(item_id)}/image"))
+        _raise_for_error(r)
+        return r.content
+
+    async def index_info(self) -> IndexInfo:
+        return _parse(await self._send(_Call("GET", "/v1/index")), IndexInfo)
+
+    async def ready(self) -> bool:
+        try:
+            return (await self._http.get("/readyz")).status_code == 200
+        except httpx.TransportError:
+            return False

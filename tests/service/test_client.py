@@ -1,0 +1,132 @@
+"""albef.client against a real uvicorn server: every endpoint, every image input, errors, retries on 503."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from albef.client import ApiError, AsyncClient, Client
+from albef.service.schemas import SearchResponse
+from tests.helpers.service import index_items, live_server, settings
+
+
+@pytest.fixture(scope="module")
+def server(service_index: Path):
+    with live_server(settings(service_index)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def items(service_index: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return index_items(service_index)
+
+
+class CountingTransport(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[float, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append((time.monotonic(), request.url.path))
+        return super().handle_request(request)
+
+
+def test_client_round_trips_every_endpoint(server, items) -> None:
+    images, texts = items
+    with Client(server.url) as c, httpx.Client(base_url=server.url, timeout=60) as raw:
+        assert c.ready()
+        info = c.index_info()
+        assert info.counts["image"] == len(images) and info.counts["text"] == len(texts)
+
+        caption = texts[0]["caption"]
+        got = c.search_images(caption, k=5, rerank_k=8)
+        want = raw.post("/v1/search/images", json={"text": caption, "k": 5, "rerank_k": 8}).json()
+        assert isinstance(got, SearchResponse)
+        assert [h.id for h in got.results] == [h["id"] for h in want["results"]]
+        assert got.rerank and got.k == 5 and all(h.match_probability is not None for h in got.results)
+        by_item = c.search_images(item_id=texts[0]["id"], k=5, rerank=False, exclude=[got.results[0].id])
+        assert got.results[0].id not in [h.id for h in by_item.results] and not by_item.rerank
+
+        path = Path(images[0]["path"])
+        data = path.read_bytes()
+        want_texts = [
+            h["id"]
+            for h in raw.post("/v1/search/texts", files={"image": ("q", data)}, data={"k": "4"}).json()[
+                "results"
+            ]
+        ]
+        pil = Image.open(io.BytesIO(data)).convert("RGB")
+        for image in (path, str(path), data, io.BytesIO(data), pil):
+            assert [h.id for h in c.search_texts(image, k=4).results] == want_texts, type(image)
+        assert len(c.search_texts(item_id=images[0]["id"], k=3, exclude=[want_texts[0]]).results) == 3
+
+        item = c.item(images[0]["id"])
+        assert item.kind == "image" and item.sha256 == images[0]["sha256"]
+        assert c.item_image(images[0]["id"]) == data
+
+
+def test_client_errors_carry_the_servers_code(server, items) -> None:
+    _, texts = items
+    with Client(server.url) as c:
+        with pytest.raises(ApiError) as e:
+            c.search_images("  ...  ")
+        assert e.value.status == 422 and e.value.code == "empty_text" and e.value.field == "text"
+        with pytest.raises(ApiError) as e:
+            c.item(10**12)
+        assert e.value.status == 404 and e.value.code == "item_not_found"
+        with pytest.raises(ApiError) as e:
+            c.search_texts(b"not an image")
+        assert 400 <= e.value.status < 500
+        with pytest.raises(ApiError) as e:  # a text id where an image is expected
+            c.search_texts(item_id=texts[0]["id"])
+        assert e.value.status == 422
+        with pytest.raises(ValueError, match="exactly one"):
+            c.search_images("a red circle", item_id=1)
+        with pytest.raises(TypeError, match="an image is"):
+            c.search_texts(12345)
+
+
+def test_client_retries_503_honouring_retry_after(tmp_path: Path) -> None:
+    # A server whose index does not exist never becomes ready: every search is 503 not_ready, Retry-After 5.
+    with live_server(settings(tmp_path / "no-index"), ready=False) as srv:
+        transport = CountingTransport()
+        with Client(srv.url, retries=2, max_retry_wait=0.2, transport=transport) as c:
+            start = time.monotonic()
+            with pytest.raises(ApiError) as e:
+                c.search_images("a red circle")
+            elapsed = time.monotonic() - start
+        assert e.value.status == 503 and e.value.code == "not_ready" and e.value.retry_after == 5.0
+        assert [p for _, p in transport.requests] == ["/v1/search/images"] * 3  # the first try + 2 retries
+        gaps = [b - a for (a, _), (b, _) in zip(transport.requests, transport.requests[1:], strict=False)]
+        assert all(g >= 0.2 for g in gaps) and elapsed >= 0.4  # waited Retry-After, capped at 0.2 s
+        assert not Client(srv.url).ready()
+        transport = CountingTransport()
+        with Client(srv.url, retries=0, transport=transport) as c, pytest.raises(ApiError):
+            c.search_images("a red circle")
+        assert len(transport.requests) == 1
+
+
+def test_async_client_gives_the_same_answers(server, items) -> None:
+    images, texts = items
+    caption = texts[1]["caption"]
+    data = Path(images[1]["path"]).read_bytes()
+
+    async def run() -> tuple[list[int], list[int], str]:
+        async with AsyncClient(server.url) as c:
+            assert await c.ready()
+            a, b = await asyncio.gather(c.search_images(caption, k=5), c.search_texts(data, k=4))
+            item = await c.item(images[1]["id"])
+            return [h.id for h in a.results], [h.id for h in b.results], item.sha256
+
+    a_ids, b_ids, sha = asyncio.run(run())
+    with Client(server.url) as c:
+        assert a_ids == [h.id for h in c.search_images(caption, k=5).results]
+        assert b_ids == [h.id for h in c.search_texts(data, k=4).results]
+    assert sha == images[1]["sha256"]
