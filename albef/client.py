@@ -166,7 +166,8 @@ class _Base:
         """Seconds to wait before retrying ``response``, or None to give up (not a 503, or out of retries)."""
         if response.status_code != 503 or attempt >= self.retries:
             return None
-        return min(_retry_after(response) or 1.0, self.max_retry_wait)
+        after = _retry_after(response)
+        return min(1.0 if after is None else after, self.max_retry_wait)  # no header: 1 s; "0" means now
 
 
 class Client(_Base):

@@ -123,13 +123,14 @@ class Trainer:
         for f in train_files:
             folder = Path(f) if Path(f).is_dir() else Path(f).parent
             known.update(image_groups(folder))
-        missing = [str(it.image) for it in items if str(Path(it.image).resolve()) not in known]
+        # PairItem.image is already absolute and resolved, like the keys of image_groups
+        missing = [str(it.image) for it in items if str(it.image) not in known]
         if missing:
             raise ValueError(
                 f"train.group_negatives: {len(missing)} training images have no group in scenes.json "
                 f"(first: {missing[0]})"
             )
-        return [known[str(Path(it.image).resolve())] for it in items]
+        return [known[str(it.image)] for it in items]
 
     def _build_model(self) -> None:
         from albef.model.factory import create_model
