@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from albef.index import filters
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id        INTEGER PRIMARY KEY,
@@ -70,9 +72,12 @@ def create(path: Path, base: Path | None = None) -> sqlite3.Connection:
 
 
 def connect_readonly(path: Path) -> sqlite3.Connection:
-    """Open a published (immutable) database; safe to share across threads behind a lock."""
+    """Open a published (immutable) database; safe to share across threads behind a lock. It has the SQL
+    function that filters with date ranges call (:data:`albef.index.filters.TIME_FUNCTION`)."""
     uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"
-    return sqlite3.connect(uri, uri=True, check_same_thread=False)
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    conn.create_function(filters.TIME_FUNCTION, 1, filters.parse_time, deterministic=True)
+    return conn
 
 
 def insert(conn: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> int:
@@ -127,6 +132,14 @@ def all_locations(conn: sqlite3.Connection, kind: str) -> list[tuple[int, str, i
     """(id, segment, row) of every item of ``kind``, in id order."""
     q = "SELECT id, segment, row FROM items WHERE kind = ? ORDER BY id"
     return [(int(i), s, int(r)) for i, s, r in conn.execute(q, (kind,))]
+
+
+def matching(conn: sqlite3.Connection, kind: str, flt: filters.Filter) -> list[tuple[int, str, int]]:
+    """(id, segment, row) of every item of ``kind`` that ``flt`` holds for, in id order (the connection must
+    come from :func:`connect_readonly`)."""
+    where, params = filters.to_sql(flt)
+    q = f"SELECT id, segment, row FROM items WHERE kind = ? AND {where} ORDER BY id"
+    return [(int(i), s, int(r)) for i, s, r in conn.execute(q, [kind, *params])]
 
 
 def items(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
