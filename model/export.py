@@ -1,10 +1,15 @@
-"""Export an ALBEF model to a model bundle: five ONNX graphs, tokenizer, preprocessing and a manifest.
+"""Export an ALBEF model to a model bundle: five retrieval ONNX graphs and the explain graph, tokenizer,
+preprocessing and a manifest.
 
 Each graph is a small ``nn.Module`` adapter around one inference path of :class:`ALBEF`, exported with
 the legacy TorchScript exporter (``dynamo=False``, opset 17) with dynamic batch and text-length axes.
 Before anything is published, PyTorch and ONNX Runtime run the same inputs; the fp32 export fails if
 embeddings or ITM logits differ by more than ``FP32_TOLERANCE``. The bundle is built in
 ``OUT_DIR.tmp-XXXX`` and renamed into place, so a failed export leaves nothing behind.
+
+The explain graph (:mod:`.export_explain`: the ITM match logit's Grad-CAM inputs, gradient included) is
+traced separately, float32 only, and held to torch autograd within the same tolerance; ``explain=False``
+leaves it out (the bundle then serves search but not ``/v1/explain``).
 
 Faster variants: ``int8`` (:mod:`albef.model.quantize`: MatMul/Gemm weights int8 in a 7-bit range,
 activations quantised on the fly), validated on the machine that exports it against
@@ -45,6 +50,14 @@ from albef.model.export_adapters import (
     num_fusion_layers,
 )
 from albef.model.export_eval import Evaluator, make_evaluator, runtime_score_matrices
+from albef.model.export_explain import (
+    ExplainAdapter,
+    default_explain_layer,
+    explain_io,
+    explain_layer_for,
+    export_explain,
+    validate_explain,
+)
 from albef.model.export_manifest import (
     base_manifest,
     library_versions,
@@ -82,6 +95,8 @@ __all__ = [
     "ItmAdapter",
     "ImageKVAdapter",
     "ItmKVAdapter",
+    "ExplainAdapter",
+    "default_explain_layer",
     "num_fusion_layers",
     "kv_names",
     "example_inputs",
@@ -134,11 +149,15 @@ def export_bundle(
     tolerance: float = FP32_TOLERANCE,
     int8_per_channel: bool = False,
     progress: bool = True,
+    explain: bool = True,
+    explain_layer: int | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` into a bundle at ``out_dir`` and return its manifest.
 
     ``evaluator(bundle_tmp_dir, variant) -> figures`` (optional) measures each variant's retrieval quality
     (e.g. R@1 on the synthetic benchmark); its result is stored under ``variants[v]["eval"]``.
+    ``explain_layer``: the fusion layer (0-based among them) whose cross-attention the explain graph
+    explains; default :func:`default_explain_layer` (the official third, or the last of fewer).
     """
     from albef.progress import progress_bar
 
@@ -149,9 +168,12 @@ def export_bundle(
     vocab_path = resolve_vocab(vocab, checkpoint)
     if not vocab_path.is_file():
         raise ExportError(f"vocab file not found: {vocab_path}")
+    if explain:
+        explain_layer = explain_layer_for(model, explain_layer)  # a bad layer fails here, before any work
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    steps = ["export fp32", "validate fp32", *[f"{v}" for v in variants if v != "fp32"], "manifest"]
+    steps = ["export fp32", "validate fp32", *(["explain"] if explain else [])]
+    steps += [*[v for v in variants if v != "fp32"], "manifest"]
     bar = progress_bar(
         total=len(steps) + (len(variants) if evaluator else 0), desc="export", enabled=progress
     )
@@ -159,6 +181,8 @@ def export_bundle(
     try:
         _export_fp32(job, vocab_path, checkpoint, opset)
         _validate_fp32(job, tolerance)
+        if explain:
+            _add_explain(job, explain_layer, tolerance)
         for v in variants:
             if v != "fp32":
                 _add_variant(job, v, int8_per_channel)
@@ -202,6 +226,19 @@ def _validate_fp32(job: _Job, tolerance: float) -> None:
         figures = validate(job.ref, job.tmp, "fp32")
         job.manifest["variants"]["fp32"]["validation"] = figures
     check_fp32(figures, tolerance)
+    job.bar.update()
+
+
+def _add_explain(job: _Job, layer: int | None, tolerance: float) -> None:
+    """The explain graph, then its check against torch autograd (through the runtime, so the manifest
+    describes it first)."""
+    job.bar.set_postfix_str("explain")
+    with job.timed("explain_s"):
+        section = export_explain(job.model, job.tmp, layer)
+        job.manifest["explain"] = section
+        job.manifest["io"]["explain"] = explain_io(job.model)
+        write_manifest(job.tmp, job.manifest)
+        section["validation"] = validate_explain(job.model, job.tmp, section["fusion_layer"], tolerance)
     job.bar.update()
 
 

@@ -40,6 +40,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="int8 weights with one scale per output channel (slower export)",
     )
+    p.add_argument(
+        "--explain-layer",
+        type=int,
+        default=None,
+        help="fusion layer (0-based among them) whose cross-attention /v1/explain explains "
+        "(default: the official third, or the last of fewer)",
+    )
+    p.add_argument(
+        "--no-explain",
+        action="store_true",
+        help="leave out the explain graph (the bundle serves search but not /v1/explain)",
+    )
     p.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument(
         "--eval-data",
@@ -107,6 +119,8 @@ def export_command(args: argparse.Namespace) -> int:
             evaluator=evaluator,
             tolerance=args.tolerance,
             int8_per_channel=args.int8_per_channel,
+            explain=not args.no_explain,
+            explain_layer=args.explain_layer,
         )
     except (ExportError, ValueError, FileNotFoundError) as exc:
         raise CLIError(str(exc)) from exc
@@ -120,6 +134,7 @@ def export_command(args: argparse.Namespace) -> int:
                     "bytes": total,
                     "variants": manifest["variants"],
                     "variants_not_shipped": manifest.get("variants_not_shipped", {}),
+                    "explain": manifest.get("explain"),
                 },
                 default=str,
             )
@@ -134,6 +149,12 @@ def export_command(args: argparse.Namespace) -> int:
         f"fp32 max |torch - ORT|: image_emb {val['image_emb']:.1e}, text_emb {val['text_emb']:.1e}, "
         f"itm {val['itm_logits']:.1e}"
     )
+    if "explain" in manifest:
+        ex = manifest["explain"]
+        print(  # noqa: T201
+            f"explain: fusion layer {ex['fusion_layer']} (encoder layer {ex['encoder_layer']}), max |autograd - "
+            f"ORT|: attention {ex['validation']['attention']:.1e}, gradient {ex['validation']['attention_grad']:.1e}"
+        )
     if "int8" in manifest["variants"]:
         q = manifest["variants"]["int8"]["validation"]
         print(  # noqa: T201

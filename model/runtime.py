@@ -12,7 +12,14 @@ Bundle layout (``manifest.json`` lists every file with its sha256)::
     image_kv.onnx        image_tokens [1,N,W]                   -> k0, v0, k1, v1, ... [1,heads,N,d]
     itm_kv.onnx          text_tokens, text_mask, k0, v0, ...    -> itm_logits [K,2] (K/V batch 1 broadcasts)
     <role>.int8.onnx     the same graphs with int8 dynamically quantised weights
+    explain.onnx         text_tokens [1,L,H], text_mask [1,L], image_tokens [1,N,W]
+                         -> itm_logits [1,2], attention, attention_grad [1,heads,L,N]
     tokenizer.json, vocab.txt, preprocess.json, manifest.json
+
+Format versions: 1 has the five retrieval graphs; 2 adds the optional ``explain.onnx`` (Grad-CAM of the ITM
+match, :mod:`albef.model.export_explain`), described by the manifest's ``explain`` section. The explain graph
+is float32 and serves every variant. A version-1 bundle still loads and serves search;
+:attr:`Bundle.has_explain` is False for it.
 """
 
 from __future__ import annotations
@@ -31,13 +38,17 @@ from albef.model.image import ImageSource, preprocess
 from albef.model.text import AlbefTokenizer
 
 BUNDLE_FORMAT = "albef-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2  # 2: the optional explain graph (version-1 bundles still load)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 PREPROCESS_FILE = "preprocess.json"
 ROLES = ("image_encoder", "text_encoder", "itm", "image_kv", "itm_kv")
 VARIANTS = ("fp32", "int8", "bf16")
+EXPLAIN_ROLE = "explain"
+EXPLAIN_FILE = "explain.onnx"
+EXPLAIN_INPUTS = ("text_tokens", "text_mask", "image_tokens")
+EXPLAIN_OUTPUTS = ("itm_logits", "attention", "attention_grad")
 
 
 class BundleError(ValueError):
@@ -131,8 +142,13 @@ class Bundle:
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self._files = {role: manifest["variants"][variant]["files"][role] for role in ROLES}
+        # The explain graph (format 2; absent from older bundles) is float32 and shared by every variant.
+        self.explain_info: dict[str, Any] | None = manifest.get("explain")
+        if self.explain_info is not None:
+            self._files[EXPLAIN_ROLE] = self.explain_info["file"]
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._vocab: list[str] | None = None
 
     @classmethod
     def load(
@@ -156,6 +172,8 @@ class Bundle:
             )
         files = manifest.get("files", {})
         needed = [*variants[variant]["files"].values(), TOKENIZER_FILE, PREPROCESS_FILE]
+        if manifest.get("explain"):
+            needed.append(manifest["explain"]["file"])
         for name in needed:
             f = p / name
             if not f.is_file():
@@ -170,7 +188,7 @@ class Bundle:
             raise BundleError(f"{p}: bundle_id does not match the files listed in the manifest")
         bundle = cls(p, manifest, variant, intra_op_threads, inter_op_threads)
         if eager:
-            for role in ROLES:
+            for role in bundle._files:
                 bundle.session(role)
         return bundle
 
@@ -320,6 +338,51 @@ class Bundle:
             feeds[f"k{i}"], feeds[f"v{i}"] = kv[2 * i], kv[2 * i + 1]
         (logits,) = self._run("itm_kv", feeds)
         return logits
+
+    # -- explain (Grad-CAM of the ITM match) ---------------------------------------------------------------
+    @property
+    def has_explain(self) -> bool:
+        """Whether this bundle has the explain graph (exported with bundle format 2 or later)."""
+        return self.explain_info is not None
+
+    def explain(self, text_tokens: Any, text_mask: Any, image_tokens: Any) -> dict[str, np.ndarray]:
+        """One pair's Grad-CAM inputs: ``itm_logits`` ``[1,2]``, the cross-attention probabilities of the
+        explained fusion layer (``attention``, ``[1,heads,L,N]``, the text's tokens over the image tokens) and
+        the gradient of the match logit with respect to them (``attention_grad``). A text shorter than the
+        graph's length is padded (padding rows stay masked); a :class:`BundleError` if the bundle has no
+        explain graph."""
+        if self.explain_info is None:
+            raise BundleError(
+                f"{self.path}: this bundle has no explain graph (re-export it with albef export)"
+            )
+        t, m = self._check_text(text_tokens, text_mask)
+        x = self._check_image_tokens(image_tokens)
+        length = int(self.explain_info["length"])
+        if t.shape[0] != 1 or x.shape[0] != 1:
+            raise ValueError(f"explain takes one pair, got {t.shape[0]} texts and {x.shape[0]} images")
+        n = t.shape[1]
+        if n > length:
+            raise ValueError(f"the text has {n} tokens; the explain graph takes at most {length}")
+        if n < length:
+            t = np.concatenate([t, np.zeros((1, length - n, t.shape[2]), np.float32)], axis=1)
+            m = np.concatenate([m, np.zeros((1, length - n), np.int64)], axis=1)
+        outs = self._run(EXPLAIN_ROLE, {"text_tokens": t, "text_mask": m, "image_tokens": x})
+        got = dict(zip(EXPLAIN_OUTPUTS, outs, strict=True))
+        got["attention"] = got["attention"][:, :, :n]
+        got["attention_grad"] = got["attention_grad"][:, :, :n]
+        return got
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of token ids (WordPieces, ``##`` marking a continuation)."""
+        if self._vocab is None:
+            from tokenizers import Tokenizer
+
+            vocab = Tokenizer.from_file(str(self.path / TOKENIZER_FILE)).get_vocab()
+            table = [""] * (max(vocab.values()) + 1)
+            for token, i in vocab.items():
+                table[i] = token
+            self._vocab = table
+        return [self._vocab[int(i)] if 0 <= int(i) < len(self._vocab) else "[UNK]" for i in ids]
 
     def validation_summary(self) -> dict[str, Any]:
         """What the export measured for this variant against fp32 (int8: on which CPU, within which bounds),

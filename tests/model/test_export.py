@@ -27,7 +27,7 @@ def test_bundle_files_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path, voc
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     names = {p.name for p in tiny_bundle.iterdir()}
     expected = {f"{r}.onnx" for r in ROLES} | {f"{r}.int8.onnx" for r in ROLES}
-    expected |= {"tokenizer.json", "vocab.txt", "preprocess.json", "manifest.json"}
+    expected |= {"explain.onnx", "tokenizer.json", "vocab.txt", "preprocess.json", "manifest.json"}
     assert names == expected
     # every file is listed with its real hash and size; the id is the hash over those hashes
     assert set(manifest["files"]) == expected - {"manifest.json"}
