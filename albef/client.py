@@ -9,7 +9,7 @@ raised at once).
     from albef.client import Client
 
     with Client("http://127.0.0.1:8000", api_key=None) as c:
-        hits = c.search_images("a red circle left of a blue square", k=8)
+        hits = c.search_images("a red circle left of a blue square", k=8, filter={"metadata.year": {"gte": 2020}})
         for hit in hits.results:
             print(hit.rank, hit.itc_rank, hit.match_probability, hit.metadata.image_url)
         captions = c.search_texts("photo.png")  # a path, bytes, a file object or a PIL image
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -82,7 +83,15 @@ def _image_bytes(image: ImageInput) -> bytes:
     raise TypeError(f"an image is a path, bytes, a binary file or a PIL image, not {type(image).__name__}")
 
 
-def _options(k: int | None, rerank: bool, rerank_k: int | None, exclude: Sequence[int]) -> dict[str, Any]:
+def _options(
+    k: int | None,
+    rerank: bool,
+    rerank_k: int | None,
+    exclude: Sequence[int],
+    filter: Mapping[str, Any] | None = None,
+    min_itc_score: float | None = None,
+    min_match_probability: float | None = None,
+) -> dict[str, Any]:
     out: dict[str, Any] = {"rerank": rerank}
     if k is not None:
         out["k"] = k
@@ -90,6 +99,12 @@ def _options(k: int | None, rerank: bool, rerank_k: int | None, exclude: Sequenc
         out["rerank_k"] = rerank_k
     if exclude:
         out["exclude"] = [int(i) for i in exclude]
+    if filter is not None:
+        out["filter"] = dict(filter)
+    if min_itc_score is not None:
+        out["min_itc_score"] = float(min_itc_score)
+    if min_match_probability is not None:
+        out["min_match_probability"] = float(min_match_probability)
     return out
 
 
@@ -106,14 +121,17 @@ def _texts_call(image: ImageInput | None, item_id: int | None, **options: Any) -
     opts = _options(**options)
     if item_id is not None:
         return _Call("POST", "/v1/search/texts", json={"item_id": item_id, **opts})
-    # multipart: the image as a file part, the options as form fields (exclude comma-separated)
+    # multipart: the image as a file part, the options as form fields (exclude comma-separated, the filter
+    # as a JSON string)
     form = {
-        key: ("true" if v is True else "false" if v is False else str(v))
+        key: ("true" if v is True else "false" if v is False else repr(v) if isinstance(v, float) else str(v))
         for key, v in opts.items()
-        if key != "exclude"
+        if key not in ("exclude", "filter")
     }
     if "exclude" in opts:
         form["exclude"] = ",".join(str(i) for i in opts["exclude"])
+    if "filter" in opts:
+        form["filter"] = json.dumps(opts["filter"])
     return _Call(
         "POST",
         "/v1/search/texts",
@@ -218,9 +236,24 @@ class Client(_Base):
         rerank: bool = True,
         rerank_k: int | None = None,
         exclude: Sequence[int] = (),
+        filter: Mapping[str, Any] | None = None,
+        min_itc_score: float | None = None,
+        min_match_probability: float | None = None,
     ) -> SearchResponse:
-        """Text -> images: a query text, or the id of an indexed text."""
-        call = _images_call(text, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        """Text -> images: a query text, or the id of an indexed text. ``filter`` (the grammar of
+        service/API.md, Filters) narrows the candidates; ``min_itc_score``/``min_match_probability`` drop weaker
+        results (the response's ``cut`` counts them)."""
+        call = _images_call(
+            text,
+            item_id,
+            k=k,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            exclude=exclude,
+            filter=filter,
+            min_itc_score=min_itc_score,
+            min_match_probability=min_match_probability,
+        )
         return _parse(self._send(call), SearchResponse)
 
     def search_texts(
@@ -232,9 +265,23 @@ class Client(_Base):
         rerank: bool = True,
         rerank_k: int | None = None,
         exclude: Sequence[int] = (),
+        filter: Mapping[str, Any] | None = None,
+        min_itc_score: float | None = None,
+        min_match_probability: float | None = None,
     ) -> SearchResponse:
-        """Image -> texts: an image (path, bytes, file, PIL image), or the id of an indexed image."""
-        call = _texts_call(image, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        """Image -> texts: an image (path, bytes, file, PIL image), or the id of an indexed image; the filter and
+        the thresholds as for :meth:`search_images` (in a multipart upload the filter goes as a JSON string)."""
+        call = _texts_call(
+            image,
+            item_id,
+            k=k,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            exclude=exclude,
+            filter=filter,
+            min_itc_score=min_itc_score,
+            min_match_probability=min_match_probability,
+        )
         return _parse(self._send(call), SearchResponse)
 
     def item(self, item_id: int) -> Item:
@@ -306,8 +353,21 @@ class AsyncClient(_Base):
         rerank: bool = True,
         rerank_k: int | None = None,
         exclude: Sequence[int] = (),
+        filter: Mapping[str, Any] | None = None,
+        min_itc_score: float | None = None,
+        min_match_probability: float | None = None,
     ) -> SearchResponse:
-        call = _images_call(text, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        call = _images_call(
+            text,
+            item_id,
+            k=k,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            exclude=exclude,
+            filter=filter,
+            min_itc_score=min_itc_score,
+            min_match_probability=min_match_probability,
+        )
         return _parse(await self._send(call), SearchResponse)
 
     async def search_texts(
@@ -319,8 +379,21 @@ class AsyncClient(_Base):
         rerank: bool = True,
         rerank_k: int | None = None,
         exclude: Sequence[int] = (),
+        filter: Mapping[str, Any] | None = None,
+        min_itc_score: float | None = None,
+        min_match_probability: float | None = None,
     ) -> SearchResponse:
-        call = _texts_call(image, item_id, k=k, rerank=rerank, rerank_k=rerank_k, exclude=exclude)
+        call = _texts_call(
+            image,
+            item_id,
+            k=k,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            exclude=exclude,
+            filter=filter,
+            min_itc_score=min_itc_score,
+            min_match_probability=min_match_probability,
+        )
         return _parse(await self._send(call), SearchResponse)
 
     async def item(self, item_id: int) -> Item:

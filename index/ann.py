@@ -186,13 +186,19 @@ def read(path: Path) -> faiss.Index:
 
 
 def search(
-    index: faiss.Index, queries: np.ndarray, k: int, tie_margin: int = 16, threads: int | None = None
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    tie_margin: int = 16,
+    threads: int | None = None,
+    params: faiss.SearchParameters | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores float32 [Q,k], ids int64 [Q,k]); ties ordered by id ascending, pads are (-inf, -1).
 
     A few more than k are fetched so that items tied with the k-th one are all seen before the cut.
     ``threads``: OpenMP threads for this call (the service passes ``ALBEF_FAISS_THREADS``); None = 1 for a
-    handful of queries, FAISS's default for batches. The calling thread's setting is restored afterwards."""
+    handful of queries, FAISS's default for batches. The calling thread's setting is restored afterwards.
+    ``params``: FAISS search parameters of this call (a filtered search's id selector)."""
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     nq = q.shape[0]
     if k <= 0:
@@ -211,11 +217,11 @@ def search(
         before = faiss.omp_get_max_threads()  # the setting is per calling thread: put it back as it was
         faiss.omp_set_num_threads(int(threads))
         try:
-            scores, ids = index.search(q, kk)
+            scores, ids = index.search(q, kk, params=params)
         finally:
             faiss.omp_set_num_threads(before)
     else:
-        scores, ids = index.search(q, kk)
+        scores, ids = index.search(q, kk, params=params)
     valid = ids >= 0
     s_key = np.where(valid, -scores, np.inf)
     i_key = np.where(valid, ids, np.iinfo(np.int64).max)

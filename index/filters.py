@@ -82,7 +82,8 @@ TIME_FUNCTION = "albef_time"  # the SQLite function :func:`parse_time` is regist
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _ISO_TIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})"
-    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?(Z|z|[+-]\d{2}:?\d{2})?)?\Z"
+    r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?(Z|z|[+-]\d{2}:?\d{2})?)?\Z",
+    re.ASCII,
 )
 
 
@@ -268,6 +269,7 @@ class _Parser:
                 raise FilterError(path, f"expected {_expects(kind)}, got a number")
             return _number(value, path)
         if isinstance(value, str):
+            _unicode(value, path)
             if kind == "int":
                 raise FilterError(path, f"expected {_expects(kind)}, got a string")
             if kind == "kind" and value not in ("image", "text"):
@@ -316,6 +318,13 @@ def _field(key: str, path: str) -> Field:
         return Field("metadata", keys)
     known = ", ".join(BUILTIN)
     raise FilterError(path, f"unknown field (expected and, or, not, {known}, metadata or metadata.KEY)")
+
+
+def _unicode(value: str, path: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800") that JSON can carry but UTF-8 cannot
+        raise FilterError(path, "the string is not valid Unicode (a lone surrogate)") from exc
 
 
 def _number(value: int | float, path: str) -> int | float:

@@ -8,6 +8,8 @@ Reader API::
     reader.index_dir: Path
     reader.count(kind) -> int                                  # kind: "image" | "text"
     reader.search(kind, queries [Q,D] float32, k) -> (scores [Q,k] float32, ids [Q,k] int64)
+    reader.search_filtered(kind, query [D], k, filter, exclude=()) -> FilteredHits   # filters.Filter
+    reader.matching(kind, filter) -> ids [m] int64             # the items of kind the filter holds for
     reader.vector(kind, item_id) -> [D] float32                # the stored ITC embedding
     reader.image_tokens(ids) -> [k,N,W] float32                # ITM re-rank features of images
     reader.text_features(ids) -> ([k,L,H] float32, mask [k,L] int64)   # ITM re-rank features of texts
@@ -22,6 +24,14 @@ Reader API::
 - ``search`` queries the FAISS index of ``kind`` ("image": text->image, the query is a text embedding;
   "text": image->text). Ids are int64 and unique across both kinds. Rows are ordered by score descending,
   then id ascending (deterministic ties); missing results are padded with score -inf and id -1.
+- ``search_filtered`` returns the top k of the items the filter (:mod:`albef.index.filters`, evaluated in
+  SQLite) holds for, minus ``exclude``, in the same order, with how many items matched. The ranking is the
+  exact ITC score (inner product of the stored embeddings) whatever the index type: a Flat index is searched
+  with the matching ids as a FAISS ``IDSelector`` (the same scores as an unfiltered search); for HNSW/IVF,
+  up to ``filter_exact_max`` matches are scored by brute force over their stored vectors. Only a larger
+  match set of an ANN index is searched in the ANN with the selector (``exact=False``: as approximate as an
+  unfiltered search); where that finds fewer than k, efSearch/nprobe are widened (x4, at most
+  ``WIDEN_STEPS`` times), then brute force takes over. Match sets are cached per filter (LRU).
 - ``open(bundle_id=...)`` raises :class:`IndexMismatchError` when the index was built with another model
   bundle; :class:`IndexNotFoundError` when there is no index/version. Feature lookups raise ``KeyError`` for
   ids that are not items of that kind.
@@ -36,21 +46,48 @@ Reader API::
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from albef.index import ann, layout, metadata
+from albef.index import ann, filters, layout, metadata
 from albef.index.errors import IndexFormatError
 from albef.index.features import Segment
 from albef.index.layout import current_version
+from albef.model.ranking import rank
 
-__all__ = ["IndexReader", "current_version"]
+__all__ = ["FILTER_EXACT_MAX", "FilteredHits", "IndexReader", "current_version"]
 
 Kind = Literal["image", "text"]
 _KINDS = ("image", "text")
+FILTER_EXACT_MAX = 50_000  # an ANN index scores at most this many matching items by brute force
+WIDEN_STEPS = 3  # times a filtered ANN search that found fewer than k raises efSearch/nprobe (x4 each)
+_CACHE_ITEMS = 2_000_000  # matching ids kept across the cached filters of a reader
+_CHUNK = 65_536  # rows per brute-force block
+
+
+@dataclass(frozen=True)
+class FilteredHits:
+    """A filtered search: ``ids``/``scores`` in ranking order (score descending, ties by id ascending);
+    ``matched``: items of the kind the filter holds for (before ``exclude``); ``exact``: ranked by exact ITC
+    scores (False: by the ANN index searched with the matching ids as a selector)."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    matched: int
+    exact: bool
+
+
+@dataclass(frozen=True)
+class _Matches:
+    ids: np.ndarray  # int64 [m], ascending
+    segments: tuple[str, ...]
+    seg: np.ndarray  # int32 [m]: index into segments
+    rows: np.ndarray  # int64 [m]: row in that segment
 
 
 class IndexReader:
@@ -61,8 +98,11 @@ class IndexReader:
         manifest: dict[str, Any],
         encoder: Any | None = None,
         search_threads: int | None = None,
+        filter_exact_max: int = FILTER_EXACT_MAX,
     ) -> None:
         self.index_dir = index_dir
+        self.filter_exact_max = int(filter_exact_max)
+        self._matches: OrderedDict[tuple[str, str], _Matches] = OrderedDict()
         self.search_threads = (
             search_threads  # OpenMP threads per FAISS search (None: albef.index.ann's default)
         )
@@ -93,6 +133,7 @@ class IndexReader:
         version: str | None = None,
         encoder: Any | None = None,
         search_threads: int | None = None,
+        filter_exact_max: int = FILTER_EXACT_MAX,
     ) -> IndexReader:
         index_dir = Path(index_dir)
         vdir = layout.version_path(index_dir, version)
@@ -100,7 +141,7 @@ class IndexReader:
         if manifest.get("format") != "albef-index":
             raise IndexFormatError(f"{vdir}: not an albef index manifest")
         layout.check_bundle(manifest, bundle_id, f"{index_dir} (version {vdir.name})")
-        return cls(index_dir, vdir.name, manifest, encoder, search_threads)
+        return cls(index_dir, vdir.name, manifest, encoder, search_threads, filter_exact_max)
 
     # -- counts and search -------------------------------------------------------------------------------
     def count(self, kind: Kind) -> int:
@@ -120,6 +161,94 @@ class IndexReader:
         if index is None:
             return (np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64))
         return ann.search(index, q, int(k), threads=self.search_threads)
+
+    # -- filtered search -----------------------------------------------------------------------------------
+    def matching(self, kind: Kind, flt: filters.Filter) -> np.ndarray:
+        """Ids (int64, ascending) of the items of ``kind`` that ``flt`` holds for."""
+        return self._match(kind, flt).ids
+
+    def search_filtered(
+        self, kind: Kind, query: np.ndarray, k: int, flt: filters.Filter, exclude: Sequence[int] = ()
+    ) -> FilteredHits:
+        _check_kind(kind)
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if q.shape[0] != self.embed_dim:
+            raise ValueError(f"query must be [{self.embed_dim}], got {list(np.shape(query))}")
+        if int(k) < 1:
+            raise ValueError("k must be at least 1")
+        found = self._match(kind, flt)
+        keep = np.ones(len(found.ids), bool)
+        if len(exclude):
+            keep &= ~np.isin(found.ids, np.asarray(list(exclude), dtype=np.int64))
+        allowed = found.ids[keep]
+        fam = ann.family((self.manifest["ann"].get(kind) or {}).get("factory") or "Flat")
+        index = self._indexes.get(kind)
+        if len(allowed) == 0 or index is None:
+            return FilteredHits(np.zeros(0, np.float32), np.zeros(0, np.int64), len(found.ids), True)
+        if fam == "flat" or (fam != "other" and len(allowed) > self.filter_exact_max):
+            hits = self._selector_search(index, fam, q, int(k), allowed)
+            if hits is not None:
+                return FilteredHits(hits[0], hits[1], len(found.ids), fam == "flat")
+        scores, ids = self._brute_force(kind, q, int(k), found, keep)
+        return FilteredHits(scores, ids, len(found.ids), True)
+
+    def _match(self, kind: Kind, flt: filters.Filter) -> _Matches:
+        _check_kind(kind)
+        key = (kind, repr(flt))  # repr, not ==: True == 1 in Python, but not in a filter
+        with self._lock:
+            hit = self._matches.get(key)
+            if hit is not None:
+                self._matches.move_to_end(key)
+                return hit
+            rows = metadata.matching(self._conn, kind, flt)
+        names = tuple(sorted({seg for _, seg, _ in rows}))
+        pos = {name: i for i, name in enumerate(names)}
+        found = _Matches(
+            np.fromiter((i for i, _, _ in rows), np.int64, len(rows)),
+            names,
+            np.fromiter((pos[seg] for _, seg, _ in rows), np.int32, len(rows)),
+            np.fromiter((r for _, _, r in rows), np.int64, len(rows)),
+        )
+        with self._lock:
+            self._matches[key] = found
+            while len(self._matches) > 1 and sum(len(m.ids) for m in self._matches.values()) > _CACHE_ITEMS:
+                self._matches.popitem(last=False)
+        return found
+
+    def _selector_search(
+        self, index: Any, fam: str, q: np.ndarray, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The index searched with ``allowed`` as its id selector, widened when it finds fewer than
+        ``min(k, len(allowed))``; None if even the widest search does."""
+        sel = ann.faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+        want = min(k, len(allowed))
+        base = _search_knob(index, fam)
+        for step in range(WIDEN_STEPS + 1 if fam != "flat" else 1):
+            params = _selector_params(index, fam, sel, None if base is None else base * 4**step)
+            scores, ids = ann.search(index, q[None, :], k, threads=self.search_threads, params=params)
+            if int((ids[0] >= 0).sum()) >= want:
+                n = want
+                return scores[0, :n].copy(), ids[0, :n].copy()
+        return None
+
+    def _brute_force(
+        self, kind: Kind, q: np.ndarray, k: int, found: _Matches, keep: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact ITC scores of the kept matches from their stored vectors; the top ``k`` by the ranking rule."""
+        ids, seg, rows = found.ids[keep], found.seg[keep], found.rows[keep]
+        scores = np.empty(len(ids), np.float32)
+        for si, name in enumerate(found.segments):
+            where = np.flatnonzero(seg == si)
+            emb = self._segment(name).array(f"{kind}_emb")
+            for a in range(0, len(where), _CHUNK):
+                part = where[a : a + _CHUNK]
+                scores[part] = np.asarray(emb[rows[part]], dtype=np.float32) @ q
+        if len(ids) > 4 * k:  # keep everything that ties with the k-th best, rank only those
+            kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+            top = np.flatnonzero(scores >= kth)
+            ids, scores = ids[top], scores[top]
+        order = rank(scores, ids, k)
+        return scores[order], ids[order]
 
     # -- per-item arrays -----------------------------------------------------------------------------------
     def _segment(self, name: str) -> Segment:
@@ -227,6 +356,25 @@ class IndexReader:
     def __repr__(self) -> str:
         c = self.manifest["counts"]
         return f"IndexReader({str(self.index_dir)!r}, version={self.version}, images={c['image']}, texts={c['text']})"
+
+
+def _search_knob(index: Any, fam: str) -> int | None:
+    """The index's efSearch (HNSW) or nprobe (IVF) as tuned, or None (Flat)."""
+    if fam == "hnsw":
+        return int(ann.faiss.downcast_index(index.index).hnsw.efSearch)
+    if fam.startswith("ivf"):
+        return int(ann.faiss.extract_index_ivf(index).nprobe)
+    return None
+
+
+def _selector_params(index: Any, fam: str, sel: Any, knob: int | None) -> Any:
+    faiss = ann.faiss
+    if fam == "hnsw":
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=int(knob or 16))
+    if fam.startswith("ivf"):
+        nlist = int(faiss.extract_index_ivf(index).nlist)
+        return faiss.SearchParametersIVF(sel=sel, nprobe=min(int(knob or 1), nlist))
+    return faiss.SearchParameters(sel=sel)
 
 
 def _check_kind(kind: str) -> None:

@@ -5,13 +5,18 @@ One search (either direction) is three stages:
 1. **encode** the query: a text (tokenizer + text encoder), an image (safe decode + preprocess + image
    encoder), or an indexed item (its stored ITC vector and stored token features; nothing is re-encoded);
 2. **ann**: FAISS search of the other modality's index for the top ``max(k, rerank_k)`` by ITC score
-   (``k`` without re-ranking), in ITC order: score descending, then id ascending;
+   (``k`` without re-ranking), in ITC order: score descending, then id ascending. With a filter
+   (:mod:`albef.index.filters`, parsed by the route) the index reader returns the top of the matching items
+   only (:meth:`albef.index.reader.IndexReader.search_filtered`), so every candidate, re-ranked or not,
+   matches. ``min_itc_score`` then drops the candidates below it (a tail in ITC order) before re-ranking;
 3. **rerank** (if asked): the first ``rerank_k`` candidates go through the ITM head with the query and are
    ordered by the ITM logit of class 1 (the official ALBEF rule, docs/model.md §4.3: ITC is not added), ties by id
    ascending. When ``k > rerank_k``, the results after the re-ranked ones are the next ITC candidates in ITC
    order (they have no ITM score). That ordering is :mod:`albef.model.ranking`, shared with the evaluation.
    Text->image scores (text, candidate image) pairs; image->text computes the query image's cross-attention
-   K/V once and scores every candidate text against them (exact).
+   K/V once and scores every candidate text against them (exact). ``min_match_probability`` (re-ranking
+   only) then keeps the re-ranked candidates whose match probability is at least that; the candidates
+   after the re-ranked head have none and are dropped too. The result counts what each threshold cut.
 
 A query text is cleaned here, once (:func:`clean_query_text`), and tokenized as cleaned. Model calls go through
 :class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run in worker threads. Failures
@@ -31,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from albef.index.filters import Filter
 from albef.model.ranking import itc_order, order_candidates
 from albef.model.text import pre_caption
 from albef.service.batching import MicroBatcher
@@ -188,6 +194,9 @@ class SearchRequest:
     rerank: bool = True
     rerank_k: int = 32
     exclude: Sequence[int] = ()
+    filter: Filter | None = None  # over the target items; candidates are drawn from the matching ones only
+    min_itc_score: float | None = None  # candidates with a lower ITC score are dropped before re-ranking
+    min_match_probability: float | None = None  # re-ranked results with a lower one are dropped (rerank only)
 
     @property
     def query_kind(self) -> Kind:
@@ -207,6 +216,9 @@ class SearchResult:
     prob: list[float | None]
     timings_ms: dict[str, float] = field(default_factory=dict)
     query: dict[str, Any] = field(default_factory=dict)
+    candidates: int = 0  # ITC candidates the results were drawn from (after filter and exclude)
+    cut: dict[str, int] = field(default_factory=lambda: {"min_itc_score": 0, "min_match_probability": 0})
+    filter: dict[str, Any] | None = None  # {"matched": items the filter holds for, "exact": bool}
 
 
 @dataclass
@@ -223,6 +235,8 @@ class _Candidates:
 
     ids: list[int]
     itc: list[float]
+    fetched: int = 0  # before min_itc_score
+    filter: dict[str, Any] | None = None
 
 
 @contextlib.contextmanager
@@ -261,6 +275,12 @@ class SearchEngine:
         a direction with the other :class:`SearchRequest` fields as keywords."""
         if not isinstance(request, SearchRequest):
             request = SearchRequest(request, **fields)
+        if request.min_match_probability is not None and not request.rerank:
+            raise BadQuery(
+                "validation_error",
+                "min_match_probability: needs rerank=true (the probability comes from the ITM re-ranking)",
+                field="min_match_probability",
+            )
         t_start = time.perf_counter()
         timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
         timer = StageTimer(self.metrics, timings)
@@ -336,19 +356,41 @@ class SearchEngine:
     ) -> _Candidates:
         excluded = {int(i) for i in request.exclude}
         wanted = max(request.k, request.rerank_k) if request.rerank else request.k
-        n = min(reader.count(request.target), wanted + len(excluded))
         ids: list[int] = []
         itc: list[float] = []
-        if n > 0:
+        info: dict[str, Any] | None = None
+        if request.filter is not None:
             with _wall_ms(timer.timings, "ann"):
                 with timer("ann"):
-                    scores, found = await asyncio.to_thread(reader.search, request.target, q.emb[None, :], n)
-                for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
-                    if i >= 0 and i not in excluded:
-                        ids.append(int(i))
-                        itc.append(float(s))
-        by_itc = itc_order(ids, itc)
-        return _Candidates([ids[i] for i in by_itc], [itc[i] for i in by_itc])
+                    hits = await asyncio.to_thread(
+                        reader.search_filtered,
+                        request.target,
+                        q.emb,
+                        wanted,
+                        request.filter,
+                        sorted(excluded),
+                    )
+            ids, itc = [int(i) for i in hits.ids.tolist()], [float(x) for x in hits.scores.tolist()]
+            info = {"matched": int(hits.matched), "exact": bool(hits.exact)}
+        else:
+            n = min(reader.count(request.target), wanted + len(excluded))
+            if n > 0:
+                with _wall_ms(timer.timings, "ann"):
+                    with timer("ann"):
+                        scores, found = await asyncio.to_thread(
+                            reader.search, request.target, q.emb[None, :], n
+                        )
+                    for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
+                        if i >= 0 and i not in excluded:
+                            ids.append(int(i))
+                            itc.append(float(s))
+        by_itc = itc_order(ids, itc)[:wanted]
+        ids, itc = [ids[i] for i in by_itc], [itc[i] for i in by_itc]
+        fetched = len(ids)
+        if request.min_itc_score is not None:  # a tail in ITC order
+            keep = sum(1 for x in itc if x >= request.min_itc_score)
+            ids, itc = ids[:keep], itc[:keep]
+        return _Candidates(ids, itc, fetched, info)
 
     # -- stage 3: the ITM re-rank of the head -----------------------------------------------------------------
     async def _rerank(
@@ -372,11 +414,18 @@ class SearchEngine:
 def _assemble(
     request: SearchRequest, q: _Query, cands: _Candidates, logits: np.ndarray | None
 ) -> SearchResult:
-    """The final top ``k`` (the rule of :mod:`albef.model.ranking`) with the scores of each result."""
+    """The final top ``k`` (the rule of :mod:`albef.model.ranking`) with the scores of each result; with
+    ``min_match_probability``, only re-ranked candidates that reach it."""
     itm = [float(x) for x in logits[:, 1]] if logits is not None else None
     probs = match_probability(logits) if logits is not None else None
     ids, itc = cands.ids, cands.itc
-    order = order_candidates(ids, itc, itm, request.k, request.rerank_k)
+    floor = request.min_match_probability
+    order = order_candidates(ids, itc, itm, request.k if floor is None else len(ids), request.rerank_k)
+    cut_prob = 0
+    if floor is not None:
+        passing = [p for p in order if probs is not None and p < len(probs) and probs[p] >= floor]
+        cut_prob = len(order) - len(passing)
+        order = passing[: request.k]
     return SearchResult(
         ids=[ids[p] for p in order],
         itc_rank=[p + 1 for p in order],
@@ -384,4 +433,7 @@ def _assemble(
         itm=[itm[p] if itm is not None and p < len(itm) else None for p in order],
         prob=[float(probs[p]) if probs is not None and p < len(probs) else None for p in order],
         query=q.echo,
+        candidates=cands.fetched,
+        cut={"min_itc_score": cands.fetched - len(ids), "min_match_probability": cut_prob},
+        filter=cands.filter,
     )

@@ -16,6 +16,8 @@ __all__ = [
     "Hit",
     "Item",
     "SearchResponse",
+    "Cut",
+    "FilterInfo",
     "Timings",
     "IndexInfo",
     "ErrorResponse",
@@ -44,6 +46,31 @@ class _Request(BaseModel):
         default_factory=list,
         max_length=1000,
         description="item ids to leave out of the results (nothing is excluded by default)",
+    )
+    filter: dict[str, Any] | None = Field(
+        None,
+        description="only items this filter holds for are candidates (before re-ranking), e.g. "
+        '{"metadata.year": {"gte": 2019}, "or": [{"width": {"gte": 640}}, {"metadata.tags": "red"}]}. '
+        "Fields: id, kind, source, caption, width, height, image_id, metadata, metadata.KEY[.KEY]; operators "
+        "eq, ne, in, nin, gt, gte, lt, lte (numbers or ISO 8601 dates), exists; and/or/not. The grammar: "
+        "service/API.md, Filters",
+        examples=[{"metadata.colour": "red", "width": {"gte": 64}}],
+    )
+    min_itc_score: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="drop candidates whose ITC cosine is below this (before re-ranking); cut.min_itc_score "
+        "counts them",
+    )
+    min_match_probability: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="drop results whose match probability (softmax of the ITM logits, not calibrated) is "
+        "below this; needs rerank=true; results after the re-ranked head have none and are dropped too",
     )
 
 
@@ -106,12 +133,34 @@ class Timings(BaseModel):
     total: float = Field(description="whole request, ms")
 
 
+class Cut(BaseModel):
+    min_itc_score: int = Field(0, description="candidates dropped for an ITC score below min_itc_score")
+    min_match_probability: int = Field(
+        0,
+        description="candidates dropped by min_match_probability: re-ranked ones below it, and those after "
+        "the re-ranked head (they have no probability)",
+    )
+
+
+class FilterInfo(BaseModel):
+    matched: int = Field(description="items of the searched kind that the filter holds for")
+    exact: bool = Field(
+        description="true: ranked by the exact ITC score among the matches; false: by the ANN index "
+        "searched with the matching ids as a selector (as approximate as an unfiltered search)"
+    )
+
+
 class SearchResponse(BaseModel):
     results: list[Hit]
     timings_ms: Timings
     k: int
     rerank: bool
     rerank_k: int
+    candidates: int = Field(
+        0, description="ITC candidates the results were drawn from (after the filter and exclude)"
+    )
+    cut: Cut = Field(default_factory=Cut, description="how many candidates each threshold dropped")
+    filter: FilterInfo | None = Field(None, description="with a filter: how many items it matched")
     query: dict[str, Any] = Field(description="what was searched with (kind, item_id or text)")
     index_version: str
     bundle_id: str

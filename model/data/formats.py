@@ -3,7 +3,8 @@
 A source is detected by what the path is:
 
 - a folder: every image below it (recursive, sorted by relative path); a same-name ``.txt`` beside an
-  image holds its captions, one per non-empty line;
+  image holds its captions, one per non-empty line, and a same-name ``.json`` its metadata (a JSON object,
+  e.g. ``photo.json`` for ``photo.jpg``);
 - ``*.json``: the official ALBEF annotation files (docs/model.md §4.5): a list of ``{"image", "caption",
   "image_id"}`` (train format, one entry per caption) or ``{"image", "caption": [...]}`` (val/test format),
   or an object whose ``annotations`` is such a list;
@@ -12,7 +13,8 @@ A source is detected by what the path is:
   ``metadata`` column (a JSON object; in CSV/TSV a JSON string). CSV/TSV column names are matched
   case-insensitively and cells are stripped;
 - ``*.txt``: captions, one per non-empty line (no images);
-- a single image file (captions from its same-name ``.txt``, as in a folder).
+- a single image file (captions from its same-name ``.txt``, metadata from its same-name ``.json``, as in a
+  folder).
 
 Relative image paths resolve against ``image_root`` when given, else against the source file's folder;
 ``~`` is expanded, ``file://`` is stripped, other URIs (``http://...``) are kept as written.
@@ -22,7 +24,9 @@ What a bad row is does not depend on the caller; what happens to it does (:data:
 cannot be read at all (missing, unknown suffix, not valid JSON, not UTF-8, no usable header) raises
 :class:`FormatError` under both. Rows are located as ``file:[i]`` (0-based entry of a JSON list),
 ``file:N`` (1-based line of JSONL, CSV/TSV or a caption file, as an editor shows it; for CSV the line the
-row ends on) and, for captions beside an image, ``file.txt:N`` (``:0`` when the file cannot be read).
+row ends on) and, for captions beside an image, ``file.txt:N`` (``:0`` when the file cannot be read); a bad
+metadata file beside an image is ``file.json:N`` (the line of the JSON error; ``:0`` when the file cannot be
+read or holds no object). Such an image is bad as a whole (``skip`` leaves it out).
 """
 
 from __future__ import annotations
@@ -254,8 +258,35 @@ def _table_row(obj: Any, root: Path, where: str, source: str, pol: _Policy) -> I
     )
 
 
+def _sidecar_metadata(image: Path, pol: _Policy) -> tuple[bool, dict[str, Any] | None]:
+    """(ok, the metadata object of the image's same-name ``.json``, None when there is no such file)."""
+    side = image.with_suffix(".json")
+    if not side.is_file():
+        return True, None
+    try:
+        value = json.loads(side.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        pol.bad(f"{side}:{exc.lineno}", f"metadata file is not valid JSON ({exc.msg})", str(image))
+        return False, None
+    except (OSError, UnicodeDecodeError) as exc:
+        pol.bad(f"{side}:0", f"metadata file unreadable: {exc}", str(image))
+        return False, None
+    if not isinstance(value, dict):
+        pol.bad(
+            f"{side}:0",
+            f"metadata file must hold a JSON object (of {image.name}), got {type(value).__name__}",
+            str(image),
+        )
+        return False, None
+    return True, value
+
+
 def _image_row(image: Path, ref: str, source: str, pol: _Policy) -> Iterator[Row]:
-    """An image found on disk, with the captions of its same-name ``.txt`` (none when there is no such file)."""
+    """An image found on disk, with the captions of its same-name ``.txt`` and the metadata of its same-name
+    ``.json`` (none when there is no such file)."""
+    ok, meta = _sidecar_metadata(image, pol)
+    if not ok:
+        return
     txt = image.with_suffix(".txt")
     captions: list[str] = []
     wheres: list[str] = []
@@ -269,7 +300,9 @@ def _image_row(image: Path, ref: str, source: str, pol: _Policy) -> Iterator[Row
             if line.strip():
                 captions.append(line.strip())
                 wheres.append(f"{txt}:{n}")
-    yield Row("image", str(image.resolve()), captions, wheres, str(image), source, image_ref=ref)
+    yield Row(
+        "image", str(image.resolve()), captions, wheres, str(image), source, image_ref=ref, metadata=meta
+    )
 
 
 def _folder(folder: Path, pol: _Policy) -> Iterator[Row]:

@@ -1,8 +1,10 @@
 """``POST /v1/search/images`` (text -> images) and ``POST /v1/search/texts`` (image -> texts).
 
 ``/v1/search/texts`` takes either JSON (``{"image_base64", ...}`` or ``{"item_id", ...}``) or a multipart
-form with the file in field ``image`` and the other fields as form fields. Both routes answer with the same
-:class:`SearchResponse`. Limits from the settings (``max_k``, ``max_rerank_k``, ``max_text_chars``, upload
+form with the file in field ``image`` and the other fields as form fields (``filter`` as a JSON string). Both
+routes answer with the same :class:`SearchResponse`. A ``filter`` is parsed here
+(:func:`albef.index.filters.parse_filter`): a malformed one is a 422 ``invalid_filter`` whose ``field`` is the
+JSON path of the bad part. Limits from the settings (``max_k``, ``max_rerank_k``, ``max_text_chars``, upload
 bytes, image pixels) are checked here and answered with 4xx naming the field.
 """
 
@@ -18,6 +20,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
+from albef.index.filters import Filter, FilterError, parse_filter
 from albef.service.deps import EngineDep, ReaderDep, SettingsDep
 from albef.service.domain_errors import WrongItemKind
 from albef.service.engine import SearchEngine, SearchRequest, SearchResult
@@ -32,7 +35,17 @@ router = APIRouter(prefix="/v1/search", tags=["search"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 404, 413, 415, 422, 503)
 }
-_FORM_FIELDS = ("k", "rerank", "rerank_k", "item_id", "exclude")
+_FORM_FIELDS = (
+    "k",
+    "rerank",
+    "rerank_k",
+    "item_id",
+    "exclude",
+    "filter",
+    "min_itc_score",
+    "min_match_probability",
+)
+_FORM_SCALARS = ("k", "rerank", "rerank_k", "item_id", "min_itc_score", "min_match_probability")
 
 
 def _limits(body: ImageSearchRequest | TextSearchRequest, settings: Settings) -> tuple[int, int]:
@@ -45,6 +58,33 @@ def _limits(body: ImageSearchRequest | TextSearchRequest, settings: Settings) ->
             422, "validation_error", f"rerank_k: at most {settings.max_rerank_k}", field="rerank_k"
         )
     return k, rerank_k
+
+
+def _filter(body: ImageSearchRequest | TextSearchRequest) -> Filter | None:
+    if body.filter is None:
+        return None
+    try:
+        return parse_filter(body.filter)
+    except FilterError as exc:
+        raise ApiError(422, "invalid_filter", str(exc), field=exc.path) from exc
+
+
+def _request(
+    direction: Any, body: ImageSearchRequest | TextSearchRequest, settings: Settings, **query: Any
+) -> SearchRequest:
+    k, rerank_k = _limits(body, settings)
+    return SearchRequest(
+        direction,
+        item_id=body.item_id,
+        k=k,
+        rerank=body.rerank,
+        rerank_k=rerank_k,
+        exclude=body.exclude,
+        filter=_filter(body),
+        min_itc_score=body.min_itc_score,
+        min_match_probability=body.min_match_probability,
+        **query,
+    )
 
 
 async def _search(
@@ -88,6 +128,9 @@ async def _respond(
         k=request.k,
         rerank=request.rerank,
         rerank_k=request.rerank_k,
+        candidates=result.candidates,
+        cut=result.cut,
+        filter=result.filter,
         query=result.query,
         index_version=reader.version,
         bundle_id=engine.bundle.bundle_id,
@@ -111,21 +154,12 @@ def _require_json(request: Request) -> None:
 async def search_images(
     body: ImageSearchRequest, settings: SettingsDep, reader: ReaderDep, engine: EngineDep
 ) -> SearchResponse:
-    k, rerank_k = _limits(body, settings)
     if body.text is not None and len(body.text) > settings.max_text_chars:
         raise ApiError(
             422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text"
         )
     # A text without words is refused by the engine, where the text is cleaned for the model.
-    request = SearchRequest(
-        "t2i",
-        text=body.text,
-        item_id=body.item_id,
-        k=k,
-        rerank=body.rerank,
-        rerank_k=rerank_k,
-        exclude=body.exclude,
-    )
+    request = _request("t2i", body, settings, text=body.text)
     return await _search(engine, reader, request, f"{router.prefix}/images")
 
 
@@ -153,10 +187,19 @@ async def _parse_texts_request(
                     raise ApiError(422, "validation_error", "image: must be a file upload", field="image")
                 data = await upload.read(settings.max_upload_bytes + 1)
             fields: dict[str, Any] = {
-                key: form.get(key)
-                for key in ("k", "rerank", "rerank_k", "item_id")
-                if form.get(key) not in (None, "")
+                key: form.get(key) for key in _FORM_SCALARS if form.get(key) not in (None, "")
             }
+            raw_filter = form.get("filter")
+            if isinstance(raw_filter, str) and raw_filter.strip():
+                try:
+                    fields["filter"] = json.loads(raw_filter)
+                except (json.JSONDecodeError, RecursionError) as exc:
+                    raise ApiError(
+                        422,
+                        "invalid_filter",
+                        "filter: not valid JSON (send the filter as a JSON object)",
+                        field="filter",
+                    ) from exc
             excl = [
                 x for v in form.getlist("exclude") if isinstance(v, str) for x in v.split(",") if x.strip()
             ]
@@ -215,6 +258,12 @@ _TEXTS_OPENAPI = {
                         "rerank_k": {"type": "integer", "minimum": 1},
                         "item_id": {"type": "integer", "minimum": 0},
                         "exclude": {"type": "array", "items": {"type": "integer"}},
+                        "filter": {
+                            "type": "string",
+                            "description": "the filter as a JSON object in a string (service/API.md, Filters)",
+                        },
+                        "min_itc_score": {"type": "number", "minimum": -1, "maximum": 1},
+                        "min_match_probability": {"type": "number", "minimum": 0, "maximum": 1},
                     },
                 }
             },
@@ -234,14 +283,5 @@ async def search_texts(
     request: Request, settings: SettingsDep, reader: ReaderDep, engine: EngineDep
 ) -> SearchResponse:
     body, data = await _parse_texts_request(request, settings)
-    k, rerank_k = _limits(body, settings)
-    request = SearchRequest(
-        "i2t",
-        image=data,
-        item_id=body.item_id,
-        k=k,
-        rerank=body.rerank,
-        rerank_k=rerank_k,
-        exclude=body.exclude,
-    )
-    return await _search(engine, reader, request, f"{router.prefix}/texts")
+    search = _request("i2t", body, settings, image=data)
+    return await _search(engine, reader, search, f"{router.prefix}/texts")

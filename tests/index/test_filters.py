@@ -266,6 +266,7 @@ ERRORS: list[tuple[Any, str]] = [
     ({"metadata": "x"}, "filter.metadata: the whole metadata object takes only 'exists'"),
     ({"metadata": {"gte": 1}}, "filter.metadata.gte: the whole metadata object takes only 'exists'"),
     ({"not": [1]}, "filter.not: expected a JSON object, got a list"),
+    ({"caption": {"in": ["ok", "\ud800"]}}, "filter.caption.in[1]: the string is not valid Unicode"),
     (
         {"not": {"not": {"not": {"not": {"not": {"not": {"not": {"not": {}}}}}}}}},
         "filter.not.not.not.not.not",
@@ -441,3 +442,52 @@ def test_random_filters_agree_with_the_documented_semantics(tmp_path: Path) -> N
         assert tried == 400 and len(sizes) > 20  # the filters were not all trivially empty or full
     finally:
         conn.close()
+
+
+# -- metadata beside an image (folder sources) ---------------------------------------------------------------
+def test_sidecar_json_holds_an_images_metadata(tmp_path: Path) -> None:
+    from albef.index.sources import read_sources
+    from tests.helpers.index import make_image
+
+    make_image(tmp_path / "g" / "a.png", 1)
+    (tmp_path / "g" / "a.json").write_text('{"place": "beach", "tags": ["sea"]}')
+    (tmp_path / "g" / "a.txt").write_text("a beach\n")
+    make_image(tmp_path / "g" / "sub" / "b.jpg", 2)
+    (tmp_path / "g" / "sub" / "b.json").write_text('{"year": 2020}')
+    make_image(tmp_path / "g" / "c.png", 3)
+    recs = {Path(r.image).name: r for r in read_sources([tmp_path / "g"])}
+    assert recs["a.png"].metadata == {"place": "beach", "tags": ["sea"]} and recs["a.png"].captions == [
+        "a beach"
+    ]
+    assert recs["b.jpg"].metadata == {"year": 2020} and recs["c.png"].metadata is None
+    (single,) = read_sources([tmp_path / "g" / "a.png"])  # a single image file reads its sidecar too
+    assert single.metadata == {"place": "beach", "tags": ["sea"]}
+
+
+@pytest.mark.parametrize(
+    ("content", "where", "error"),
+    [
+        (b'{"a": 1,\n "b": }', "a.json:2", "metadata file is not valid JSON"),
+        (b"[1, 2]", "a.json:0", "metadata file must hold a JSON object (of a.png), got list"),
+        (b'{"a": "\xff"}', "a.json:0", "metadata file unreadable"),
+    ],
+)
+def test_a_bad_sidecar_names_its_file(tmp_path: Path, content: bytes, where: str, error: str) -> None:
+    from albef.index.errors import SourceError
+    from albef.index.sources import read_sources
+    from albef.model.data import formats
+    from tests.helpers.index import make_image
+
+    make_image(tmp_path / "g" / "a.png", 1)
+    make_image(tmp_path / "g" / "b.png", 2)
+    (tmp_path / "g" / "a.json").write_bytes(content)
+    side = tmp_path / "g" / where
+    with pytest.raises(SourceError) as err:  # the index build's strict policy
+        list(read_sources([tmp_path / "g"]))
+    assert str(err.value).startswith(f"{side.parent / where}: {error}"), str(err.value)
+    problems: list[formats.Problem] = []  # training's skip policy: the image is left out and reported
+    rows = list(formats.read_source(tmp_path / "g", policy="skip", problems=problems))
+    assert [Path(r.image).name for r in rows] == ["b.png"]
+    assert [(p.where, p.path) for p in problems] == [
+        (str(side.parent / where), str(tmp_path / "g" / "a.png"))
+    ]

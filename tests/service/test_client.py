@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 from pathlib import Path
@@ -130,3 +131,64 @@ def test_async_client_gives_the_same_answers(server, items) -> None:
         assert a_ids == [h.id for h in c.search_images(caption, k=5).results]
         assert b_ids == [h.id for h in c.search_texts(data, k=4).results]
     assert sha == images[1]["sha256"]
+
+
+def test_client_sends_filters_and_thresholds(server, items) -> None:
+    images, texts = items
+    allowed = [it["id"] for it in images[1::3]]
+    flt = {"id": {"in": allowed}}
+    data = Path(images[0]["path"]).read_bytes()
+    with Client(server.url) as c, httpx.Client(base_url=server.url, timeout=60) as raw:
+        got = c.search_images(texts[2]["caption"], k=4, rerank_k=6, filter=flt, min_match_probability=0.0)
+        want = raw.post(
+            "/v1/search/images",
+            json={
+                "text": texts[2]["caption"],
+                "k": 4,
+                "rerank_k": 6,
+                "filter": flt,
+                "min_match_probability": 0.0,
+            },
+        ).json()
+        assert [h.id for h in got.results] == [h["id"] for h in want["results"]] and len(got.results) == 4
+        assert set(h.id for h in got.results) <= set(allowed)
+        assert got.filter is not None and got.filter.matched == len(allowed) and got.filter.exact
+        # every re-ranked candidate has a probability >= 0: nothing is cut, the first k are returned
+        assert got.candidates == 6 and got.cut.min_match_probability == 0
+        top = max(h.itc_score for h in got.results)
+        high = c.search_images(texts[2]["caption"], k=4, rerank=False, filter=flt, min_itc_score=top)
+        assert [h.itc_score for h in high.results] == [top] and high.cut.min_itc_score == 3
+
+        # multipart: the filter travels as a JSON form field, thresholds as form fields
+        text_ids = [it["id"] for it in texts[::2]]
+        by_upload = c.search_texts(
+            data, k=5, rerank=False, filter={"id": {"in": text_ids}}, min_itc_score=-1.0
+        )
+        by_json = raw.post(
+            "/v1/search/texts",
+            json={
+                "image_base64": base64.b64encode(data).decode(),
+                "k": 5,
+                "rerank": False,
+                "filter": {"id": {"in": text_ids}},
+            },
+        ).json()
+        assert [h.id for h in by_upload.results] == [h["id"] for h in by_json["results"]]
+        assert set(h.id for h in by_upload.results) <= set(text_ids) and by_upload.cut.min_itc_score == 0
+        with pytest.raises(ApiError) as e:
+            c.search_texts(data, filter={"width": {"gte": "wide"}})
+        assert (
+            e.value.status == 422 and e.value.code == "invalid_filter" and e.value.field == "filter.width.gte"
+        )
+        with pytest.raises(ApiError) as e:
+            c.search_images("a red circle", rerank=False, min_match_probability=0.5)
+        assert e.value.status == 422 and e.value.field == "min_match_probability"
+
+    async def run() -> list[int]:
+        async with AsyncClient(server.url) as ac:
+            found = await ac.search_texts(item_id=images[0]["id"], k=3, filter={"id": {"in": text_ids}})
+            return [h.id for h in found.results]
+
+    with Client(server.url) as c:
+        sync = c.search_texts(item_id=images[0]["id"], k=3, filter={"id": {"in": text_ids}})
+    assert asyncio.run(run()) == [h.id for h in sync.results] and len(sync.results) == 3
