@@ -157,7 +157,7 @@ def export_bundle(
     ``evaluator(bundle_tmp_dir, variant) -> figures`` (optional) measures each variant's retrieval quality
     (e.g. R@1 on the synthetic benchmark); its result is stored under ``variants[v]["eval"]``.
     ``explain_layer``: the fusion layer (0-based among them) whose cross-attention the explain graph
-    explains; default :func:`default_explain_layer` (the official third, or the last of fewer).
+    explains; default :func:`default_explain_layer` (the official third, or the second-to-last of fewer).
     """
     from albef.progress import progress_bar
 

@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="fusion layer (0-based among them) whose cross-attention /v1/explain explains "
-        "(default: the official third, or the last of fewer)",
+        "(default: the official third, or the second-to-last of fewer)",
     )
     p.add_argument(
         "--no-explain",

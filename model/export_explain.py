@@ -20,10 +20,13 @@ computed here and exported with the forward:
   chosen cross-attention's probabilities and ``torch.autograd.grad`` to them. :func:`validate_explain` holds
   the ONNX graph to it within the export tolerance before anything is published.
 
-The layer: the official code explains with encoder layer ``fusion_layer + 2`` (the third of six fusion
-layers). :func:`default_explain_layer` keeps that rule and falls back to the last fusion layer for models
-with fewer than three (``min(2, n_fusion - 1)``, counted from 0 among the fusion layers; the tiny configs
-have two, so they use their second). ``albef export --explain-layer N`` picks another.
+The layer: the official code explains with encoder layer ``fusion_layer + 2``, the third of six fusion layers.
+:func:`default_explain_layer` keeps that choice where a model has at least four fusion layers and otherwise
+takes the second-to-last one (``min(2, n_fusion - 2)``, counted from 0 among the fusion layers; the only one
+if there is one). Not the last: after the last cross-attention only token-wise layers and the head on [CLS]
+follow, so the gradient of every other text token's row is exactly zero there and the per-word maps would
+be blank. The tiny configs have two fusion layers and explain their first. ``albef export --explain-layer
+N`` picks another.
 
 The graph is float32 only; every variant of a bundle uses it (the int8 variant feeds it its own token
 features).
@@ -62,10 +65,11 @@ EXPLAIN_OPSET = 18  # the dynamo-based exporter implements opset 18 and later
 
 
 def default_explain_layer(n_fusion: int) -> int:
-    """The official choice, the third fusion layer (index 2), or the last one if there are fewer."""
+    """The official choice, the third fusion layer (index 2), but never the last one: at most ``n - 2`` (0 for
+    a single fusion layer)."""
     if n_fusion < 1:
         raise ValueError("the model has no fusion layer to explain")
-    return min(2, n_fusion - 1)
+    return max(0, min(2, n_fusion - 2))
 
 
 def explain_layer_for(model: ALBEF, layer: int | None) -> int:
@@ -157,7 +161,7 @@ def export_explain(model: ALBEF, out: Path, layer: int | None = None) -> dict[st
         "fusion_layer": chosen,
         "encoder_layer": cfg.text.fusion_layer + chosen,
         "num_fusion_layers": num_fusion_layers(model),
-        "rule": "official: the third fusion layer (min(2, fusion layers - 1), counted from 0)",
+        "rule": "the official third fusion layer, or the second-to-last of fewer (min(2, n - 2), from 0)",
         "grid_side": cfg.vision.image_res // cfg.vision.patch_size,
         "length": cfg.max_tokens,
         "opset": EXPLAIN_OPSET,

@@ -67,25 +67,28 @@ def test_the_graph_equals_torch_autograd(tiny_bundle: Path, tiny_checkpoint: Pat
 
 
 def test_another_layer_is_exported_and_checked(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """``export_explain(layer=0)``: the first fusion layer's map, different from the default one's, and again
-    equal to torch autograd at that layer (run through ONNX Runtime directly)."""
+    """``export_explain(layer=1)``: the last fusion layer's map, different from the default one's, and again
+    equal to torch autograd at that layer (run through ONNX Runtime directly). It shows why the default is
+    never the last layer: only the [CLS] row has a gradient there."""
     import onnxruntime as ort
 
     from albef.model.export_explain import export_explain
     from albef.model.factory import create_model
 
     model = create_model(None, tiny_checkpoint).eval()
-    section = export_explain(model, tmp_path, layer=0)
-    assert section["fusion_layer"] == 0 and section["encoder_layer"] == model.config.text.fusion_layer
+    section = export_explain(model, tmp_path, layer=1)
+    assert section["fusion_layer"] == 1 and section["encoder_layer"] == model.config.text.fusion_layer + 1
     sess = ort.InferenceSession(str(tmp_path / "explain.onnx"), providers=["CPUExecutionProvider"])
     text, mask, image = _pairs(model, n=2)[1]
     feeds = {"text_tokens": text.numpy(), "text_mask": mask.numpy(), "image_tokens": image.numpy()}
     _logits, attention, grad = sess.run(None, feeds)
     ref0, ref1 = (torch_gradcam(model, layer, text, mask, image) for layer in (0, 1))
     assert (
-        np.abs(attention[0] - ref0["attention"]).max() <= TOL and np.abs(grad[0] - ref0["grad"]).max() <= TOL
+        np.abs(attention[0] - ref1["attention"]).max() <= TOL and np.abs(grad[0] - ref1["grad"]).max() <= TOL
     )
     assert np.abs(ref0["attention"] - ref1["attention"]).max() > 1e-3  # the layers really differ
+    assert np.abs(grad[0][:, 1:]).max() == 0 and np.abs(grad[0][:, 0]).max() > 1e-3  # [CLS] only
+    assert np.abs(ref0["grad"][:, 1:]).max() > 1e-4  # at the default layer every token has one
 
 
 def test_layer_rule_and_bad_layers(tiny_checkpoint: Path, tmp_path: Path, vocab_path: Path) -> None:
@@ -93,12 +96,12 @@ def test_layer_rule_and_bad_layers(tiny_checkpoint: Path, tmp_path: Path, vocab_
     from albef.model.export_explain import default_explain_layer, explain_layer_for
     from albef.model.factory import create_model
 
-    # the official layer is the third of six fusion layers (encoder layer 8 of ALBEF-base); fewer: the last
-    assert [default_explain_layer(n) for n in (6, 3, 2, 1)] == [2, 2, 1, 0]
+    # the official layer is the third of six fusion layers (encoder layer 8 of ALBEF-base); never the last
+    assert [default_explain_layer(n) for n in (6, 4, 3, 2, 1)] == [2, 2, 1, 0, 0]
     with pytest.raises(ValueError, match="no fusion layer"):
         default_explain_layer(0)
     model = create_model(None, tiny_checkpoint)
-    assert explain_layer_for(model, None) == 1 and explain_layer_for(model, 0) == 0
+    assert explain_layer_for(model, None) == 0 and explain_layer_for(model, 1) == 1
     with pytest.raises(ValueError, match="outside the 2 fusion layers"):
         export_bundle(model, tmp_path / "b", explain_layer=2, vocab=vocab_path, progress=False)
     assert list(tmp_path.iterdir()) == []  # refused before anything was written
@@ -113,7 +116,7 @@ def test_bundle_records_the_explain_graph(tiny_bundle: Path) -> None:
     assert manifest["format_version"] == BUNDLE_FORMAT_VERSION == 2
     ex = manifest["explain"]
     assert ex["file"] == "explain.onnx" and "explain.onnx" in manifest["files"]
-    assert (ex["fusion_layer"], ex["encoder_layer"], ex["num_fusion_layers"], ex["grid_side"]) == (1, 3, 2, 6)
+    assert (ex["fusion_layer"], ex["encoder_layer"], ex["num_fusion_layers"], ex["grid_side"]) == (0, 2, 2, 6)
     assert ex["weights"] == "float32" and ex["opset"] == 18
     assert manifest["io"]["explain"]["outputs"]["attention_grad"] == [1, 4, 30, 37]
     # fp32 only: the int8 variant has no explain file of its own, and uses the fp32 graph
