@@ -15,10 +15,11 @@ from fastapi import FastAPI
 
 from albef import __version__
 from albef.service import errors, web
+from albef.service.explain import Explainer
 from albef.service.images import configure_pillow
 from albef.service.metrics import Metrics
 from albef.service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from albef.service.routes import health, index, items, metrics, search
+from albef.service.routes import explain, health, index, items, metrics, search
 from albef.service.state import ServiceState
 from albef.settings import Settings
 
@@ -50,8 +51,10 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
         generate_unique_id_function=lambda route: route.name,
     )
     app.state.albef = state
+    # POST /v1/explain's own bound on concurrent explanations (its encoders are the search's stages).
+    app.state.explainer = Explainer(settings.queue_max, settings.retry_after_s)
     errors.install(app)
-    for module in (health, search, items, index, metrics):
+    for module in (health, search, explain, items, index, metrics):
         app.include_router(module.router)
     # The web search page at "/" and "/static" (albef demo, issue 7): plain files; see service/web.py.
     web.install(app)

@@ -184,3 +184,75 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# -- POST /v1/explain (issue 16, part 3) ---------------------------------------------------------------------
+class ExplainRequest(BaseModel):
+    """Why a text matches an image: the text, and the image as ``item_id`` (an indexed image) or
+    ``image_base64`` (or a multipart ``image`` upload)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, description="the text whose match is explained")
+    item_id: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="an indexed image (its stored features)"
+    )
+    image_base64: str | None = Field(None, min_length=1, description="an image, base64-encoded")
+    per_word: bool = Field(False, description="also return one heat map per WordPiece of the text")
+    overlay: bool = Field(True, description="also return the heat map over the image as a PNG (base64)")
+
+    @model_validator(mode="after")
+    def _one_image(self) -> ExplainRequest:
+        if (self.image_base64 is None) == (self.item_id is None):
+            raise ValueError("give exactly one of 'item_id' and 'image_base64' (or a multipart 'image')")
+        return self
+
+
+class WordHeatmap(BaseModel):
+    token: str = Field(description="the WordPiece ('##' marks the continuation of a word)")
+    position: int = Field(description="its position in the model's input (0 is [CLS])")
+    grid: list[list[float]] = Field(description="its Grad-CAM map, side x side, rows top to bottom")
+
+
+class ExplainLayer(BaseModel):
+    fusion_layer: int = Field(
+        description="the explained fusion layer, counted from 0 among the fusion layers"
+    )
+    encoder_layer: int = Field(description="the same layer in the text encoder's numbering (8 in ALBEF-base)")
+
+
+class ExplainTimings(BaseModel):
+    encode: float = Field(description="text and image encoding (or the stored-item lookup), ms")
+    explain: float = Field(description="the explain graph (attention and its gradient) and Grad-CAM, ms")
+    render: float = Field(description="the PNG overlay, ms")
+    total: float = Field(description="whole request, ms")
+
+
+class ExplainResponse(BaseModel):
+    side: int = Field(description="the patch grid is side x side (image_res / patch size)")
+    grid: list[list[float]] = Field(
+        description="the Grad-CAM heat map over the image patches, side x side, rows top to bottom: cross-"
+        "attention times its clamped gradient w.r.t. the ITM match logit, averaged over heads and tokens"
+    )
+    tokens: list[str] = Field(description="the text's WordPieces as the model saw them (after [CLS])")
+    words: list[WordHeatmap] | None = Field(None, description="with per_word: one map per entry of tokens")
+    itm_score: float = Field(description="ITM logit of class 'match' of this pair")
+    match_probability: float = Field(description="softmax of the two ITM logits, class 'match'")
+    layer: ExplainLayer
+    overlay_png_base64: str | None = Field(
+        None, description="with overlay: the heat map over the image, a PNG, base64 (no data: prefix)"
+    )
+    overlay_width: int | None = None
+    overlay_height: int | None = None
+    overlay_on: Literal["image", "heatmap"] | None = Field(
+        None,
+        description="'image': drawn over the image; 'heatmap': the map alone (an indexed image held by URI "
+        "or no longer readable)",
+    )
+    query: dict[str, Any] = Field(description="what was explained (text, and item_id or the upload's bytes)")
+    timings_ms: ExplainTimings
+    index_version: str
+    bundle_id: str
+
+
+__all__ += ["ExplainRequest", "WordHeatmap", "ExplainLayer", "ExplainTimings", "ExplainResponse"]

@@ -1,6 +1,6 @@
 // albef-search web page: plain JavaScript, no build step, no external requests.
 // Talks to the REST API of the same origin: /readyz, /v1/index, /v1/search/images, /v1/search/texts,
-// /v1/items/{id}/image. With an API key set on the service, the key typed into the page is kept in
+// /v1/explain, /v1/items/{id}/image. With an API key set on the service, the key typed into the page is kept in
 // sessionStorage and sent as X-API-Key; images are then fetched with the header and shown from blob: URLs.
 "use strict";
 
@@ -281,7 +281,128 @@
       + `, ITC ${fmt(hit.itc_score, 3)}` + (hit.itm_score === null ? "" : `, ITM ${fmt(hit.itm_score, 2)}`);
   }
 
-  function imageCard(hit) {
+  // -- explain a match: the Grad-CAM heat map of POST /v1/explain over the thumbnail ---------------------------
+  // matplotlib's "jet", as the service draws its overlay: per channel, [x, value] stops, linear between them.
+  const JET = [
+    [[0, 0], [0.35, 0], [0.66, 1], [0.89, 1], [1, 0.5]],
+    [[0, 0], [0.125, 0], [0.375, 1], [0.64, 1], [0.91, 0], [1, 0]],
+    [[0, 0.5], [0.11, 1], [0.34, 1], [0.65, 0], [1, 0]],
+  ];
+
+  function jet(v) {
+    return JET.map((stops) => {
+      for (let i = 1; i < stops.length; i++) {
+        const [x0, y0] = stops[i - 1];
+        const [x1, y1] = stops[i];
+        if (v <= x1) return 255 * (y0 + ((v - x0) / (x1 - x0)) * (y1 - y0));
+      }
+      return 255 * stops[stops.length - 1][1];
+    });
+  }
+
+  // One word's grid as a transparent PNG of the overlay's size: the map normalised, coloured, and as opaque
+  // as the service's overlay blends it (map ** 0.7), so the thumbnail shows through where it is low.
+  function wordMapUrl(grid, width, height) {
+    const side = grid.length;
+    const flat = grid.flat();
+    const lo = Math.min(...flat);
+    const span = Math.max(...flat) - lo;
+    const small = document.createElement("canvas");
+    small.width = side;
+    small.height = side;
+    const ctx = small.getContext("2d");
+    const data = ctx.createImageData(side, side);
+    flat.forEach((x, i) => {
+      const v = span > 0 ? (x - lo) / span : 0;
+      const [r, g, b] = jet(v);
+      data.data.set([r, g, b, 255 * Math.pow(v, 0.7)], 4 * i);
+    });
+    ctx.putImageData(data, 0, 0);
+    const big = document.createElement("canvas");
+    big.width = width;
+    big.height = height;
+    const bctx = big.getContext("2d");
+    bctx.imageSmoothingEnabled = true;
+    bctx.drawImage(small, 0, 0, width, height);
+    return big.toDataURL("image/png");
+  }
+
+  function showExplanation(card, response, text) {
+    const thumb = card.querySelector(".thumb");
+    let overlay = thumb.querySelector("img.heatmap");
+    if (!overlay) {
+      overlay = node("img", "heatmap");
+      thumb.append(overlay);
+    }
+    const whole = "data:image/png;base64," + response.overlay_png_base64;
+    overlay.alt = `Heat map: where “${text}” matched in this image`;
+    overlay.src = whole;
+    overlay.hidden = false;
+    overlay.dataset.word = "";
+    const old = card.querySelector(".words");
+    if (old) old.remove();
+    const words = node("div", "words");
+    words.setAttribute("role", "group");
+    words.setAttribute("aria-label", "Heat map per word");
+    const chips = [];
+    const choose = (chip, src, word) => {
+      for (const c of chips) c.setAttribute("aria-pressed", String(c === chip));
+      overlay.src = src;
+      overlay.dataset.word = word;
+    };
+    const all = node("button", "chip word", "all words");
+    all.type = "button";
+    all.addEventListener("click", () => choose(all, whole, ""));
+    chips.push(all);
+    for (const w of response.words || []) {
+      const chip = node("button", "chip word", w.token);
+      chip.type = "button";
+      chip.title = `where “${w.token}” matched`;
+      chip.addEventListener("click", () => choose(
+        chip, wordMapUrl(w.grid, response.overlay_width, response.overlay_height), w.token));
+      chips.push(chip);
+    }
+    all.setAttribute("aria-pressed", "true");
+    for (const c of chips.slice(1)) c.setAttribute("aria-pressed", "false");
+    words.append(...chips);
+    const prob = (100 * response.match_probability).toFixed(1);
+    words.append(node("span", "hint", `layer ${response.layer.encoder_layer}, match ${prob}%`));
+    card.querySelector(".body").insertBefore(words, card.querySelector(".body .more"));
+  }
+
+  async function explainHit(card, hit, text, button) {
+    const overlay = card.querySelector("img.heatmap");
+    if (overlay && !overlay.hidden) {  // the button toggles the heat map once it is there
+      overlay.hidden = true;
+      card.querySelector(".words").hidden = true;
+      button.textContent = "Explain";
+      return;
+    }
+    if (overlay) {
+      overlay.hidden = false;
+      card.querySelector(".words").hidden = false;
+      button.textContent = "Hide heat map";
+      return;
+    }
+    button.disabled = true;
+    button.textContent = "Explaining…";
+    try {
+      const response = await api("/v1/explain", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ text, item_id: hit.id, per_word: true }),
+      });
+      showExplanation(card, response, text);
+      button.textContent = "Hide heat map";
+      setStatus(`Heat map of image ${hit.id} for “${text}” in ${fmtMs(Number(response.timings_ms.total))}`);
+    } catch (err) {
+      button.textContent = "Explain";
+      handleError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function imageCard(hit, explainText) {
     const item = hit.metadata;
     const card = node("article", "result image-result");
     card.tabIndex = 0;
@@ -297,6 +418,13 @@
     thumb.append(img, node("span", "rank", "#" + hit.rank));
     const body = node("div", "body");
     body.append(scoreBlock(hit));
+    if (explainText) {  // a text query: show where it matched
+      const explain = node("button", "more explain", "Explain");
+      explain.type = "button";
+      explain.title = "Grad-CAM heat map: where the query text matched in this image";
+      explain.addEventListener("click", () => explainHit(card, hit, explainText, explain));
+      body.append(explain);
+    }
     const more = node("button", "more", "Captions for this image");
     more.type = "button";
     more.addEventListener("click", () => run({ kind: "item", target: "texts", id: hit.id,
@@ -328,7 +456,7 @@
     const more = node("button", "more", "Images for this caption");
     more.type = "button";
     more.addEventListener("click", () => run({ kind: "item", target: "images", id: hit.id,
-                                               label: `“${item.caption}”` }));
+                                               label: `“${item.caption}”`, text: item.caption }));
     body.append(more);
     card.append(body);
     return card;
@@ -341,7 +469,7 @@
     el.results.classList.toggle("texts", direction === "texts");
     for (const hit of hits) {
       const li = node("li");
-      li.append(direction === "images" ? imageCard(hit) : textCard(hit));
+      li.append(direction === "images" ? imageCard(hit, query.text) : textCard(hit));
       el.results.append(li);
     }
     const what = query.kind === "text" ? `“${query.text}”`

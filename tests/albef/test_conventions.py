@@ -295,6 +295,7 @@ def test_package_is_typed_and_the_api_declares_its_key_and_operation_ids() -> No
     assert {
         "search_images",
         "search_texts",
+        "explain",
         "get_item",
         "get_item_image",
         "get_index",

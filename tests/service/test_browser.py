@@ -294,3 +294,86 @@ def test_page_works_with_an_api_key(browser: Any, prepared_demo: PreparedDemo) -
         finally:
             tab.errors = [e for e in tab.errors if "401" not in e]  # the refused request before the key
             tab.close()
+
+
+def test_explain_shows_the_heat_map_of_a_result(tab: Page, server: Any) -> None:
+    """ "Explain" on an image result asks POST /v1/explain for the query text and that item, and shows the
+    service's PNG overlay over the thumbnail (the very bytes the API returns); a word chip shows that word's
+    map (drawn from the API's per-word grid); the button hides the heat map again."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    page = tab.open()
+    page.fill("#query", QUERY)
+    page.press("#query", "Enter")
+    page.wait_for_selector("#results article")
+    page.wait_for_function(ALL_IMAGES_LOADED)
+    card = page.locator("#results li").first
+    item_id = int(card.locator("article").get_attribute("data-id"))
+    with server.client() as api:
+        r = api.post("/v1/explain", json={"text": QUERY, "item_id": item_id, "per_word": True})
+    assert r.status_code == 200, r.text
+    expected = r.json()
+
+    with page.expect_response(lambda resp: resp.url.endswith("/v1/explain")) as response:
+        card.locator("button.explain").click()
+    assert response.value.status == 200
+    assert json.loads(response.value.request.post_data) == {
+        "text": QUERY,
+        "item_id": item_id,
+        "per_word": True,
+    }
+    heatmap = card.locator("img.heatmap")
+    heatmap.wait_for()
+    page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=heatmap.element_handle())
+    assert heatmap.get_attribute("src") == "data:image/png;base64," + expected["overlay_png_base64"]
+    size = heatmap.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert (
+        size == [expected["overlay_width"], expected["overlay_height"]] and expected["overlay_on"] == "image"
+    )
+    assert QUERY in heatmap.get_attribute("alt")
+    chips = card.locator(".words .chip")
+    assert chips.all_text_contents() == ["all words", *expected["tokens"]]
+    assert f"layer {expected['layer']['encoder_layer']}" in card.locator(".words").text_content()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "demo-explain.png"), full_page=True)
+
+    # One word: its own map, transparent where the word's grid is low, opaque where it is high.
+    word = expected["words"][2]
+    chips.nth(3).click()
+    assert (
+        chips.nth(3).get_attribute("aria-pressed") == "true"
+        and chips.nth(0).get_attribute("aria-pressed") == "false"
+    )
+    page.wait_for_function(
+        "([i, w]) => i.dataset.word === w && i.complete && i.naturalWidth > 0",
+        arg=[heatmap.element_handle(), word["token"]],
+    )
+    src = heatmap.get_attribute("src")
+    assert (
+        src.startswith("data:image/png;base64,")
+        and src != "data:image/png;base64," + expected["overlay_png_base64"]
+    )
+    img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert img.size == (expected["overlay_width"], expected["overlay_height"]) and img.mode == "RGBA"
+    alpha = np.asarray(img)[..., 3].astype(float)
+    grid = np.asarray(word["grid"])
+    side = len(grid)
+
+    def at_centre(flat: int) -> float:
+        row, col = divmod(flat, side)
+        return alpha[int((row + 0.5) * img.size[1] / side), int((col + 0.5) * img.size[0] / side)]
+
+    assert at_centre(int(grid.argmax())) > 200 and at_centre(int(grid.argmin())) < 60
+    chips.nth(0).click()  # back to the whole text
+    assert heatmap.get_attribute("src") == "data:image/png;base64," + expected["overlay_png_base64"]
+
+    # The button toggles the heat map (without asking again).
+    n_requests = sum(u.endswith("/v1/explain") for u in tab.requests)
+    card.locator("button.explain").click()
+    assert heatmap.is_hidden() and card.locator(".words").is_hidden()
+    assert card.locator("button.explain").text_content() == "Explain"
+    card.locator("button.explain").click()
+    assert heatmap.is_visible() and sum(u.endswith("/v1/explain") for u in tab.requests) == n_requests
