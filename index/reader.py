@@ -112,6 +112,9 @@ class IndexReader:
         vdir = layout.versions_dir(index_dir) / version
         self._lock = threading.Lock()
         self._conn = metadata.connect_readonly(vdir / "meta.sqlite")
+        # Filters scan the table on a connection of their own, so that a long scan does not hold up lookups.
+        self._filter_lock = threading.Lock()
+        self._filter_conn = metadata.connect_readonly(vdir / "meta.sqlite")
         self._indexes: dict[str, Any] = {}
         for kind in _KINDS:
             entry = manifest["ann"].get(kind) or {}
@@ -200,7 +203,8 @@ class IndexReader:
             if hit is not None:
                 self._matches.move_to_end(key)
                 return hit
-            rows = metadata.matching(self._conn, kind, flt)
+        with self._filter_lock:
+            rows = metadata.matching(self._filter_conn, kind, flt)
         names = tuple(sorted({seg for _, seg, _ in rows}))
         pos = {name: i for i, name in enumerate(names)}
         found = _Matches(
@@ -222,7 +226,10 @@ class IndexReader:
         ``min(k, len(allowed))``; None if even the widest search does."""
         sel = ann.faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
         want = min(k, len(allowed))
-        base = _search_knob(index, fam)
+        try:
+            base = _search_knob(index, fam)
+        except (AttributeError, RuntimeError):  # an index layout this code does not know: brute force
+            return None
         for step in range(WIDEN_STEPS + 1 if fam != "flat" else 1):
             params = _selector_params(index, fam, sel, None if base is None else base * 4**step)
             scores, ids = ann.search(index, q[None, :], k, threads=self.search_threads, params=params)
@@ -342,6 +349,8 @@ class IndexReader:
         return Path(it["path"])
 
     def close(self) -> None:
+        with self._filter_lock:
+            self._filter_conn.close()
         with self._lock:
             self._conn.close()
             self._indexes.clear()

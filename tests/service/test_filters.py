@@ -133,6 +133,11 @@ class Reference:
         return ids[order].tolist(), scores[order].tolist()
 
 
+@pytest.fixture(scope="module")
+def refs(indexes: dict[str, Path]) -> dict[str, Reference]:
+    return {factory: Reference(path) for factory, path in indexes.items()}
+
+
 def assert_same_ranking(hits: list[dict[str, Any]], ids: list[int], scores: list[float]) -> None:
     """The same ids in the same order, except that items whose scores agree to 1e-5 may swap (numpy and FAISS
     round the last bits of an inner product differently)."""
@@ -207,9 +212,10 @@ def _utc(text: str) -> str:
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
-def test_filtered_results_equal_brute_force_both_directions(indexes: dict[str, Path], factory: str) -> None:
-    index = indexes[factory]
-    ref = Reference(index)
+def test_filtered_results_equal_brute_force_both_directions(
+    indexes: dict[str, Path], refs: dict[str, Reference], factory: str
+) -> None:
+    index, ref = indexes[factory], refs[factory]
     assert {ref.manifest["ann"][k]["factory"] for k in ("image", "text")} == {factory}
     assert len(ref.ids["image"]) == N_IMAGES and len(ref.ids["text"]) == N_IMAGES + N_CAPTION_ONLY
     queries = {
@@ -265,11 +271,12 @@ def test_filtered_results_equal_brute_force_both_directions(indexes: dict[str, P
     assert checked["partial"] >= 4 and checked["rerank"] >= 20  # fewer matches than k, and re-ranked searches
 
 
-def test_unfiltered_ann_is_approximate_where_filtered_search_is_exact(indexes: dict[str, Path]) -> None:
+def test_unfiltered_ann_is_approximate_where_filtered_search_is_exact(
+    indexes: dict[str, Path], refs: dict[str, Reference]
+) -> None:
     """A filter that every image matches ranks by the exact ITC score (the HNSW search without one is as
     approximate as its recorded recall)."""
-    index = indexes["HNSW16"]
-    ref = Reference(index)
+    index, ref = indexes["HNSW16"], refs["HNSW16"]
     with live_server(settings(index)) as srv, srv.client() as c:
         for qid in ref.ids["text"][::500].tolist():
             want, scores = ref.search("image", qid, 10, lambda it: True)
@@ -282,13 +289,14 @@ def test_unfiltered_ann_is_approximate_where_filtered_search_is_exact(indexes: d
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
-def test_reader_ann_path_with_a_selector_and_widening(indexes: dict[str, Path], factory: str) -> None:
+def test_reader_ann_path_with_a_selector_and_widening(
+    indexes: dict[str, Path], refs: dict[str, Reference], factory: str
+) -> None:
     """With ``filter_exact_max=0`` every match set goes through the ANN index with a FAISS id selector."""
     from albef.index import ann
     from albef.index.filters import parse_filter
 
-    index = indexes[factory]
-    ref = Reference(index)
+    index, ref = indexes[factory], refs[factory]
     broad = FILTERS[2]  # about 58% of the items
     rare = FILTERS[1]
     with IndexReader.open(index, filter_exact_max=0) as r:
@@ -426,8 +434,8 @@ def bad_server(service_index: Path):
         yield c
 
 
-def test_multipart_filter_is_a_json_form_field(indexes: dict[str, Path]) -> None:
-    ref = Reference(indexes["HNSW16"])
+def test_multipart_filter_is_a_json_form_field(indexes: dict[str, Path], refs: dict[str, Reference]) -> None:
+    ref = refs["HNSW16"]
     path = ref.items[0]["path"]
     data = Path(path).read_bytes()
     flt = FILTERS[0][1]
