@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
     )
     app.state.albef = state
     # POST /v1/explain's own bound on concurrent explanations (its encoders are the search's stages).
-    app.state.explainer = Explainer(settings.queue_max, settings.retry_after_s)
+    app.state.explainer = Explainer(settings.queue_max, settings.retry_after_s, metrics=state.metrics)
     errors.install(app)
     for module in (health, search, explain, items, index, metrics):
         app.include_router(module.router)

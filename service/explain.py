@@ -41,6 +41,7 @@ from PIL import Image
 from albef.service.domain_errors import BadQuery, NotFound, Overloaded, SearchError
 from albef.service.engine import SearchEngine, clean_query_text, match_probability
 from albef.service.images import UploadPolicy, decode_upload
+from albef.service.metrics import Metrics
 from albef.service.protocols import IndexView
 
 __all__ = [
@@ -226,17 +227,21 @@ class ExplainResult:
 
 class Explainer:
     """Runs explain requests with a search engine's bundle and stages; at most ``queue_max`` at a time (one
-    more is refused with :class:`Overloaded`, a 503)."""
+    more is refused with :class:`Overloaded`, a 503). With ``metrics``: the ``explain`` stage's latency
+    (graph and Grad-CAM) and its rejections."""
 
-    def __init__(self, queue_max: int = 64, retry_after_s: int = 1) -> None:
+    def __init__(self, queue_max: int = 64, retry_after_s: int = 1, metrics: Metrics | None = None) -> None:
         self.queue_max = int(queue_max)
         self.retry_after_s = int(retry_after_s)
+        self.metrics = metrics
         self._slots = threading.BoundedSemaphore(self.queue_max)
+        if metrics is not None:
+            metrics.rejections.labels(stage="explain")  # a zero sample from the start, as the other stages
 
     async def explain(self, engine: SearchEngine, reader: IndexView, query: ExplainQuery) -> ExplainResult:
         if not self._slots.acquire(blocking=False):
-            if engine.metrics is not None:
-                engine.metrics.rejections.labels(stage="explain").inc()
+            if self.metrics is not None:
+                self.metrics.rejections.labels(stage="explain").inc()
             raise Overloaded("explain", self.retry_after_s)
         try:
             return await self._explain(engine, reader, query)
@@ -274,6 +279,8 @@ class Explainer:
 
         result, t2 = await asyncio.to_thread(run)
         t3 = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.stage_latency.labels(stage="explain").observe(t2 - t1)
         result.timings_ms = {
             "encode": round((t1 - t0) * 1000.0, 3),
             "explain": round((t2 - t1) * 1000.0, 3),

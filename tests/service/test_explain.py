@@ -268,3 +268,39 @@ def test_openapi_describes_explain(client: httpx.Client) -> None:
     )
     assert "clamped gradient" in response["grid"]["description"]
     assert set(schemas["WordHeatmap"]["properties"]) == {"token", "position", "grid"}
+
+
+def test_explain_is_bounded_and_measured(service_index: Path, gallery: Any) -> None:
+    """At most ALBEF_QUEUE_MAX explanations at a time: one more is a 503 ``overloaded`` with Retry-After, counted
+    under stage ``explain``; the stage's latency is in /metrics."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = gallery[0][0]["id"]
+    with live_server(settings(service_index, queue_max=1, retry_after_s=3)) as srv, srv.client() as c:
+        assert 'albef_queue_rejections_total{stage="explain"} 0.0' in c.get("/metrics").text
+
+        def one(_: int) -> httpx.Response:
+            with srv.client() as own:
+                return own.post(
+                    "/v1/explain", json={"text": "a red circle", "item_id": img, "per_word": True}
+                )
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, range(16)))
+        codes = sorted({r.status_code for r in answers})
+        assert codes == [200, 503], codes
+        refused = next(r for r in answers if r.status_code == 503)
+        assert error_of(refused, 503, "overloaded") and refused.headers["retry-after"] == "3"
+        metrics = c.get("/metrics").text
+        rejected = [
+            ln
+            for ln in metrics.splitlines()
+            if ln.startswith('albef_queue_rejections_total{stage="explain"}')
+        ]
+        assert float(rejected[0].split()[-1]) == sum(r.status_code == 503 for r in answers)
+        served = [
+            ln
+            for ln in metrics.splitlines()
+            if ln.startswith('albef_stage_duration_seconds_count{stage="explain"}')
+        ]
+        assert float(served[0].split()[-1]) == sum(r.status_code == 200 for r in answers)
