@@ -122,7 +122,11 @@ class Hit(BaseModel):
     )
     itc_score: float = Field(description="cosine similarity of the ITC embeddings")
     itm_score: float | None = Field(None, description="ITM logit of class 'match' (None if not re-ranked)")
-    match_probability: float | None = Field(None, description="softmax of the two ITM logits, class 'match'")
+    match_probability: float | None = Field(
+        None,
+        description="softmax of the two ITM logits, class 'match' (None if not re-ranked): a score, not a "
+        "calibrated likelihood",
+    )
     metadata: Item
 
 
