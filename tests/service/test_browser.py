@@ -2,7 +2,8 @@
 real service (uvicorn on 127.0.0.1) over the demo's index: the shipped tiny model and a small synthetic gallery.
 
 Every check compares the page with the REST API's answer for the same query, so the page shows what the service
-ranks. Screenshots go to test-artifacts/ (demo-search.png: a text query; demo-captions.png: an uploaded image).
+ranks. Screenshots go to test-artifacts/ (demo-search.png: a text query; demo-captions.png: an uploaded image;
+demo-explain.png: the heat map of an explained result).
 """
 
 from __future__ import annotations
