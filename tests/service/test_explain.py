@@ -304,3 +304,19 @@ def test_explain_is_bounded_and_measured(service_index: Path, gallery: Any) -> N
             if ln.startswith('albef_stage_duration_seconds_count{stage="explain"}')
         ]
         assert float(served[0].split()[-1]) == sum(r.status_code == 200 for r in answers)
+
+
+def test_overlay_pieces_equal_the_official_tools() -> None:
+    """The overlay's colour map is matplotlib's "jet" (within its 256-entry table) and its blur is
+    ``scipy.ndimage.gaussian_filter``, the two tools the official notebook draws with."""
+    import matplotlib
+
+    from albef.service.explain import _gaussian_blur, jet
+
+    v = np.linspace(0.0, 1.0, 2001)
+    assert np.abs(jet(v) - matplotlib.colormaps["jet"](v)[:, :3]).max() < 0.02
+    assert np.allclose(jet(np.array([0.0, 1.0])), [[0, 0, 0.5], [0.5, 0, 0]])
+    ndimage = pytest.importorskip("scipy.ndimage")
+    x = np.random.default_rng(0).random((40, 64))
+    for sigma in (0.7, 2.56, 6.0):
+        assert np.abs(_gaussian_blur(x, sigma) - ndimage.gaussian_filter(x, sigma)).max() < 1e-12
