@@ -14,6 +14,10 @@ A build/add runs in three steps, one module each:
    version folder, which is renamed into place before the ``current`` pointer moves. Old versions beyond
    ``keep_versions`` are pruned.
 
+Step 2 is pluggable (:class:`~albef.index.options.ShardEncoder`): by default it runs in this process
+(:func:`encode_locally`); ``encoder=RayEncoder(...)`` (:mod:`albef.index.ray_build`) runs it on a Ray cluster
+and commits the same shards, so steps 1 and 3, resuming, and the result are the same.
+
 ``delete`` (:mod:`albef.index.delete`) publishes a new version the same way. The options, the encoder
 protocol and the result live in :mod:`albef.index.options`; all are importable from here.
 """
@@ -25,16 +29,27 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from albef.index import ann, layout, metadata
 from albef.index.delete import delete
 from albef.index.encode import encode_images, encode_texts, items_done
 from albef.index.errors import IndexError_, IndexNotFoundError
-from albef.index.options import KINDS, BuildOptions, Encoder, Result
+from albef.index.options import KINDS, BuildOptions, Encoder, Result, ShardEncoder
 from albef.index.plan import open_work
 from albef.index.publish import publish_build
 
-__all__ = ["KINDS", "BuildOptions", "Encoder", "Result", "add", "build", "delete"]
+__all__ = [
+    "KINDS",
+    "BuildOptions",
+    "Encoder",
+    "Result",
+    "ShardEncoder",
+    "add",
+    "build",
+    "delete",
+    "encode_locally",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +62,7 @@ def build(
     *,
     resume: bool = False,
     restart: bool = False,
+    encoder: ShardEncoder | None = None,
 ) -> Result:
     """Build a new index in ``index_dir`` (which must not hold one yet) from ``sources``."""
     opts = options or BuildOptions()
@@ -60,7 +76,7 @@ def build(
         )
     with layout.writer_lock(index_dir):
         return _encode_and_publish(
-            index_dir, bundle, sources, opts, base=None, resume=resume, restart=restart
+            index_dir, bundle, sources, opts, base=None, resume=resume, restart=restart, encoder=encoder
         )
 
 
@@ -72,6 +88,7 @@ def add(
     *,
     resume: bool = False,
     restart: bool = False,
+    encoder: ShardEncoder | None = None,
 ) -> Result:
     """Encode ``sources`` into a new version of an existing index (content already indexed is skipped)."""
     opts = options or BuildOptions()
@@ -89,7 +106,7 @@ def add(
         opts.max_memory = opts.max_memory or manifest.get("max_memory") or ann.DEFAULT_MAX_MEMORY
         opts.check()
         return _encode_and_publish(
-            index_dir, bundle, sources, opts, base=base, resume=resume, restart=restart
+            index_dir, bundle, sources, opts, base=base, resume=resume, restart=restart, encoder=encoder
         )
 
 
@@ -101,6 +118,7 @@ def _encode_and_publish(
     base: str | None,
     resume: bool,
     restart: bool,
+    encoder: ShardEncoder | None = None,
 ) -> Result:
     from albef.progress import progress_bar
 
@@ -140,8 +158,7 @@ def _encode_and_publish(
         enabled=opts.progress,
         smoothing=0.1,
     ) as bar:
-        encode_images(wdir, plan, bundle, opts, known, bar)
-        encode_texts(wdir, plan, bundle, opts, bar)
+        executor = (encoder or encode_locally)(wdir, plan, bundle, opts, known, bar)
     enc_s = time.perf_counter() - t_enc
     encoded_now = n_img + n_txt - done
     result = publish_build(
@@ -153,8 +170,23 @@ def _encode_and_publish(
         base_dir,
         base_manifest,
         t0=t0,
-        timing={"encode_s": enc_s, "encoded_items": encoded_now, "resumed": resumed, "done_before": done},
+        timing={
+            "encode_s": enc_s,
+            "encoded_items": encoded_now,
+            "resumed": resumed,
+            "done_before": done,
+            "executor": executor,
+        },
     )
     shutil.rmtree(wdir, ignore_errors=True)
     layout.prune(index_dir, opts.keep_versions)
     return result
+
+
+def encode_locally(
+    wdir: Path, plan: dict[str, Any], bundle: Encoder, opts: BuildOptions, known: dict[str, int], bar: Any
+) -> dict[str, Any]:
+    """Step 2 in this process: images decoded by ``opts.workers`` threads, encoded by ``bundle``."""
+    encode_images(wdir, plan, bundle, opts, known, bar)
+    encode_texts(wdir, plan, bundle, opts, bar)
+    return {"name": "local", "workers": opts.workers}

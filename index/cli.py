@@ -131,6 +131,31 @@ def _encode_options(p: argparse.ArgumentParser, *, layout_options: bool) -> None
     g.add_argument("--json", action="store_true", help="print the result as one JSON object (for scripts)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted build/add")
     g.add_argument("--restart", action="store_true", help="discard an interrupted build/add and start over")
+    g = p.add_argument_group("cluster (the cluster extra: pip install 'albef-search[cluster]')")
+    g.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="decode and encode on a Ray cluster: auto (the running cluster), HOST:PORT of its head, or "
+        "local (a Ray instance of this machine). Plan, FAISS, SQLite and the publish stay here; the result "
+        "and the shards (--resume) are a local build's. Nodes need the bundle and the images at the same paths",
+    )
+    g.add_argument(
+        "--ray-actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="encoder actors, each holding one ONNX Runtime session per encoder (default: one per --threads "
+        "CPUs of the cluster, one CPU left to decoding; with --ray-gpus, one per GPU share)",
+    )
+    g.add_argument(
+        "--ray-gpus",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs per encoder actor; > 0 runs the encoders with ONNX Runtime's CUDA execution provider "
+        "where it is installed (default 0: CPU)",
+    )
     g = p.add_argument_group("index")
     if layout_options:
         g.add_argument(
@@ -311,16 +336,41 @@ def _summary(result: Any) -> str:
     )
 
 
+def _encoder(args: argparse.Namespace) -> Any:
+    """None (encode here), or the Ray encoder that ``--ray`` asks for."""
+    if args.ray is None:
+        if args.ray_actors is not None or args.ray_gpus:
+            raise UsageError("--ray-actors and --ray-gpus need --ray ADDRESS")
+        return None
+    from albef.index.ray_build import RayEncoder, RayOptions
+
+    threads = args.threads if isinstance(args.threads, int) else 1  # "all": one per actor, not all per actor
+    encoder = _run(
+        RayEncoder,
+        RayOptions(address=args.ray, actors=args.ray_actors, threads=threads, gpus_per_actor=args.ray_gpus),
+    )
+    _run(encoder.connect)  # an unreachable cluster is reported before the index is touched
+    return encoder
+
+
 def build_command(args: argparse.Namespace) -> int:
     from albef.index import builder
 
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
     _apply_settings(args)
+    encoder = _encoder(args)
     bundle = _load_bundle(args.model, args)
     opts = _run(_options, args)
     result = _run(
-        builder.build, args.out, bundle, args.sources, opts, resume=args.resume, restart=args.restart
+        builder.build,
+        args.out,
+        bundle,
+        args.sources,
+        opts,
+        resume=args.resume,
+        restart=args.restart,
+        encoder=encoder,
     )
     _print_result(result, args.json)
     return 0
@@ -332,6 +382,7 @@ def add_command(args: argparse.Namespace) -> int:
     if args.resume and args.restart:
         raise UsageError("--resume and --restart exclude each other")
     _apply_settings(args)
+    encoder = _encoder(args)
     model = args.model
     if model is None:
         try:
@@ -344,7 +395,14 @@ def add_command(args: argparse.Namespace) -> int:
     bundle = _load_bundle(model, args)
     opts = _run(_options, args)
     result = _run(
-        builder.add, args.index, bundle, args.sources, opts, resume=args.resume, restart=args.restart
+        builder.add,
+        args.index,
+        bundle,
+        args.sources,
+        opts,
+        resume=args.resume,
+        restart=args.restart,
+        encoder=encoder,
     )
     _print_result(result, args.json)
     return 0

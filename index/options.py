@@ -37,6 +37,23 @@ class Encoder(Protocol):
     def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+class ShardEncoder(Protocol):
+    """Step 2 of a build/add: encodes the plan's shards not committed yet into ``wdir/shards``, each one
+    committed with :func:`albef.index.encode.save_npz` in the layout of :mod:`albef.index.encode`, and returns
+    what the report records of how (``{"name": "local", ...}``). The builder's default encodes in this process
+    (:func:`albef.index.builder.encode_locally`); :class:`albef.index.ray_build.RayEncoder` on a Ray cluster."""
+
+    def __call__(
+        self,
+        wdir: Path,
+        plan: dict[str, Any],
+        bundle: Encoder,
+        opts: BuildOptions,
+        known: dict[str, int],
+        bar: Any,
+    ) -> dict[str, Any]: ...
+
+
 @dataclass
 class BuildOptions:
     # The numbers' defaults are albef.settings.IndexBuildSettings' (the CLI's too, there overridable by

@@ -264,6 +264,7 @@ def _build_report(
             "items_per_s": round(enc_items / enc_s, 2) if enc_s > 0 else None,
         },
         "shards": {"image": plan["n_image_shards"], "text": plan["n_text_shards"]},
+        "executor": timing.get("executor", {"name": "local"}),
         "items_done_before_this_run": timing["done_before"],
         "segment": seg_info,
     }
