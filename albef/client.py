@@ -13,6 +13,8 @@ raised at once).
         for hit in hits.results:
             print(hit.rank, hit.itc_rank, hit.match_probability, hit.metadata.image_url)
         captions = c.search_texts("photo.png")  # a path, bytes, a file object or a PIL image
+        why = c.explain("a red circle", item_id=hits.results[0].id, per_word=True)  # or an image, as above
+        print(why.side, why.grid, [w.token for w in why.words], why.overlay_on)  # overlay_png_base64: a PNG
 
 Needs httpx (``pip install 'albef-search[client]'``); torch-free.
 """
@@ -31,7 +33,7 @@ from typing import Any, BinaryIO, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from albef.service.schemas import IndexInfo, Item, SearchResponse
+from albef.service.schemas import ExplainResponse, IndexInfo, Item, SearchResponse
 
 __all__ = ["ApiError", "AsyncClient", "Client", "ImageInput"]
 
@@ -115,29 +117,48 @@ def _images_call(text: str | None, item_id: int | None, **options: Any) -> _Call
     return _Call("POST", "/v1/search/images", json={**body, **_options(**options)})
 
 
-def _texts_call(image: ImageInput | None, item_id: int | None, **options: Any) -> _Call:
+def _form(fields: Mapping[str, Any]) -> dict[str, str]:
+    """Fields as multipart form values: booleans as true/false, floats exactly (repr), sequences (``exclude``)
+    comma-separated, mappings (``filter``) as a JSON string."""
+    out: dict[str, str] = {}
+    for key, v in fields.items():
+        if isinstance(v, bool):
+            out[key] = "true" if v else "false"
+        elif isinstance(v, float):
+            out[key] = repr(v)
+        elif isinstance(v, Mapping):
+            out[key] = json.dumps(v)
+        elif isinstance(v, list | tuple):
+            out[key] = ",".join(str(i) for i in v)
+        else:
+            out[key] = str(v)
+    return out
+
+
+def _image_call(path: str, image: ImageInput | None, item_id: int | None, fields: dict[str, Any]) -> _Call:
+    """A route that takes an image or the id of an indexed one: the id in a JSON body, the image as the file
+    part ``image`` of a multipart form with ``fields`` as form fields."""
     if (image is None) == (item_id is None):
         raise ValueError("give exactly one of image and item_id")
-    opts = _options(**options)
     if item_id is not None:
-        return _Call("POST", "/v1/search/texts", json={"item_id": item_id, **opts})
-    # multipart: the image as a file part, the options as form fields (exclude comma-separated, the filter
-    # as a JSON string)
-    form = {
-        key: ("true" if v is True else "false" if v is False else repr(v) if isinstance(v, float) else str(v))
-        for key, v in opts.items()
-        if key not in ("exclude", "filter")
-    }
-    if "exclude" in opts:
-        form["exclude"] = ",".join(str(i) for i in opts["exclude"])
-    if "filter" in opts:
-        form["filter"] = json.dumps(opts["filter"])
+        return _Call("POST", path, json={**fields, "item_id": item_id})
     return _Call(
         "POST",
-        "/v1/search/texts",
+        path,
         files={"image": ("query", _image_bytes(image), "application/octet-stream")},
-        data=form,
+        data=_form(fields),
     )
+
+
+def _texts_call(image: ImageInput | None, item_id: int | None, **options: Any) -> _Call:
+    return _image_call("/v1/search/texts", image, item_id, _options(**options))
+
+
+def _explain_call(
+    text: str, image: ImageInput | None, item_id: int | None, per_word: bool, overlay: bool
+) -> _Call:
+    fields = {"text": text, "per_word": bool(per_word), "overlay": bool(overlay)}
+    return _image_call("/v1/explain", image, item_id, fields)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -284,6 +305,22 @@ class Client(_Base):
         )
         return _parse(self._send(call), SearchResponse)
 
+    def explain(
+        self,
+        text: str,
+        image: ImageInput | None = None,
+        *,
+        item_id: int | None = None,
+        per_word: bool = False,
+        overlay: bool = True,
+    ) -> ExplainResponse:
+        """Where in an image ``text`` matched (``POST /v1/explain``): an image (path, bytes, file, PIL image) or
+        the id of an indexed image. The Grad-CAM grid, with ``per_word`` one grid per WordPiece, and with
+        ``overlay`` the heat map over the image as a base64 PNG. A bundle without the explain graph: ApiError
+        409 ``explain_unavailable``."""
+        call = _explain_call(text, image, item_id, per_word, overlay)
+        return _parse(self._send(call), ExplainResponse)
+
     def item(self, item_id: int) -> Item:
         return _parse(self._send(_Call("GET", f"/v1/items/{int(item_id)}")), Item)
 
@@ -395,6 +432,18 @@ class AsyncClient(_Base):
             min_match_probability=min_match_probability,
         )
         return _parse(await self._send(call), SearchResponse)
+
+    async def explain(
+        self,
+        text: str,
+        image: ImageInput | None = None,
+        *,
+        item_id: int | None = None,
+        per_word: bool = False,
+        overlay: bool = True,
+    ) -> ExplainResponse:
+        call = _explain_call(text, image, item_id, per_word, overlay)
+        return _parse(await self._send(call), ExplainResponse)
 
     async def item(self, item_id: int) -> Item:
         return _parse(await self._send(_Call("GET", f"/v1/items/{int(item_id)}")), Item)

@@ -1,4 +1,5 @@
-"""albef.client against a real uvicorn server: every endpoint, every image input, errors, retries on 503."""
+"""albef.client against a real uvicorn server: every endpoint (explain too), every image input, errors, retries on
+503."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from albef.client import ApiError, AsyncClient, Client
-from albef.service.schemas import SearchResponse
+from albef.service.schemas import ExplainResponse, SearchResponse
+from tests.helpers.explain import format1_copy
+from tests.helpers.index import make_folder
 from tests.helpers.service import index_items, live_server, settings
 
 
@@ -192,3 +196,139 @@ def test_client_sends_filters_and_thresholds(server, items) -> None:
     with Client(server.url) as c:
         sync = c.search_texts(item_id=images[0]["id"], k=3, filter={"id": {"in": text_ids}})
     assert asyncio.run(run()) == [h.id for h in sync.results] and len(sync.results) == 3
+
+
+def _same_explanation(got: ExplainResponse, want: ExplainResponse | dict[str, Any], tol: float = 0.0) -> None:
+    """Equal but for the timings (and within ``tol`` in the numbers, for answers computed in other batches)."""
+    if isinstance(want, dict):
+        want = ExplainResponse.model_validate(want)
+    a, b = got.model_dump(exclude={"timings_ms"}), want.model_dump(exclude={"timings_ms"})
+    if tol == 0.0:
+        assert a == b
+        return
+    numbers = ("grid", "words", "itm_score", "match_probability")
+    assert {k: v for k, v in a.items() if k not in numbers} == {
+        k: v for k, v in b.items() if k not in numbers
+    }
+    assert np.allclose(a["grid"], b["grid"], rtol=1e-5, atol=tol)
+    assert (
+        abs(a["itm_score"] - b["itm_score"]) <= tol
+        and abs(a["match_probability"] - b["match_probability"]) <= tol
+    )
+    if a["words"] is not None:
+        assert [w["token"] for w in a["words"]] == [w["token"] for w in b["words"]]
+        assert np.allclose(
+            [w["grid"] for w in a["words"]], [w["grid"] for w in b["words"]], rtol=1e-5, atol=tol
+        )
+
+
+def test_client_explains_an_indexed_image_and_an_upload(server, items) -> None:
+    """explain() by item id (JSON) and by upload (multipart), from every image input: the server's own
+    ExplainResponse, equal to the raw HTTP answer."""
+    images, texts = items
+    caption = texts[0]["caption"]
+    img = images[0]["id"]
+    path = Path(images[0]["path"])
+    data = path.read_bytes()
+    with Client(server.url) as c, httpx.Client(base_url=server.url, timeout=60) as raw:
+        got = c.explain(caption, item_id=img, per_word=True)
+        want = raw.post("/v1/explain", json={"text": caption, "item_id": img, "per_word": True})
+        assert want.status_code == 200, want.text
+        assert isinstance(got, ExplainResponse)
+        _same_explanation(got, want.json())
+        assert got.query == {"kind": "explain", "text": caption, "item_id": img}
+        assert got.overlay_on == "image" and got.words is not None and len(got.words) == len(got.tokens)
+        assert len(got.grid) == got.side and base64.b64decode(got.overlay_png_base64 or "").startswith(
+            b"\x89PNG"
+        )
+
+        want_upload = raw.post(
+            "/v1/explain",
+            files={"image": ("q.png", data, "image/png")},
+            data={"text": caption, "overlay": "false"},
+        )
+        assert want_upload.status_code == 200, want_upload.text
+        pil = Image.open(io.BytesIO(data)).convert("RGB")
+        for image in (path, str(path), data, io.BytesIO(data), pil):
+            up = c.explain(caption, image, overlay=False)
+            if image is pil:  # sent as a PNG of its own: the same pixels, maybe other bytes
+                up = up.model_copy(update={"query": want_upload.json()["query"]})
+            _same_explanation(up, want_upload.json())
+        assert up.words is None and up.overlay_png_base64 is None and up.overlay_on is None
+        # the upload of an indexed image's file is explained as that item: the same map
+        assert np.allclose(up.grid, got.grid, rtol=1e-4, atol=1e-6)
+        with_overlay = c.explain(caption, data)
+        assert with_overlay.overlay_on == "image" and with_overlay.overlay_png_base64
+        assert (with_overlay.overlay_width, with_overlay.overlay_height) == (
+            got.overlay_width,
+            got.overlay_height,
+        )
+
+
+def test_async_client_explains_as_the_blocking_one(server, items) -> None:
+    images, texts = items
+    caption = texts[1]["caption"]
+    img = images[1]["id"]
+    data = Path(images[1]["path"]).read_bytes()
+
+    async def run() -> tuple[ExplainResponse, ExplainResponse]:
+        async with AsyncClient(server.url) as ac:
+            return await asyncio.gather(
+                ac.explain(caption, item_id=img, per_word=True), ac.explain(caption, data, overlay=False)
+            )
+
+    by_id, by_upload = asyncio.run(run())
+    with Client(server.url) as c:
+        # the two ran together (possibly encoded in one batch): equal up to float rounding
+        _same_explanation(by_id, c.explain(caption, item_id=img, per_word=True), tol=1e-6)
+        _same_explanation(by_upload, c.explain(caption, data, overlay=False), tol=1e-6)
+
+
+def test_client_explain_errors_carry_the_servers_code(
+    server, items, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    images, texts = items
+    with Client(server.url) as c:
+        with pytest.raises(ApiError) as e:  # a text id where an image is expected
+            c.explain("a red circle", item_id=texts[0]["id"])
+        assert (e.value.status, e.value.code, e.value.field) == (422, "wrong_item_kind", "item_id")
+        with pytest.raises(ApiError) as e:
+            c.explain("a red circle", item_id=10**12)
+        assert (e.value.status, e.value.code) == (404, "item_not_found")
+        with pytest.raises(ApiError) as e:
+            c.explain("", b"not an image")  # an empty text in a form is sent, and refused by the server
+        assert (e.value.status, e.value.code, e.value.field) == (422, "validation_error", "text")
+        with pytest.raises(ApiError) as e:
+            c.explain("a red circle", b"not an image")
+        assert (e.value.status, e.value.code) == (422, "invalid_image")
+        with pytest.raises(ValueError, match="exactly one"):
+            c.explain("a red circle", Path(images[0]["path"]), item_id=images[0]["id"])
+        with pytest.raises(ValueError, match="exactly one"):
+            c.explain("a red circle")
+
+    # a bundle exported before the explain graph: 409, for the blocking and the async client alike
+    from albef.index.builder import BuildOptions, build
+    from albef.model.runtime import Bundle
+
+    old = format1_copy(tiny_bundle, tmp_path / "old-bundle")
+    make_folder(tmp_path / "images", 2)
+    build(tmp_path / "index", Bundle.load(old), [tmp_path / "images"], BuildOptions(progress=False))
+    old_images, _ = index_items(tmp_path / "index")
+    with live_server(settings(tmp_path / "index")) as srv:
+        with Client(srv.url) as c, pytest.raises(ApiError) as e:
+            c.explain("a picture", item_id=old_images[0]["id"])
+        assert (e.value.status, e.value.code) == (
+            409,
+            "explain_unavailable",
+        ) and "albef export" in e.value.message
+
+        async def run() -> ApiError:
+            async with AsyncClient(srv.url) as ac:
+                try:
+                    await ac.explain("a picture", Path(old_images[0]["path"]).read_bytes())
+                except ApiError as exc:
+                    return exc
+            raise AssertionError("no error")
+
+        err = asyncio.run(run())
+        assert (err.status, err.code) == (409, "explain_unavailable")
