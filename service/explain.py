@@ -24,15 +24,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hashlib
 import io
 import math
-import os
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,7 +36,7 @@ from PIL import Image
 
 from albef.service.domain_errors import BadQuery, NotFound, Overloaded, SearchError
 from albef.service.engine import SearchEngine, clean_query_text, match_probability
-from albef.service.images import UploadPolicy, decode_upload
+from albef.service.images import UploadPolicy, decode_upload, read_stored_image
 from albef.service.metrics import Metrics
 from albef.service.protocols import IndexView
 
@@ -172,15 +168,6 @@ def png_base64(img: Image.Image) -> str:
 
 
 # -- the stored image of an indexed item (for its overlay) ---------------------------------------------------
-def _read_regular_file(path: Path) -> bytes:
-    """A regular file's bytes without following a final symlink (as ``GET /v1/items/{id}/image`` reads it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise OSError(f"not a regular file: {path}")
-        return fh.read(_STORED_IMAGE_MAX_BYTES + 1)
-
-
 def stored_image(reader: IndexView, item: dict[str, Any], policy: UploadPolicy) -> Image.Image | None:
     """The indexed image of ``item`` if it is a local file that still holds the indexed bytes (sha256), decoded
     with the upload policy (formats, pixel limit, EXIF orientation); None otherwise (a URI, a missing or
@@ -189,10 +176,10 @@ def stored_image(reader: IndexView, item: dict[str, Any], policy: UploadPolicy) 
     if path is None:
         return None
     try:
-        data = _read_regular_file(Path(path))
+        data = read_stored_image(path, item.get("sha256"), max_bytes=_STORED_IMAGE_MAX_BYTES)
     except OSError:
         return None
-    if len(data) > _STORED_IMAGE_MAX_BYTES or hashlib.sha256(data).hexdigest() != item.get("sha256"):
+    if data is None:
         return None
     try:
         return decode_upload(data, dataclasses.replace(policy, max_bytes=_STORED_IMAGE_MAX_BYTES))

@@ -1,14 +1,21 @@
-"""Safe decoding of uploaded images and content types of stored ones.
+"""Safe decoding of uploaded images; reading back and typing the stored ones.
 
 Uploads are untrusted: only an allow-list of formats reaches a decoder (415 names the refused format), the
 EXIF orientation is applied (unless the official loader is asked for), the size in bytes is capped before decoding, the pixel count is checked from the
 header before any pixel is decoded (so a small PNG that inflates to gigabytes is refused cheaply), and
 Pillow's own decompression-bomb guard stays on (``Image.MAX_IMAGE_PIXELS`` is set from the settings and
 ``DecompressionBombWarning`` is turned into an error by :func:`configure_pillow`).
+
+A stored image is read back (:func:`read_stored_image`, for ``GET /v1/items/{id}/image`` and the explain
+overlay) only as the regular file the index recorded, without following a final symlink and never blocking on
+a FIFO or device, and only if it still holds the indexed bytes (sha256).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from albef.model.image import DEFAULT_FORMATS, ImageFormatError, open_image, to_rgb, upright
 from albef.service.domain_errors import BadQuery, SearchError, TooLarge, UnsupportedFormat
 
-__all__ = ["UploadPolicy", "configure_pillow", "decode_upload", "sniff_content_type"]
+__all__ = ["UploadPolicy", "configure_pillow", "decode_upload", "read_stored_image", "sniff_content_type"]
 
 
 def configure_pillow(max_image_pixels: int) -> None:
@@ -94,3 +101,19 @@ def sniff_content_type(path: Path | IO[bytes]) -> str | None:
     if fmt is None:
         return None
     return Image.MIME.get(fmt.upper())
+
+
+def read_stored_image(
+    path: str | os.PathLike[str], sha256: str | None, *, max_bytes: int | None = None
+) -> bytes | None:
+    """The bytes of an indexed image's file if they are still the indexed ones (their sha256 is ``sha256``),
+    else None; with ``max_bytes``, None too for a file larger than that (read no further). OSError when there
+    is no regular file to read: gone, a folder, a FIFO or device (never blocks), or a final symlink."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        data = fh.read(-1 if max_bytes is None else max_bytes + 1)
+    if max_bytes is not None and len(data) > max_bytes:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == sha256 else None

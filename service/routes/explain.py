@@ -9,14 +9,10 @@ format 2) answers 409. The Grad-CAM itself: :mod:`albef.service.explain`.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from starlette.datastructures import FormData
 
 from albef.service.deps import EngineDep, ReaderDep, SettingsDep
 from albef.service.errors import ApiError
@@ -29,7 +25,7 @@ from albef.service.schemas import (
     ExplainTimings,
     WordHeatmap,
 )
-from albef.settings import Settings
+from albef.service.uploads import UploadForm
 
 router = APIRouter(prefix="/v1", tags=["explain"])
 
@@ -65,67 +61,20 @@ _OPENAPI = {
 }
 
 
-def _validate(data: Any) -> ExplainRequest:
-    try:
-        return ExplainRequest.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+def _explain_form(form: FormData) -> dict[str, Any]:
+    """The multipart fields of ``/v1/explain`` as the request's input: the text even when empty (the model
+    refuses it then), the other fields when given; a file in place of a field is a 422."""
+    fields: dict[str, Any] = {}
+    for key in _FORM_FIELDS:
+        value = form.get(key)
+        if isinstance(value, str) and (value != "" or key == "text"):
+            fields[key] = value
+        elif value is not None and not isinstance(value, str):
+            raise ApiError(422, "validation_error", f"{key}: must be a form field", field=key)
+    return fields
 
 
-def _decode_base64(b64: str, settings: Settings) -> bytes:
-    if len(b64) > settings.max_upload_bytes * 4 // 3 + 4:
-        raise ApiError(
-            413,
-            "payload_too_large",
-            f"image_base64: the image exceeds {settings.max_upload_bytes} bytes",
-            field="image_base64",
-        )
-    if b64.startswith("data:") and "," in b64[:100]:
-        b64 = b64.split(",", 1)[1]  # a data: URL as browsers produce it
-    try:
-        return base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ApiError(422, "invalid_image", "image_base64: not valid base64", field="image_base64") from exc
-
-
-async def _parse(request: Request, settings: Settings) -> tuple[ExplainRequest, bytes | None]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 8, max_part_size=64 * 1024)
-        try:
-            unknown = sorted({key for key in form if key not in (*_FORM_FIELDS, "image")})
-            if unknown:
-                raise ApiError(422, "validation_error", f"{unknown[0]}: unknown form field", field=unknown[0])
-            upload = form.get("image")
-            data: bytes | None = None
-            if upload is not None:
-                if isinstance(upload, str):
-                    raise ApiError(422, "validation_error", "image: must be a file upload", field="image")
-                data = await upload.read(settings.max_upload_bytes + 1)
-            fields: dict[str, Any] = {}
-            for key in _FORM_FIELDS:
-                value = form.get(key)
-                if isinstance(value, str) and (value != "" or key == "text"):
-                    fields[key] = value
-                elif value is not None and not isinstance(value, str):
-                    raise ApiError(422, "validation_error", f"{key}: must be a form field", field=key)
-            # The upload stands in for image_base64 when checking "exactly one image".
-            body = _validate({**fields, **({"image_base64": "-"} if data is not None else {})})
-            return body, data
-        finally:
-            await form.close()
-    if ctype in ("application/json", "") or ctype.endswith("+json"):
-        raw = await request.body()
-        try:
-            payload = json.loads(raw) if raw else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(422, "validation_error", "body: invalid JSON", field="body") from exc
-        if not isinstance(payload, dict):
-            raise ApiError(422, "validation_error", "body: expected a JSON object", field="body")
-        body = _validate(payload)
-        data = _decode_base64(body.image_base64, settings) if body.image_base64 is not None else None
-        return body, data
-    raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+_UPLOAD = UploadForm(ExplainRequest, _FORM_FIELDS, _explain_form)
 
 
 def _grid(a: Any) -> list[list[float]]:
@@ -172,7 +121,7 @@ def _response(
 async def explain(
     request: Request, settings: SettingsDep, reader: ReaderDep, engine: EngineDep
 ) -> ExplainResponse:
-    body, data = await _parse(request, settings)
+    body, data = await _UPLOAD.parse(request, settings.max_upload_bytes)
     if len(body.text) > settings.max_text_chars:
         raise ApiError(
             422, "text_too_long", f"text: at most {settings.max_text_chars} characters", field="text"

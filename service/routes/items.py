@@ -11,10 +11,7 @@ browsers from guessing otherwise.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
-import os
-import stat
 from typing import Any
 
 from fastapi import APIRouter
@@ -22,7 +19,7 @@ from fastapi.responses import Response
 
 from albef.service.deps import ReaderDep
 from albef.service.errors import ApiError
-from albef.service.images import sniff_content_type
+from albef.service.images import read_stored_image, sniff_content_type
 from albef.service.schemas import ErrorResponse, Item
 
 _MAX_ID = 2**63 - 1  # ids are int64; larger numbers are simply not items (and would overflow SQLite)
@@ -62,15 +59,6 @@ async def get_item(item_id: int, reader: ReaderDep) -> Any:
     return public_item(item)
 
 
-def _read_no_follow(path: Any) -> bytes:
-    """The bytes of a regular file; OSError for a final symlink, a folder, a FIFO/device (never blocks)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise OSError(f"not a regular file: {path}")
-        return fh.read()
-
-
 @router.get(
     "/{item_id}/image",
     response_class=Response,
@@ -87,12 +75,12 @@ async def get_item_image(item_id: int, reader: ReaderDep) -> Response:
         if path is None:
             raise ApiError(404, "image_not_stored", f"item {item_id} is not held as a local file")
         try:
-            data = _read_no_follow(path)
+            data = read_stored_image(path, item.get("sha256"))
         except OSError:  # gone, not a regular file, or a symlink (ELOOP)
             raise ApiError(
                 404, "image_missing", f"the image file of item {item_id} is no longer available"
             ) from None
-        if hashlib.sha256(data).hexdigest() != item.get("sha256"):
+        if data is None:
             raise ApiError(
                 404, "image_changed", f"the file of item {item_id} no longer holds the indexed image"
             )

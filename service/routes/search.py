@@ -11,14 +11,11 @@ bytes, image pixels) are checked here and answered with 4xx naming the field.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from starlette.datastructures import FormData
 
 from albef.index.filters import Filter, FilterError, parse_filter
 from albef.service.deps import EngineDep, ReaderDep, SettingsDep
@@ -28,6 +25,7 @@ from albef.service.errors import ApiError
 from albef.service.protocols import IndexView
 from albef.service.routes.items import public_item
 from albef.service.schemas import ErrorResponse, Hit, ImageSearchRequest, SearchResponse, TextSearchRequest
+from albef.service.uploads import UploadForm, is_json, media_type
 from albef.settings import Settings
 
 router = APIRouter(prefix="/v1/search", tags=["search"])
@@ -139,8 +137,7 @@ async def _respond(
 
 def _require_json(request: Request) -> None:
     """415 for a body that is not JSON (FastAPI would otherwise report it as a confusing validation error)."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype and ctype != "application/json" and not ctype.endswith("+json"):
+    if not is_json(media_type(request)):
         raise ApiError(415, "unsupported_media_type", "send the search as application/json")
 
 
@@ -163,84 +160,28 @@ async def search_images(
     return await _search(engine, reader, request, f"{router.prefix}/images")
 
 
-def _validate(model: type[TextSearchRequest], data: Any) -> TextSearchRequest:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors(include_url=False, include_input=False)) from exc
+def _texts_form(form: FormData) -> dict[str, Any]:
+    """The multipart fields of ``/v1/search/texts`` as the request's input: the scalars as given, the filter
+    parsed from its JSON string, ``exclude`` comma-separated (or repeated)."""
+    fields: dict[str, Any] = {key: form.get(key) for key in _FORM_SCALARS if form.get(key) not in (None, "")}
+    raw_filter = form.get("filter")
+    if isinstance(raw_filter, str) and raw_filter.strip():
+        try:
+            fields["filter"] = json.loads(raw_filter)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ApiError(
+                422,
+                "invalid_filter",
+                "filter: not valid JSON (send the filter as a JSON object)",
+                field="filter",
+            ) from exc
+    excl = [x for v in form.getlist("exclude") if isinstance(v, str) for x in v.split(",") if x.strip()]
+    if excl:
+        fields["exclude"] = excl
+    return fields
 
 
-async def _parse_texts_request(
-    request: Request, settings: Settings
-) -> tuple[TextSearchRequest, bytes | None]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        form = await request.form(max_files=1, max_fields=len(_FORM_FIELDS) + 8, max_part_size=64 * 1024)
-        try:
-            unknown = sorted({key for key in form if key not in (*_FORM_FIELDS, "image")})
-            if unknown:
-                raise ApiError(422, "validation_error", f"{unknown[0]}: unknown form field", field=unknown[0])
-            upload = form.get("image")
-            data: bytes | None = None
-            if upload is not None:
-                if isinstance(upload, str):
-                    raise ApiError(422, "validation_error", "image: must be a file upload", field="image")
-                data = await upload.read(settings.max_upload_bytes + 1)
-            fields: dict[str, Any] = {
-                key: form.get(key) for key in _FORM_SCALARS if form.get(key) not in (None, "")
-            }
-            raw_filter = form.get("filter")
-            if isinstance(raw_filter, str) and raw_filter.strip():
-                try:
-                    fields["filter"] = json.loads(raw_filter)
-                except (json.JSONDecodeError, RecursionError) as exc:
-                    raise ApiError(
-                        422,
-                        "invalid_filter",
-                        "filter: not valid JSON (send the filter as a JSON object)",
-                        field="filter",
-                    ) from exc
-            excl = [
-                x for v in form.getlist("exclude") if isinstance(v, str) for x in v.split(",") if x.strip()
-            ]
-            if excl:
-                fields["exclude"] = excl
-            # The upload stands in for image_base64 when checking "exactly one query".
-            body = _validate(
-                TextSearchRequest, {**fields, **({"image_base64": "-"} if data is not None else {})}
-            )
-            return body, data
-        finally:
-            await form.close()
-    if ctype in ("application/json", "") or ctype.endswith("+json"):
-        raw = await request.body()
-        try:
-            payload = json.loads(raw) if raw else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(422, "validation_error", "body: invalid JSON", field="body") from exc
-        if not isinstance(payload, dict):
-            raise ApiError(422, "validation_error", "body: expected a JSON object", field="body")
-        body = _validate(TextSearchRequest, payload)
-        data = None
-        if body.image_base64 is not None:
-            b64 = body.image_base64
-            if len(b64) > settings.max_upload_bytes * 4 // 3 + 4:
-                raise ApiError(
-                    413,
-                    "payload_too_large",
-                    f"image_base64: the image exceeds {settings.max_upload_bytes} bytes",
-                    field="image_base64",
-                )
-            if b64.startswith("data:") and "," in b64[:100]:
-                b64 = b64.split(",", 1)[1]  # a data: URL as browsers produce it
-            try:
-                data = base64.b64decode(b64, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ApiError(
-                    422, "invalid_image", "image_base64: not valid base64", field="image_base64"
-                ) from exc
-        return body, data
-    raise ApiError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+_TEXTS_UPLOAD = UploadForm(TextSearchRequest, _FORM_FIELDS, _texts_form)
 
 
 _TEXTS_OPENAPI = {
@@ -282,6 +223,6 @@ _TEXTS_OPENAPI = {
 async def search_texts(
     request: Request, settings: SettingsDep, reader: ReaderDep, engine: EngineDep
 ) -> SearchResponse:
-    body, data = await _parse_texts_request(request, settings)
+    body, data = await _TEXTS_UPLOAD.parse(request, settings.max_upload_bytes)
     search = _request("i2t", body, settings, image=data)
     return await _search(engine, reader, search, f"{router.prefix}/texts")
