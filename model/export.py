@@ -46,6 +46,7 @@ from albef.model.export_adapters import (
     TextEncoderAdapter,
     example_inputs,
     io_description,
+    itm_forms,
     kv_names,
     num_fusion_layers,
 )
@@ -217,6 +218,7 @@ def _export_fp32(job: _Job, vocab_path: Path, checkpoint: str | Path | None, ops
         job.files32 = export_graphs(job.model, job.tmp, opset)
     job.bar.update()
     job.manifest = base_manifest(job.model, checkpoint, opset, job.files32)
+    job.manifest["itm_forms"] = itm_forms(job.model)  # format 3: the runtime picks a graph by text length
     write_manifest(job.tmp, job.manifest)
 
 

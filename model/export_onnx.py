@@ -1,12 +1,16 @@
 """The fp32 ONNX graphs: one per adapter, traced with the legacy TorchScript exporter.
 
 ``dynamo=False``, opset 17 by default, dynamic batch and text-length axes; the fixed output sizes the tracer
-leaves symbolic are written into each graph afterwards.
+leaves symbolic are written into each graph afterwards. The text->image graphs are ``itm`` and, for
+configurations where the other cross-attention form is cheaper for short texts, ``itm_short``
+(:func:`albef.model.export_adapters.itm_forms`); both are traced with one text against two images (the text
+broadcasts) and accept a text batch equal to the image batch as well.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,6 +26,7 @@ from albef.model.export_adapters import (
     TextEncoderAdapter,
     example_inputs,
     io_description,
+    itm_forms,
     kv_names,
 )
 from albef.model.export_defaults import DEFAULT_OPSET
@@ -46,6 +51,8 @@ class GraphSpec(NamedTuple):
 def graph_specs(model: ALBEF, ex: dict[str, Tensor]) -> dict[str, GraphSpec]:
     """role -> spec, for the example inputs ``ex`` (:func:`example_inputs` with a batch of 2)."""
     kvn = kv_names(model)
+    forms = itm_forms(model)
+    t2i = {"itm": forms["itm"], **({"itm_short": forms["itm_short"]["form"]} if "itm_short" in forms else {})}
     batch = {0: "batch"}
     text = {0: "batch", 1: "length"}
     with torch.no_grad():
@@ -65,13 +72,22 @@ def graph_specs(model: ALBEF, ex: dict[str, Tensor]) -> dict[str, GraphSpec]:
             ["text_emb", "text_tokens"],
             {"input_ids": text, "attention_mask": text, "text_emb": batch, "text_tokens": text},
         ),
-        "itm": GraphSpec(
-            ItmAdapter(model),
-            (ex["text_tokens"], ex["attention_mask"], ex["image_tokens"]),
-            ["text_tokens", "text_mask", "image_tokens"],
-            ["itm_logits"],
-            {"text_tokens": text, "text_mask": text, "image_tokens": {0: "image_batch"}, "itm_logits": batch},
-        ),
+        **{
+            role: GraphSpec(
+                ItmAdapter(model, form),
+                # one text against two images: the broadcast is what the graph records
+                (ex["text_tokens"][:1], ex["attention_mask"][:1], ex["image_tokens"]),
+                ["text_tokens", "text_mask", "image_tokens"],
+                ["itm_logits"],
+                {
+                    "text_tokens": {0: "text_batch", 1: "length"},
+                    "text_mask": {0: "text_batch", 1: "length"},
+                    "image_tokens": {0: "image_batch"},
+                    "itm_logits": batch,
+                },
+            )
+            for role, form in t2i.items()
+        },
         "image_kv": GraphSpec(
             ImageKVAdapter(model),
             (ex["image_tokens"][:1],),
@@ -95,14 +111,18 @@ def graph_specs(model: ALBEF, ex: dict[str, Tensor]) -> dict[str, GraphSpec]:
     }
 
 
-def export_graphs(model: ALBEF, out: Path, opset: int = DEFAULT_OPSET) -> dict[str, str]:
-    """Write the five fp32 graphs into ``out``; returns role -> file name."""
+def export_graphs(
+    model: ALBEF, out: Path, opset: int = DEFAULT_OPSET, roles: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Write the fp32 graphs into ``out`` (all of them, or only ``roles``); returns role -> file name."""
     model = model.float().eval()
     specs = graph_specs(model, example_inputs(model, batch=2))
     io = io_description(model)
     files = {}
     with torch.no_grad():
         for role, spec in specs.items():
+            if roles is not None and role not in roles:
+                continue
             name = variant_file(role, "fp32")
             # Adapters must be in eval mode: the exporter restores the wrapper's mode afterwards, recursively,
             # and a fresh nn.Module is in training mode (that would switch the model's dropout on).

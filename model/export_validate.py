@@ -39,12 +39,20 @@ def _min_cos(a: np.ndarray, b: np.ndarray) -> float:
 def torch_reference(model: ALBEF, seed: int = 1) -> dict[str, Any]:
     """PyTorch outputs on the validation inputs, computed once and shared by every variant's validation.
 
-    Inputs: 3 images, 3 texts of ragged lengths at full length and at a shorter padded length (the
-    dynamic axis), plain ITM pairs and one image against all texts (what the K/V-cached graph computes)."""
+    Inputs: 3 images; 3 texts of ragged lengths at full length, at a shorter padded length (the dynamic axis)
+    and at full length with only a few real tokens (what the runtime trims, and for the tiny configurations
+    what ``itm_short`` serves); ITM of the pairs, of one text against every image (the text->image re-rank)
+    and of one image against every text (what the K/V-cached graph computes), all by the plain
+    ``model.itm_logits``."""
     model.eval()
     ex = example_inputs(model, batch=3, seed=seed)
+    cfg = model.config
     short = example_inputs(
-        model, batch=3, length=max(4, model.config.max_tokens // 2), seed=seed + 1, encode_images=False
+        model, batch=3, length=max(4, cfg.max_tokens // 2), seed=seed + 1, encode_images=False
+    )
+    few = min(cfg.max_tokens, 8)
+    padded = example_inputs(
+        model, batch=3, seed=seed + 2, encode_images=False, lengths=[few, max(1, few - 3), 1]
     )
     ref: dict[str, Any] = {
         "pixels": ex["pixels"].numpy(),
@@ -54,8 +62,9 @@ def torch_reference(model: ALBEF, seed: int = 1) -> dict[str, Any]:
     }
     img = ex["image_tokens"]
     with torch.no_grad():
-        for inp in (ex, short):
+        for inp in (ex, short, padded):
             tok, mask = inp["text_tokens"], inp["attention_mask"]
+            n = tok.shape[0]
             ref["texts"].append(
                 {
                     "ids": inp["input_ids"].numpy(),
@@ -63,9 +72,10 @@ def torch_reference(model: ALBEF, seed: int = 1) -> dict[str, Any]:
                     "text_emb": inp["text_emb"].numpy(),
                     "text_tokens": tok.numpy(),
                     "itm": model.itm_logits(tok, mask, img).numpy(),
-                    "itm_one_image": model.itm_logits(
-                        tok, mask, img[:1].expand(tok.shape[0], -1, -1)
+                    "itm_one_text": model.itm_logits(
+                        tok[:1].expand(img.shape[0], -1, -1), mask[:1].expand(img.shape[0], -1), img
                     ).numpy(),
+                    "itm_one_image": model.itm_logits(tok, mask, img[:1].expand(n, -1, -1)).numpy(),
                 }
             )
     return ref
@@ -93,6 +103,8 @@ def validate(ref: dict[str, Any], bundle_dir: Path, variant: str) -> dict[str, f
         itm_diffs.append(
             _maxdiff(t["itm"], bundle.itm_scores(t["text_tokens"], t["mask"], ref["image_tokens"]))
         )
+        one_text = bundle.itm_scores(t["text_tokens"][:1], t["mask"][:1], ref["image_tokens"])
+        itm_diffs.append(_maxdiff(t["itm_one_text"], one_text))
         o_kv = bundle.itm_scores_for_image(img1, t["text_tokens"], t["mask"])
         itm_diffs.append(_maxdiff(t["itm_one_image"], o_kv))
         repeated = np.repeat(img1, len(t["mask"]), axis=0)

@@ -8,7 +8,9 @@ Bundle layout (``manifest.json`` lists every file with its sha256)::
 
     image_encoder.onnx   pixels [B,3,R,R]                       -> image_emb [B,D], image_tokens [B,N,W]
     text_encoder.onnx    input_ids, attention_mask [B,L] int64  -> text_emb [B,D], text_tokens [B,L,H]
-    itm.onnx             text_tokens, text_mask, image_tokens   -> itm_logits [B,2]
+    itm.onnx             text_tokens, text_mask [B|1,L], image_tokens [B|1,N,W] -> itm_logits [B,2]
+    itm_short.onnx       (optional) the same, in the other cross-attention form, for texts of at most
+                         manifest["itm_forms"]["itm_short"]["max_length"] tokens
     image_kv.onnx        image_tokens [1,N,W]                   -> k0, v0, k1, v1, ... [1,heads,N,d]
     itm_kv.onnx          text_tokens, text_mask, k0, v0, ...    -> itm_logits [K,2] (K/V batch 1 broadcasts)
     <role>.int8.onnx     the same graphs with int8 dynamically quantised weights
@@ -18,8 +20,17 @@ Bundle layout (``manifest.json`` lists every file with its sha256)::
 
 Format versions: 1 has the five retrieval graphs; 2 adds the optional ``explain.onnx`` (Grad-CAM of the ITM
 match, :mod:`albef.model.export_explain`), described by the manifest's ``explain`` section. The explain graph
-is float32 and serves every variant. A version-1 bundle still loads and serves search;
-:attr:`Bundle.has_explain` is False for it.
+is float32 and serves every variant. 3 makes the ITM graphs do only the arithmetic their result needs
+(:mod:`albef.model.itm_flops`): the last fusion layer computes [CLS] only, ``itm_kv`` packs the real tokens of
+its texts, ``itm`` takes one text for many images and runs the cheaper cross-attention form (``itm_forms`` in
+the manifest, plus the optional ``itm_short``). The I/O of every graph is unchanged, so older bundles still
+load and serve: their graphs compute the official way, a text is repeated for each image, and they too get
+the texts trimmed to the batch's longest real text. A version-1 bundle has no explain graph
+(:attr:`Bundle.has_explain` is False).
+
+Trimming: every ITM call drops the trailing columns that are padding in every row before ONNX Runtime sees
+them. Padded positions are masked with -10000 in self-attention, whose exponential underflows to exactly 0,
+so they contribute nothing to real rows: the logits are those of the padded call up to float rounding.
 """
 
 from __future__ import annotations
@@ -38,12 +49,13 @@ from albef.model.image import ImageSource, preprocess
 from albef.model.text import AlbefTokenizer
 
 BUNDLE_FORMAT = "albef-bundle"
-BUNDLE_FORMAT_VERSION = 2  # 2: the optional explain graph (version-1 bundles still load)
+BUNDLE_FORMAT_VERSION = 3  # 2: the optional explain graph; 3: the ITM forms (versions 1 and 2 still load)
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.txt"
 PREPROCESS_FILE = "preprocess.json"
 ROLES = ("image_encoder", "text_encoder", "itm", "image_kv", "itm_kv")
+OPTIONAL_ROLES = ("itm_short",)  # format 3: present when the configuration has a second text->image form
 VARIANTS = ("fp32", "int8", "bf16")
 EXPLAIN_ROLE = "explain"
 EXPLAIN_FILE = "explain.onnx"
@@ -110,6 +122,15 @@ def _as_i64(x: Any) -> np.ndarray:
     return np.ascontiguousarray(a.astype(np.int64, copy=False))
 
 
+def _trim(tokens: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the trailing columns that are padding in every row; at least one is kept."""
+    cols = np.flatnonzero(mask.any(axis=0))
+    length = int(cols[-1]) + 1 if cols.size else 1
+    if length == mask.shape[1]:
+        return tokens, mask
+    return np.ascontiguousarray(tokens[:, :length]), np.ascontiguousarray(mask[:, :length])
+
+
 class Bundle:
     """A loaded model bundle. Sessions are created lazily (once, under a lock); ``run`` is thread-safe."""
 
@@ -141,7 +162,15 @@ class Bundle:
         self.tokenizer = AlbefTokenizer.from_file(path / TOKENIZER_FILE, max_tokens=self.max_tokens)
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
-        self._files = {role: manifest["variants"][variant]["files"][role] for role in ROLES}
+        vfiles = manifest["variants"][variant]["files"]
+        self._files = {role: vfiles[role] for role in ROLES}
+        # Format 3: which text->image graphs there are and for which text lengths (None: an older bundle,
+        # whose itm graph repeats the text per image and whose itm_kv computes the padding).
+        self.itm_forms: dict[str, Any] | None = manifest.get("itm_forms")
+        self._short_max = 0
+        if self.itm_forms is not None and "itm_short" in self.itm_forms and "itm_short" in vfiles:
+            self._files["itm_short"] = vfiles["itm_short"]
+            self._short_max = int(self.itm_forms["itm_short"]["max_length"])
         # The explain graph (format 2; absent from older bundles) is float32 and shared by every variant.
         self.explain_info: dict[str, Any] | None = manifest.get("explain")
         if self.explain_info is not None:
@@ -304,15 +333,28 @@ class Bundle:
         return x
 
     def itm_scores(self, text_tokens: Any, text_mask: Any, image_tokens: Any) -> np.ndarray:
-        """ITM logits ``[B, 2]`` of pairs (row i = text i with image i; an image batch of 1 broadcasts)."""
+        """ITM logits ``[B, 2]`` of pairs: row i = text i with image i. A batch of 1 on either side is shared
+        by the other side's B (one text against B images is the text->image re-rank; format-3 graphs then
+        compute the text's first fusion layer once)."""
         t, m = self._check_text(text_tokens, text_mask)
         x = self._check_image_tokens(image_tokens)
-        if x.shape[0] not in (1, t.shape[0]):
-            raise ValueError(f"{t.shape[0]} texts but {x.shape[0]} images: pass one image or one per text")
-        if t.shape[0] == 0:
+        nt, ni = t.shape[0], x.shape[0]
+        if nt != ni and 1 not in (nt, ni):
+            raise ValueError(f"{nt} texts but {ni} images: pass one of either, or one image per text")
+        if min(nt, ni) == 0:
             return np.zeros((0, 2), np.float32)
-        (logits,) = self._run("itm", {"text_tokens": t, "text_mask": m, "image_tokens": x})
+        t, m = _trim(t, m)
+        if nt == 1 and ni > 1 and self.itm_forms is None:
+            # graphs of older bundles were traced with one text per image
+            t, m = np.repeat(t, ni, axis=0), np.repeat(m, ni, axis=0)
+        (logits,) = self._run(
+            self.itm_role(t.shape[1]), {"text_tokens": t, "text_mask": m, "image_tokens": x}
+        )
         return logits
+
+    def itm_role(self, length: int) -> str:
+        """The text->image graph a text of ``length`` real tokens runs on (``itm`` or ``itm_short``)."""
+        return "itm_short" if 0 < length <= self._short_max else "itm"
 
     def image_kv(self, image_tokens_1: Any) -> list[np.ndarray]:
         """Cross-attention keys and values of every fusion layer for ONE image ``[1,N,W]``: [k0, v0, k1, ...]."""
@@ -323,7 +365,9 @@ class Bundle:
 
     def itm_scores_for_image(self, image_tokens_1_or_kv: Any, text_tokens: Any, text_mask: Any) -> np.ndarray:
         """ITM logits ``[K, 2]`` of one image against K candidate texts; the image's K/V are computed once
-        (pass them from :meth:`image_kv` to reuse them across calls)."""
+        (pass them from :meth:`image_kv` to reuse them across calls). Format-3 graphs compute only the texts'
+        real tokens, so texts of different lengths cost what they hold; each text's first position ([CLS])
+        must be real."""
         if isinstance(image_tokens_1_or_kv, list | tuple):
             kv = [_as_f32(a) for a in image_tokens_1_or_kv]
             if len(kv) != self.num_kv:
@@ -333,6 +377,9 @@ class Bundle:
         t, m = self._check_text(text_tokens, text_mask)
         if t.shape[0] == 0:
             return np.zeros((0, 2), np.float32)
+        if self.itm_forms is not None and not m[:, 0].all():
+            raise ValueError("every text must start with a real ([CLS]) token: text_mask[:, 0] must be 1")
+        t, m = _trim(t, m)
         feeds = {"text_tokens": t, "text_mask": m}
         for i in range(self.num_kv // 2):
             feeds[f"k{i}"], feeds[f"v{i}"] = kv[2 * i], kv[2 * i + 1]

@@ -113,7 +113,7 @@ def test_bundle_records_the_explain_graph(tiny_bundle: Path) -> None:
     from albef.model.runtime import BUNDLE_FORMAT_VERSION, Bundle
 
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == BUNDLE_FORMAT_VERSION == 2
+    assert manifest["format_version"] == BUNDLE_FORMAT_VERSION == 3
     ex = manifest["explain"]
     assert ex["file"] == "explain.onnx" and "explain.onnx" in manifest["files"]
     assert (ex["fusion_layer"], ex["encoder_layer"], ex["num_fusion_layers"], ex["grid_side"]) == (0, 2, 2, 6)
@@ -168,7 +168,7 @@ def test_cli_without_the_explain_graph(
     assert "explain:" not in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert (
-        "explain" not in manifest and not (out / "explain.onnx").exists() and manifest["format_version"] == 2
+        "explain" not in manifest and not (out / "explain.onnx").exists() and manifest["format_version"] == 3
     )
     assert not Bundle.load(out).has_explain
     assert main([*argv, "--force", "--explain-layer", "5"]) == 1
