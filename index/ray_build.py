@@ -33,12 +33,14 @@ GPU they are not expected to be bit-identical.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -139,12 +141,17 @@ class RayEncoder:
         if path is None:
             raise IndexError_("a Ray build needs a bundle loaded from a folder (albef.model.runtime.Bundle)")
         self.connect()
-        try:
-            return _run(self._ray, self.options, wdir, plan, bundle, Path(path).resolve(), opts, known, bar)
-        finally:
-            if self._own:
-                self._ray.shutdown()
-                self._own = False
+        # Ray prints its drivers' error messages ("a worker died ...") to stdout, which is the CLI's result
+        # (--json): they go to stderr while this runs, like every other diagnostic.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                return _run(
+                    self._ray, self.options, wdir, plan, bundle, Path(path).resolve(), opts, known, bar
+                )
+            finally:
+                if self._own:
+                    self._ray.shutdown()
+                    self._own = False
 
 
 def _connect(ray: Any, address: str) -> None:
