@@ -215,7 +215,8 @@ def _pipeline(
     bar: Any,
 ) -> dict[str, Any]:
     resources = ray.cluster_resources()
-    actors = ro.actors or _default_actors(resources, ro)
+    actors = ro.actors or default_actors(resources, ro)
+    check_resources(resources, actors, ro)
     info: dict[str, Any] = {
         "name": "ray",
         "address": ro.address,
@@ -284,7 +285,25 @@ def _pipeline(
     return info
 
 
-def _default_actors(resources: dict[str, float], ro: RayOptions) -> int:
+def check_resources(resources: dict[str, float], actors: int, ro: RayOptions) -> None:
+    """Refuse a pool the cluster cannot hold: Ray would wait for the resources without end (with every CPU
+    held by an actor, the decode tasks could never run)."""
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    if ro.gpus_per_actor > 0 and gpus < actors * ro.gpus_per_actor:
+        raise IndexError_(
+            f"{actors} actors of {ro.gpus_per_actor:g} GPUs need {actors * ro.gpus_per_actor:g} GPUs; "
+            f"the cluster has {gpus:g}"
+        )
+    need = actors * ro.threads + 1
+    if cpus < need:
+        raise IndexError_(
+            f"{actors} actors of {ro.threads} CPUs (--threads) and one CPU for decoding need {need:g} CPUs; "
+            f"the cluster has {cpus:g}: pass fewer --ray-actors"
+        )
+
+
+def default_actors(resources: dict[str, float], ro: RayOptions) -> int:
+    """Actors when ``--ray-actors`` is not given: one per GPU share, else one per ``threads`` CPUs but one."""
     if ro.gpus_per_actor > 0:
         return max(1, int(resources.get("GPU", 0) // ro.gpus_per_actor))
     # One CPU is left to the hash and decode tasks: with every CPU held by an actor they could never run.
@@ -448,13 +467,17 @@ class _EncodeActor:
     def __init__(self, cfg: dict[str, Any]) -> None:
         import ray
 
-        self.bundle = _actor_bundle(cfg["bundle"], cfg["variant"], cfg["threads"], cfg["gpu"])
+        self.bundle = actor_bundle(cfg["bundle"], cfg["variant"], cfg["threads"], cfg["gpu"])
         _check_same_bundle(self.bundle, cfg["bundle_id"])
         for role in ("image_encoder", "text_encoder"):
             self.bundle.session(role)
         self.token_dtype = cfg["token_dtype"]
         self.text_features = cfg["text_features"]
-        self.who = {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        self.who = {
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "provider": self.bundle.session("image_encoder").get_providers()[0],
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         metas, datas = [], []
@@ -492,7 +515,9 @@ class _EncodeActor:
         }
 
 
-def _actor_bundle(path: str, variant: str, threads: int, gpu: bool) -> Any:
+def actor_bundle(path: str, variant: str, threads: int, gpu: bool) -> Any:
+    """The bundle an encoder actor holds: CPU sessions, or (``gpu``) CUDA ones where ONNX Runtime has the
+    provider, the CPU provider taking what CUDA lacks."""
     from albef.model.runtime import Bundle
 
     if not gpu:
@@ -508,6 +533,7 @@ def _actor_bundle(path: str, variant: str, threads: int, gpu: bool) -> Any:
 
                 so = ort.SessionOptions()
                 so.intra_op_num_threads = threads
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 providers = ["CPUExecutionProvider"]
                 if "CUDAExecutionProvider" in ort.get_available_providers():
                     providers.insert(0, "CUDAExecutionProvider")
@@ -547,7 +573,8 @@ class _Collector:
         if n >= 0:
             by = meta["by"]
             st = self.per_actor.setdefault(
-                str(by["pid"]), {"node": by["node"], "batches": 0, "items": 0, "s": 0.0}
+                str(by["pid"]),
+                {"node": by["node"], "provider": by.get("provider"), "batches": 0, "items": 0, "s": 0.0},
             )
             st["batches"] += 1
             st["items"] += n

@@ -23,6 +23,8 @@ import tomllib
 from albef.cli import main as cli_main
 from albef.index import builder
 from albef.index.builder import BuildOptions
+from albef.index.errors import IndexError_
+from albef.index.ray_build import RayOptions, actor_bundle, check_resources, default_actors
 from albef.index.reader import current_version
 from tests.helpers import REPO, SLOW_SHARDS
 from tests.helpers.index import assert_same_snapshot, make_folder, snapshot
@@ -213,6 +215,39 @@ def test_ray_option_errors_name_the_fix(
     assert cli_main([*build, "--ray", "auto"]) == 1
     assert "pip install 'albef-search[cluster]'" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused_not_waited_for() -> None:
+    """With every CPU held by an actor the decode tasks never run and Ray waits without end: refused."""
+    assert default_actors({"CPU": 3.0}, RayOptions()) == 2  # one CPU left to decoding
+    assert default_actors({"CPU": 9.0}, RayOptions(threads=4)) == 2
+    assert default_actors({"CPU": 1.0}, RayOptions()) == 1
+    assert default_actors({"CPU": 8.0, "GPU": 2.0}, RayOptions(gpus_per_actor=0.5)) == 4
+    check_resources({"CPU": 5.0}, 2, RayOptions(threads=2))
+    with pytest.raises(IndexError_, match="need 5 CPUs; the cluster has 4: pass fewer --ray-actors"):
+        check_resources({"CPU": 4.0}, 2, RayOptions(threads=2))
+    with pytest.raises(IndexError_, match="need 1 GPUs; the cluster has 0"):
+        check_resources({"CPU": 8.0}, 1, RayOptions(gpus_per_actor=1))
+
+
+def test_a_gpu_actor_uses_cuda_where_onnx_runtime_has_it_else_the_cpu_bit_for_bit(
+    index_bundle, index_bundle_dir: Path
+) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    gpu = actor_bundle(str(index_bundle_dir), "fp32", 1, gpu=True)
+    used = gpu.session("image_encoder").get_providers()[0]
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert used == ("CUDAExecutionProvider" if cuda else "CPUExecutionProvider")
+    r = index_bundle.image_res
+    pixels = np.random.default_rng(0).standard_normal((3, 3, r, r)).astype(np.float32)
+    emb, tokens = gpu.encode_pixels(pixels)
+    ref_emb, ref_tokens = index_bundle.encode_pixels(pixels)
+    if cuda:
+        assert np.allclose(emb, ref_emb, atol=1e-3) and np.allclose(tokens, ref_tokens, atol=1e-2)
+    else:
+        assert np.array_equal(emb, ref_emb) and np.array_equal(tokens, ref_tokens)
 
 
 def test_ray_is_the_cluster_extra_and_the_test_extra_pulls_it_in() -> None:
