@@ -243,6 +243,7 @@ def _pipeline(
     work = _image_work(plan, opts, pending, hashes, seen, known) + _text_work(plan, opts, text_pending)
     if not work:
         return info
+    actors = info["actors"] = min(actors, len(work))  # an actor with no shard to encode only costs its start
     spec = {
         "bundle": str(bundle_path),
         "variant": getattr(bundle, "variant", "fp32"),
