@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(
         1, ge=1, description="Retry-After seconds sent with a 503 when a queue is full"
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="most searches in flight at once; beyond it a search gets 503 with Retry-After before "
+        "any decode or model work (default: queue_max, so no stage queue can refuse an admitted search)",
+    )
 
     # -- request limits ---------------------------------------------------------------------------------
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="largest image upload (bytes)")

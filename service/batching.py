@@ -8,7 +8,9 @@ ONNX Runtime (which releases the GIL) gets whole batches.
 
 The queue is bounded: ``submit`` raises :class:`~albef.service.domain_errors.Overloaded` when ``queue_max``
 items are already waiting, so overload turns into quick 503s instead of unbounded memory and latency. ``max_cost=1`` turns batching off
-(one item per call, still off the event loop and still bounded).
+(one item per call, still off the event loop and still bounded). ``wait_if(n)``, when given, is asked before
+a batch of ``n`` items waits for more: False runs it at once (the caller knows nobody else is coming, e.g. a
+lone query), so the wait costs latency only when it can buy a bigger batch.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class MicroBatcher(Generic[T, R]):
         cost: Callable[[T], int] | None = None,
         retry_after_s: int = 1,
         on_batch: Callable[[str, int, float], None] | None = None,
+        wait_if: Callable[[int], bool] | None = None,
     ) -> None:
         if max_cost < 1 or queue_max < 1:
             raise ValueError("max_cost and queue_max must be at least 1")
@@ -55,6 +58,7 @@ class MicroBatcher(Generic[T, R]):
         self.retry_after_s = retry_after_s
         self._cost = cost or (lambda _item: 1)
         self._on_batch = on_batch
+        self._wait_if = wait_if
         self._queue: deque[tuple[T, Future[R]]] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -111,6 +115,8 @@ class MicroBatcher(Generic[T, R]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closed:
                     break
+                if self._wait_if is not None and not self._wait_if(len(batch)):
+                    break  # nothing else could join: run now rather than wait out max_wait_ms
                 self._cv.wait(remaining)
             return batch
 

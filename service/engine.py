@@ -30,7 +30,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,20 +84,21 @@ class Stages:
         self.bundle = bundle
         self.metrics = metrics
         self.itm_max_pairs = int(itm_max_pairs)
+        # How many searches are in flight (set by the engine): an encoder batch waits for company only when
+        # some other search could bring it; a lone query is not held up for batch_max_wait_ms.
+        self.in_flight: Callable[[], int] | None = None
         on_batch = metrics.on_batch if metrics is not None else None
-        common = {
-            "max_wait_ms": batch_max_wait_ms,
-            "queue_max": queue_max,
-            "retry_after_s": retry_after_s,
-            "on_batch": on_batch,
-        }
-        self.text = MicroBatcher("encode_text", self._encode_texts, max_cost=batch_max_size, **common)
-        self.image = MicroBatcher("encode_image", self._encode_images, max_cost=batch_max_size, **common)
-        # ITM jobs weigh their number of pairs; with batching off (size 1) each job runs alone.
+        common = {"queue_max": queue_max, "retry_after_s": retry_after_s, "on_batch": on_batch}
+        encoders = {"max_cost": batch_max_size, "max_wait_ms": batch_max_wait_ms, "wait_if": self._others}
+        self.text = MicroBatcher("encode_text", self._encode_texts, **encoders, **common)
+        self.image = MicroBatcher("encode_image", self._encode_images, **encoders, **common)
+        # ITM jobs weigh their number of pairs; with batching off (size 1) each job runs alone. They are run
+        # one call each (see _itm_jobs), so a batch never waits for more: it takes what is queued.
         self.itm = MicroBatcher(
             "rerank",
             self._itm_jobs,
             max_cost=itm_max_pairs if batch_max_size > 1 else 1,
+            max_wait_ms=0.0,
             cost=lambda job: len(job[2]),
             **common,
         )
@@ -109,6 +110,10 @@ class Stages:
     def close(self) -> None:
         for b in self.batchers:
             b.close()
+
+    def _others(self, batch: int) -> bool:
+        """Whether a batch of ``batch`` items may get company: more searches are in flight than it holds."""
+        return self.in_flight is None or self.in_flight() > batch
 
     async def _call(self, batcher: MicroBatcher, item: Any) -> Any:
         try:
@@ -151,35 +156,28 @@ class Stages:
         return [(emb[j], tok[j]) for j in range(len(items))]
 
     def _itm_jobs(self, jobs: list[tuple[str, Any, Any]]) -> list[np.ndarray]:
-        out: list[np.ndarray | None] = [None] * len(jobs)
-        # Text->image jobs from several requests are concatenated into (text, image) pair batches.
-        t2i = [j for j, job in enumerate(jobs) if job[0] == "t2i"]
-        if t2i:
-            toks, masks, imgs = [], [], []
-            for j in t2i:
-                (tt, tm), it = jobs[j][1], jobs[j][2]
-                n = len(it)
-                toks.append(np.broadcast_to(tt, (n, *tt.shape)))
-                masks.append(np.broadcast_to(tm, (n, *tm.shape)))
-                imgs.append(np.asarray(it))
-            tt_all, tm_all, it_all = np.concatenate(toks), np.concatenate(masks), np.concatenate(imgs)
-            logits = []
-            for a in range(0, len(it_all), self.itm_max_pairs):
-                b = a + self.itm_max_pairs
-                logits.append(self.bundle.itm_scores(tt_all[a:b], tm_all[a:b], it_all[a:b]))
-            flat = np.concatenate(logits) if logits else np.zeros((0, 2), np.float32)
-            start = 0
-            for j in t2i:
-                n = len(jobs[j][2])
-                out[j] = flat[start : start + n]
-                start += n
-        # Image->text jobs: K/V of the query image once, broadcast over its candidate texts.
-        for j, job in enumerate(jobs):
-            if job[0] == "i2t":
-                it, (tt, tm) = job[1], job[2]
-                kv = self.bundle.image_kv(np.asarray(it)[None])
-                out[j] = self.bundle.itm_scores_for_image(kv, tt, tm)
-        return out  # type: ignore[return-value]
+        """Each job is one ONNX Runtime call (or a few of ``itm_max_pairs`` pairs): a text->image job passes
+        its one text once for all its images, an image->text job its image's K/V once for all its texts, and
+        the runtime trims each call to its longest real text. Jobs of different requests are not
+        concatenated: that would repeat the text per pair and pad every text to the longest of all."""
+        out: list[np.ndarray] = []
+        step = self.itm_max_pairs
+        for kind, a, b in jobs:
+            if kind == "t2i":
+                (tt, tm), images = a, b
+                t, m = tt[None], tm[None]
+                parts = [
+                    self.bundle.itm_scores(t, m, images[i : i + step]) for i in range(0, len(images), step)
+                ]
+            else:
+                image, (tt, tm) = a, b
+                kv = self.bundle.image_kv(image[None])
+                parts = [
+                    self.bundle.itm_scores_for_image(kv, tt[i : i + step], tm[i : i + step])
+                    for i in range(0, len(tt), step)
+                ]
+            out.append(np.concatenate(parts) if parts else np.zeros((0, 2), np.float32))
+        return out
 
 
 @dataclass(frozen=True)
@@ -237,6 +235,7 @@ class _Candidates:
     itc: list[float]
     fetched: int = 0  # before min_itc_score
     filter: dict[str, Any] | None = None
+    features: Any = None  # the re-rank head's image tokens, or (text tokens, mask); None without re-ranking
 
 
 @contextlib.contextmanager
@@ -257,11 +256,23 @@ class SearchEngine:
         *,
         metrics: Metrics | None = None,
         uploads: UploadPolicy | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
         self.bundle = bundle
         self.stages = stages
         self.metrics = metrics
         self.uploads = uploads or UploadPolicy()
+        # Admission at the door: at most this many searches past it at once. A search holds one item in at most
+        # one stage queue at a time, so with no more in flight than a stage queue holds, no stage can refuse
+        # one that was admitted: under saturation the 503 comes here, before any decode or model work.
+        self.max_in_flight = int(max_in_flight or stages.itm.queue_max)
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self._in_flight = 0
+        self._admit_lock = threading.Lock()
+        if metrics is not None:
+            metrics.rejections.labels(stage="search")  # a zero sample from the start, as the other stages
+        stages.in_flight = lambda: self._in_flight
         # Uploads are decoded in worker threads before they reach the image encoder's bounded queue; bound the
         # decodes waiting or running too, so that an upload flood is answered with 503 like the other stages
         # instead of queueing without limit in the thread pool.
@@ -282,16 +293,42 @@ class SearchEngine:
                 field="min_match_probability",
             )
         t_start = time.perf_counter()
-        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
-        timer = StageTimer(self.metrics, timings)
-        with _wall_ms(timings, "encode"):
-            q = await self._encode(reader, request, timer)
-        cands = await self._candidates(reader, request, q, timer)
-        logits = await self._rerank(reader, request, q, cands, timer)
+        self._admit()
+        try:
+            timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
+            timer = StageTimer(self.metrics, timings)
+            with _wall_ms(timings, "encode"):
+                q = await self._encode(reader, request, timer)
+            cands = await self._candidates(reader, request, q, timer)
+            logits = await self._rerank(reader, request, q, cands, timer)
+        finally:
+            self._leave()
         out = _assemble(request, q, cands, logits)
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         out.timings_ms = {key: round(v, 3) for key, v in timings.items() if not math.isnan(v)}
         return out
+
+    @property
+    def in_flight(self) -> int:
+        """Searches admitted and not finished."""
+        return self._in_flight
+
+    def _admit(self) -> None:
+        """Let one more search in, or refuse it with :class:`Overloaded` (503 + Retry-After at the edge)."""
+        with self._admit_lock:
+            if self._in_flight >= self.max_in_flight:
+                refused = True
+            else:
+                self._in_flight += 1
+                refused = False
+        if refused:
+            if self.metrics is not None:
+                self.metrics.rejections.labels(stage="search").inc()
+            raise Overloaded("search", self.stages.itm.retry_after_s)
+
+    def _leave(self) -> None:
+        with self._admit_lock:
+            self._in_flight -= 1
 
     # -- stage 1: the query -------------------------------------------------------------------------------
     async def _encode(self, reader: IndexView, request: SearchRequest, timer: StageTimer) -> _Query:
@@ -350,8 +387,15 @@ class SearchEngine:
 
         return await asyncio.to_thread(lookup)
 
-    # -- stage 2: the ITC candidates ------------------------------------------------------------------------
+    # -- stage 2: the ITC candidates (and the re-rank head's features, in the same worker thread) -----------
     async def _candidates(
+        self, reader: IndexView, request: SearchRequest, q: _Query, timer: StageTimer
+    ) -> _Candidates:
+        """The ANN candidates, then (when re-ranking) the stored features of the re-rank head: one hop off
+        the event loop for both, the gather straight after the search that names the ids."""
+        return await asyncio.to_thread(self._candidates_now, reader, request, q, timer)
+
+    def _candidates_now(
         self, reader: IndexView, request: SearchRequest, q: _Query, timer: StageTimer
     ) -> _Candidates:
         excluded = {int(i) for i in request.exclude}
@@ -360,55 +404,50 @@ class SearchEngine:
         itc: list[float] = []
         info: dict[str, Any] | None = None
         if request.filter is not None:
-            with _wall_ms(timer.timings, "ann"):
-                with timer("ann"):
-                    hits = await asyncio.to_thread(
-                        reader.search_filtered,
-                        request.target,
-                        q.emb,
-                        wanted,
-                        request.filter,
-                        sorted(excluded),
-                    )
+            with _wall_ms(timer.timings, "ann"), timer("ann"):
+                hits = reader.search_filtered(request.target, q.emb, wanted, request.filter, sorted(excluded))
             ids, itc = [int(i) for i in hits.ids.tolist()], [float(x) for x in hits.scores.tolist()]
             info = {"matched": int(hits.matched), "exact": bool(hits.exact)}
         else:
             n = min(reader.count(request.target), wanted + len(excluded))
             if n > 0:
-                with _wall_ms(timer.timings, "ann"):
-                    with timer("ann"):
-                        scores, found = await asyncio.to_thread(
-                            reader.search, request.target, q.emb[None, :], n
-                        )
-                    for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
-                        if i >= 0 and i not in excluded:
-                            ids.append(int(i))
-                            itc.append(float(s))
+                with _wall_ms(timer.timings, "ann"), timer("ann"):
+                    scores, found = reader.search(request.target, q.emb[None, :], n)
+                for s, i in zip(scores[0].tolist(), found[0].tolist(), strict=True):
+                    if i >= 0 and i not in excluded:
+                        ids.append(int(i))
+                        itc.append(float(s))
         by_itc = itc_order(ids, itc)[:wanted]
         ids, itc = [ids[i] for i in by_itc], [itc[i] for i in by_itc]
         fetched = len(ids)
         if request.min_itc_score is not None:  # a tail in ITC order
             keep = sum(1 for x in itc if x >= request.min_itc_score)
             ids, itc = ids[:keep], itc[:keep]
-        return _Candidates(ids, itc, fetched, info)
+        cands = _Candidates(ids, itc, fetched, info)
+        if request.rerank and ids:
+            head = ids[: request.rerank_k]
+            with _wall_ms(timer.timings, "features"), timer("features"):
+                cands.features = (
+                    reader.image_tokens(head) if request.target == "image" else reader.text_features(head)
+                )
+        return cands
 
     # -- stage 3: the ITM re-rank of the head -----------------------------------------------------------------
     async def _rerank(
         self, reader: IndexView, request: SearchRequest, q: _Query, cands: _Candidates, timer: StageTimer
     ) -> np.ndarray | None:
-        """The ITM logits ``[H, 2]`` of the first ``rerank_k`` candidates, or None when not re-ranking."""
+        """The ITM logits ``[H, 2]`` of the first ``rerank_k`` candidates, or None when not re-ranking. The
+        ``rerank`` timing spans the head's feature gather (done with the candidates) and the ITM call."""
         if not (request.rerank and cands.ids):
             return None
-        with _wall_ms(timer.timings, "rerank"):
-            head_ids = cands.ids[: request.rerank_k]
-            with timer("features"):
-                feats = await asyncio.to_thread(
-                    reader.image_tokens if request.target == "image" else reader.text_features, head_ids
-                )
-            with timer("rerank"):
-                if request.direction == "t2i":
-                    return await self.stages.itm_t2i(q.tokens, q.mask, feats)
-                return await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
+        feats = cands.features
+        with _wall_ms(timer.timings, "rerank"), timer("rerank"):
+            if request.direction == "t2i":
+                logits = await self.stages.itm_t2i(q.tokens, q.mask, feats)
+            else:
+                logits = await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
+        timer.timings["rerank"] += timer.timings.get("features", 0.0)
+        return logits
 
 
 def _assemble(

@@ -184,7 +184,11 @@ class ServiceState:
             )
         self._swap(reader)
         self.engine = SearchEngine(
-            self.bundle, self.stages, metrics=self.metrics, uploads=UploadPolicy.from_settings(s)
+            self.bundle,
+            self.stages,
+            metrics=self.metrics,
+            uploads=UploadPolicy.from_settings(s),
+            max_in_flight=s.max_in_flight,
         )
         self.status = "ready"
         self.metrics.ready.set(1)

@@ -151,7 +151,10 @@ def test_concurrent_requests_are_batched_and_equal_sequential_answers(
 
 
 def test_full_queue_answers_503_and_the_loop_stays_free(service_index: Path, texts: list[str]) -> None:
-    with live_server(settings(service_index, batch_max_size=1, queue_max=2, retry_after_s=3)) as srv:
+    # Admission at the door is set wider than the stage queue here, so that the stage's own bound is what
+    # answers (tests/service/test_admission.py covers the door).
+    cfg = settings(service_index, batch_max_size=1, queue_max=2, retry_after_s=3, max_in_flight=100)
+    with live_server(cfg) as srv:
         batcher = srv.state.stages.text
         gate, entered = threading.Event(), threading.Event()
         real_fn = batcher.fn

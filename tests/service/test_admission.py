@@ -1,0 +1,192 @@
+"""Admission at the door (issue 15, part 2): under saturation a search is refused with 503 + Retry-After before
+it spends any decode or encoder time, and an admitted one is never refused later by a stage queue; a lone
+query does not wait out the micro-batching window."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from albef.service.batching import MicroBatcher
+from albef.service.domain_errors import NotFound, Overloaded
+from albef.service.engine import SearchEngine, SearchRequest, Stages
+from albef.service.errors import api_error
+from tests.helpers.service import index_items, live_server, settings
+
+
+class _Tokenizer:
+    def __call__(self, texts: list[str], clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones((len(texts), 4), np.int64), np.ones((len(texts), 4), np.int64)
+
+
+class _GatedBundle:
+    """A bundle double whose text encoder waits for ``gate``; it counts its encoder and ITM calls."""
+
+    bundle_id = "gated"
+    tokenizer = _Tokenizer()
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.encoded = 0
+        self.entered = threading.Semaphore(0)
+
+    def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.encoded += len(ids)
+        for _ in range(len(ids)):
+            self.entered.release()
+        assert self.gate.wait(20)
+        return np.ones((len(ids), 2), np.float32), np.zeros((len(ids), 4, 3), np.float32)
+
+    def itm_scores(
+        self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray
+    ) -> np.ndarray:
+        return np.stack([np.zeros(len(image_tokens)), image_tokens[:, 0, 0]], axis=1).astype(np.float32)
+
+
+class _Reader:
+    version = "000001"
+
+    def count(self, kind: str) -> int:
+        return 3
+
+    def search(self, kind: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.array([[0.9, 0.8, 0.7]], np.float32)[:, :k], np.array([[1, 2, 3]], np.int64)[:, :k]
+
+    def image_tokens(self, ids: list[int]) -> np.ndarray:
+        out = np.zeros((len(ids), 2, 3), np.float32)
+        out[:, 0, 0] = ids
+        return out
+
+    def item(self, item_id: int) -> dict[str, Any] | None:
+        return None
+
+
+def test_the_door_refuses_beyond_max_in_flight_before_any_encoding() -> None:
+    bundle = _GatedBundle()
+    # batching on and a wide stage queue: only the door can refuse here
+    stages = Stages(bundle, batch_max_size=4, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
+    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
+    reader: Any = _Reader()
+
+    async def scenario() -> None:
+        first = [
+            asyncio.create_task(engine.search(reader, "t2i", text=f"a red circle {i}")) for i in range(2)
+        ]
+        while engine.in_flight < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(bundle.entered.acquire)  # the encoder is busy with an admitted search
+        t0 = time.perf_counter()
+        with pytest.raises(Overloaded) as refused:
+            await engine.search(reader, SearchRequest("t2i", text="a blue square"))
+        waited = time.perf_counter() - t0
+        assert refused.value.stage == "search" and waited < 0.5  # at once, not after the busy encoder
+        assert api_error(refused.value).status == 503 and api_error(refused.value).headers == {
+            "Retry-After": "1"
+        }
+        assert bundle.encoded <= 2 and engine.in_flight == 2  # the refused query cost no encoder work
+        bundle.gate.set()
+        results = await asyncio.gather(*first)
+        assert [r.ids for r in results] == [[3, 2, 1], [3, 2, 1]]  # re-ranked by the double's ITM logit
+        assert engine.in_flight == 0
+        # a search that fails releases its place too; then the door lets searches in again
+        with pytest.raises(NotFound):
+            await engine.search(reader, "t2i", item_id=7)
+        assert engine.in_flight == 0
+        assert (await engine.search(reader, "t2i", text="a green triangle")).ids == [3, 2, 1]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        bundle.gate.set()
+        stages.close()
+
+
+def test_max_in_flight_defaults_to_the_stage_queue_bound() -> None:
+    bundle = _GatedBundle()
+    stages = Stages(bundle, queue_max=5)  # type: ignore[arg-type]
+    try:
+        assert SearchEngine(bundle, stages).max_in_flight == 5  # type: ignore[arg-type]
+        assert SearchEngine(bundle, stages, max_in_flight=9).max_in_flight == 9  # type: ignore[arg-type]
+    finally:
+        stages.close()
+
+
+def test_a_lone_item_does_not_wait_out_the_batching_window() -> None:
+    def run(wait_if: Any) -> float:
+        b = MicroBatcher("t", lambda items: items, max_cost=8, max_wait_ms=400, queue_max=10, wait_if=wait_if)
+        try:
+            t0 = time.perf_counter()
+            assert b.submit(1).result(timeout=10) == 1
+            return time.perf_counter() - t0
+        finally:
+            b.close()
+
+    assert run(lambda n: False) < 0.2  # nobody else is coming: run at once
+    assert run(lambda n: True) >= 0.39  # company expected: the window is waited out, as before
+    assert run(None) >= 0.39
+
+
+# -- over HTTP -------------------------------------------------------------------------------------------------
+def test_saturated_service_answers_503_at_the_door(service_index: Path) -> None:
+    texts = [t["caption"] for t in index_items(service_index)[1][:4]]
+    with live_server(settings(service_index, batch_max_size=1, queue_max=2, retry_after_s=3)) as srv:
+        engine = srv.state.engine
+        batcher = srv.state.stages.text
+        gate, entered = threading.Event(), threading.Event()
+        real_fn = batcher.fn
+        calls = [0]
+
+        def slow_model(items: list[Any]) -> Any:  # the real encoder, made slow: stands for a busy model
+            calls[0] += len(items)
+            entered.set()
+            gate.wait(20)
+            return real_fn(items)
+
+        def search(text: str) -> httpx.Response:
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                return c.post("/v1/search/images", json={"text": text, "k": 5, "rerank_k": 8})
+
+        batcher.fn = slow_model
+        try:
+            with ThreadPoolExecutor(2) as pool, srv.client() as c:
+                admitted = [pool.submit(search, t) for t in texts[:2]]
+                assert entered.wait(20)
+                deadline = time.monotonic() + 20
+                while engine.in_flight < 2:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+                t0 = time.perf_counter()
+                r = c.post("/v1/search/images", json={"text": texts[2]})
+                assert time.perf_counter() - t0 < 2.0  # not after the busy encoder (it is held for 20 s)
+                assert r.status_code == 503 and r.headers["retry-after"] == "3"
+                assert r.json()["error"]["code"] == "overloaded"
+                upload = c.post("/v1/search/texts", files={"image": ("q.png", _png(), "image/png")})
+                assert upload.status_code == 503  # refused before its upload is decoded
+                m = c.get("/metrics").text
+                assert 'albef_queue_rejections_total{stage="search"} 2.0' in m
+                assert 'albef_queue_rejections_total{stage="encode_text"} 0.0' in m
+                assert calls[0] == 1 and batcher.depth == 1  # one encoding, one admitted search queued
+                gate.set()
+                assert all(f.result(timeout=30).status_code == 200 for f in admitted)
+            assert engine.in_flight == 0
+        finally:
+            gate.set()
+            batcher.fn = real_fn
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
