@@ -11,8 +11,10 @@ reuse), so the first cycle is the warm-up; the RSS at the end of the last cycle 
 end of the first by at most ``--rss-bound-mib`` (default 32 MiB): the same load again must not cost more
 memory. Writes
 ``bench/results/load.json``: per phase the requests, answers by status, error codes, transport errors,
-p50/p99 latency of the 200s and of the 503s, throughput, RSS at its start and end; overall memory at start
-and end; the load average of the (shared) machine before and after.
+p50/p99 latency of the 200s and of the 503s (the time to a 503: admission at the door refuses a search before
+it spends decode or encoder time, issue 15), throughput, RSS at its start and end; the server's refusals by
+stage (``albef_queue_rejections_total``: ``search`` is the door, any other a stage queue); overall memory at
+start and end; the load average of the (shared) machine before and after.
 
     python bench/bench_load.py                                # about 2 minutes with the build
     python bench/bench_load.py --phases 1:5,32:10 --queue-max 4
@@ -60,6 +62,16 @@ def parse_phases(text: str) -> list[tuple[int, float]]:
     return out
 
 
+def rejections_by_stage(metrics_text: str) -> dict[str, float]:
+    """``albef_queue_rejections_total`` per stage from the server's /metrics."""
+    out = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("albef_queue_rejections_total{"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            out[stage] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def mib(n: int) -> float:
     return round(n / 2**20, 1)
 
@@ -74,6 +86,12 @@ def main() -> int:
     p.add_argument("--phases", default="1:5,4:5,16:8,64:10,128:8", help="concurrency:seconds,...")
     p.add_argument("--cycles", type=int, default=2, help="times the phase list runs (the first warms up)")
     p.add_argument("--queue-max", type=int, default=8, help="ALBEF_QUEUE_MAX of the server")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="ALBEF_MAX_IN_FLIGHT (default: the server's, = queue max)",
+    )
     p.add_argument("--batch-max-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads of the server")
     p.add_argument("--rerank-k", type=int, default=32)
@@ -96,6 +114,7 @@ def main() -> int:
             "ALBEF_BATCH_MAX_SIZE": str(args.batch_max_size),
             "ALBEF_THREADS": str(args.threads),
             "ALBEF_RELOAD_INTERVAL_S": "0",
+            **({"ALBEF_MAX_IN_FLIGHT": str(args.max_in_flight)} if args.max_in_flight else {}),
         }
         load_before = os.getloadavg()
         server = Server(index, bundle, env)
@@ -151,13 +170,15 @@ def main() -> int:
                     results.append(res)
                     print(
                         f"cycle {cycle} c={conc:<4} {res['requests']:>6} requests {res['by_status']} "  # noqa: T201
-                        f"p50 {res['latency_ms']['p50']} ms p99 {res['latency_ms']['p99']} ms "
+                        f"200s p50 {res['latency_ms']['p50']} ms p99 {res['latency_ms']['p99']} ms; "
+                        f"503s p50 {res['latency_503_ms']['p50']} ms p99 {res['latency_503_ms']['p99']} ms; "
                         f"rss {res['rss_mib']['end']} MiB",
                         flush=True,
                     )
                 cycle_end.append(rss_bytes(pid))
             rss_end = rss_bytes(pid)
             healthy = httpx.get(server.url + "/readyz", timeout=30).status_code == 200
+            refusals = rejections_by_stage(httpx.get(server.url + "/metrics", timeout=30).text)
         finally:
             stop.set()
             server.stop()
@@ -182,6 +203,7 @@ def main() -> int:
         "cycles": args.cycles,
         "server": {
             "queue_max": args.queue_max,
+            "max_in_flight": args.max_in_flight or args.queue_max,
             "batch_max_size": args.batch_max_size,
             "threads": args.threads,
             "bundle": "given" if args.bundle else "random albef-tiny",
@@ -196,6 +218,20 @@ def main() -> int:
             "transport_errors": sum(sum(r["transport_errors"].values()) for r in results),
             "missing_retry_after": sum(r["missing_retry_after"] for r in results),
         },
+        "refusals_by_stage": refusals,
+        "admission": [
+            {
+                "cycle": r["cycle"],
+                "concurrency": r["concurrency"],
+                "share_503": round(r["by_status"].get("503", 0) / r["requests"], 3)
+                if r["requests"]
+                else None,
+                "time_to_503_ms": r["latency_503_ms"],
+                "accepted_latency_ms": {q: r["latency_ms"][q] for q in ("p50", "p99")},
+                "throughput_ok_rps": r["throughput_ok_rps"],
+            }
+            for r in results
+        ],
         "memory_mib": {
             "start": mib(rss_start),
             "end_of_each_cycle": [mib(v) for v in cycle_end],
@@ -209,7 +245,7 @@ def main() -> int:
         "healthy_after": healthy,
     }
     write_result(args.out, report)
-    print(json.dumps({k: report[k] for k in ("totals", "memory_mib")}, indent=2)[:2000])  # noqa: T201
+    print(json.dumps({k: report[k] for k in ("totals", "refusals_by_stage", "memory_mib")}, indent=2)[:2000])  # noqa: T201
     print(f"wrote {args.out}")  # noqa: T201
     ok = (
         report["totals"]["server_errors_other_than_503"] == 0
