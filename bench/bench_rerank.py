@@ -12,7 +12,7 @@ weights (seed 0), k in {16, 32, 128}, both directions:
 
 Inputs: 16 images of random pixels through the base image encoder (cycled when k > 16: the arithmetic does
 not depend on the values) and captions of the synthetic benchmark's grammar through the base text encoder, so
-the texts have real lengths (recorded). Each measurement is the median over ``--reps`` queries; eager, fp32
+the texts have real lengths (recorded; text queries are taken at the quantiles of the captions' lengths). Each measurement is the median over ``--reps`` queries; eager, fp32
 and int8 are interleaved query by query, so that a change of machine load hits all three alike.
 
 Figures: pairs/s and the ratio to eager; FLOPs per pair of each form (:mod:`albef.model.itm_flops`: matrix
@@ -140,9 +140,13 @@ def measure(
     times: dict[str, list[float]] = {"eager": [], "fp32": [], "int8": []}
     lengths: list[list[int]] = []
     timg = torch.from_numpy(images)
+    # text queries spread over the captions' length distribution (its quantiles), so that their mean length is
+    # the captions' mean and not that of a few first ones
+    by_length = np.argsort(mask.sum(1), kind="stable")
+    quantile = [int(by_length[int((r + 0.5) / reps * len(by_length))]) for r in range(reps)]
     for r in range(reps):
         if direction == "t2i":
-            j = r % len(tok)
+            j = quantile[r]
             t, m = tok[j : j + 1], mask[j : j + 1]
             lengths.append([int(m.sum())])
 
