@@ -10,13 +10,21 @@ Writes bench/results/index.json with:
   differences, per-query fetch cost, and bytes per item of each layout;
 - ``ann``: for N = 100k and 1M clustered 256-d vectors, per index type: build seconds, tuned search parameter,
   recall@10 against exact search, ms/query single and in batches of 64, file bytes; plus the chooser's pick
-  for several memory budgets. The vectors are model embeddings (image and caption ITC vectors of the
+  for several memory budgets. For an index with lossy codes (IVF-PQ) ``recall_at_10`` and the latencies are
+  the re-scored search the reader serves (``ceil(factor * 10)`` candidates scored exactly from a memory-mapped
+  ``.npy`` of the vectors, as the reader maps a segment's ``<kind>_emb.npy``; the factor tuned as a build
+  tunes it), ``recall_at_10_codes`` and ``*_codes`` latencies are the codes' own order without re-scoring,
+  and ``rescore_curve`` gives recall and latency for every factor at the tuned nprobe. The vectors are model embeddings (image and caption ITC vectors of the
   synthetic set) mean-centred, lifted to 256-d by a random orthonormal map and jittered with noise: clustered
   like real embeddings, not uniform random vectors.
 
 Usage (bounded to about 10 minutes on 2 idle cores; ``--skip-hnsw-1m`` saves about 3-6 minutes)::
 
     python bench/bench_index.py [--bundle DIR] [--synth-images 600] [--sizes 100000,1000000] [--skip-hnsw-1m]
+
+The re-scored IVF-PQ figures alone (issue 17, part 4; about 6 minutes on 2 busy cores)::
+
+    python bench/bench_index.py --parts ann --sizes 100000,1000000 --only-factories "IVF1024,PQ32;IVF4096,PQ128"
 
 Without ``--bundle`` it exports albef-tiny (the trained checkpoint in model/weights/albef-tiny-synth if
 present, else random weights, seed 0) into a temporary folder.
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -267,19 +276,64 @@ def clustered_vectors(
     return out
 
 
-def time_search(index: Any, q: np.ndarray, k: int = 10) -> dict[str, float]:
+def time_search(
+    index: Any, q: np.ndarray, k: int = 10, factor: float | None = None, fetch: Any = None
+) -> dict[str, float]:
+    """ms per query, one query at a time (the service's case) and in batches of 64; with ``factor``: the
+    re-scored search (:func:`albef.index.ann.search_rescored`) over ``fetch``."""
     from albef.index import ann
+
+    def run(x: np.ndarray) -> None:
+        if factor is None:
+            ann.search(index, x, k)
+        else:
+            ann.search_rescored(index, x, k, factor, fetch)
 
     t0 = time.perf_counter()
     n_single = 30 if index.ntotal >= 500_000 else 100
     for row in q[:n_single]:
-        ann.search(index, row[None, :], k)
+        run(row[None, :])
     single = (time.perf_counter() - t0) * 1000 / n_single
     t0 = time.perf_counter()
     for s in range(0, 256, 64):
-        ann.search(index, q[s : s + 64], k)
+        run(q[s : s + 64])
     batch = (time.perf_counter() - t0) * 1000 / 256
     return {"ms_per_query_single": round(single, 3), "ms_per_query_batch64": round(batch, 3)}
+
+
+def rescored_figures(
+    index: Any, tuned: dict[str, Any], q: np.ndarray, truth: np.ndarray, fetch: Any
+) -> dict[str, Any]:
+    """A lossy index at its tuned nprobe: recall@10 and latency re-scored (the tuned factor, and every factor
+    of the grid), and without re-scoring (the codes' own order)."""
+    from albef.index import ann
+
+    factor = tuned["rescore"]["factor"]
+    _, codes = ann.search(index, q, 10, tie_margin=0)
+    _, found = ann.search_rescored(index, q, 10, factor, fetch)
+    curve = []
+    for f in ann.RESCORE_FACTORS:
+        _, got = ann.search_rescored(index, q, 10, f, fetch)
+        t = time_search(index, q, 10, f, fetch)
+        curve.append(
+            {
+                "factor": f,
+                "candidates": ann.candidates_for(10, f),
+                "recall_at_10": round(ann.recall_at(got, truth), 4),
+                "ms_per_query_single": t["ms_per_query_single"],
+            }
+        )
+    plain = time_search(index, q)
+    return {
+        "rescore": tuned["rescore"],
+        "recall_at_10": round(ann.recall_at(found, truth), 4),
+        "recall_at_10_codes": round(ann.recall_at(codes, truth), 4),
+        **time_search(index, q, 10, factor, fetch),
+        "ms_per_query_single_codes": plain["ms_per_query_single"],
+        "ms_per_query_batch64_codes": plain["ms_per_query_batch64"],
+        "rescore_curve": curve,
+        "rescore_vectors": "float32 .npy memory-mapped (np.load mmap_mode='r'), warm page cache",
+    }
 
 
 def bench_ann(
@@ -303,6 +357,11 @@ def bench_ann(
         q = clustered_vectors(anchors, 1000, seed=2)
         ids = np.arange(n, dtype=np.int64)
         gen_s = time.perf_counter() - t0
+        vec_path = (
+            tmp / f"vectors-{n}.npy"
+        )  # what re-scoring reads, memory-mapped as a segment's <kind>_emb.npy
+        np.save(vec_path, x)
+        fetch = ann.fetch_rows(np.load(vec_path, mmap_mode="r"), ids)
         entry: dict[str, Any] = {
             "n": n,
             "generate_s": round(gen_s, 1),
@@ -330,30 +389,40 @@ def bench_ann(
             t0 = time.perf_counter()
             index = ann.build(x, ids, f)
             build_s = time.perf_counter() - t0
-            tuned = ann.tune(index, f, x, ids, queries=q, n_queries=1000, target_recall=0.95)
-            _, found = ann.search(index, q, 10, tie_margin=0)
+            t0 = time.perf_counter()
+            tuned = ann.tune(index, f, x, ids, queries=q, n_queries=1000, target_recall=0.95, fetch=fetch)
+            tune_s = time.perf_counter() - t0
             path = tmp / "bench.faiss"
             ann.write(index, path)
+            if ann.lossy(f):
+                figures = rescored_figures(index, tuned, q, truth, fetch)
+            else:
+                _, found = ann.search(index, q, 10, tie_margin=0)
+                figures = {"recall_at_10": round(ann.recall_at(found, truth), 4), **time_search(index, q)}
             entry["indexes"][f] = {
                 "build_s": round(build_s, 1),
+                "tune_s": round(tune_s, 1),
                 "params": tuned["params"],
-                "recall_at_10": round(ann.recall_at(found, truth), 4),
+                **figures,
                 "tuning": tuned["tuning"],
-                **time_search(index, q),
                 "file_bytes": path.stat().st_size,
                 "bytes_per_vector": round(path.stat().st_size / n, 1),
                 "est_bytes": ann.estimate_bytes(f, n, 256),
+                "load_avg": load_avg(),
             }
             path.unlink()
             del index
+            e = entry["indexes"][f]
+            codes = f" (codes alone {e['recall_at_10_codes']})" if "recall_at_10_codes" in e else ""
             print(
-                f"  n={n} {f}: {entry['indexes'][f]['recall_at_10']} recall@10, "
-                f"{entry['indexes'][f]['ms_per_query_single']} ms/q, build {build_s:.1f}s",
+                f"  n={n} {f}: {e['recall_at_10']} recall@10{codes}, "
+                f"{e['ms_per_query_single']} ms/q, build {build_s:.1f}s",
                 flush=True,
             )
         entry["load_avg_end"] = load_avg()
         out["sizes"][str(n)] = entry
-        del x
+        del x, fetch
+        vec_path.unlink()
     return out
 
 
@@ -453,12 +522,12 @@ def main() -> None:
         *results["commands"][-4:],
         "python bench/bench_index.py "
         + " ".join(
-            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
             for k, v in vars(args).items()
             if k != "out" and v not in (None, False)
         ),
     ]
-    results.pop("command", None)
+    results["command"] = results["commands"][-1]
     write_result(args.out, results)
     print(f"wrote {args.out} in {results['total_s']} s")
 

@@ -3,7 +3,10 @@
 The factory is, in order: the one given with ``--factory`` (pinned from then on), the parent's pinned one,
 else :func:`albef.index.ann.choose` under the memory budget. The parent's index is reused when its factory
 is still the choice: removed ids are taken out (HNSW cannot remove: rebuilt), new vectors are added, and a
-count that disagrees with the metadata means a rebuild. The search parameters are tuned afresh each time.
+count that disagrees with the metadata means a rebuild. The search parameters are tuned afresh each time; for
+an index with lossy codes (:func:`albef.index.ann.lossy`) that includes the re-score factor, and the recall
+recorded is the one after re-scoring from the stored embeddings (``entry["rescore"]`` holds the factor, the
+codes' own recall and the embeddings' bytes, which stay memory-mapped outside the FAISS budget).
 """
 
 from __future__ import annotations

@@ -23,7 +23,11 @@ Reader API::
 
 - ``search`` queries the FAISS index of ``kind`` ("image": text->image, the query is a text embedding;
   "text": image->text). Ids are int64 and unique across both kinds. Rows are ordered by score descending,
-  then id ascending (deterministic ties); missing results are padded with score -inf and id -1.
+  then id ascending (deterministic ties); missing results are padded with score -inf and id -1. Scores are
+  exact ITC scores whatever the index type: an index with lossy codes (IVF-PQ, SQ, ...;
+  :func:`albef.index.ann.lossy`) is searched for ``ceil(factor * k)`` candidates (the factor tuned at build,
+  ``manifest["ann"][kind]["rescore"]``) and they are re-scored from the memory-mapped stored embeddings
+  (:func:`albef.index.ann.search_rescored`), in both ``search`` and ``search_filtered``.
 - ``search_filtered`` returns the top k of the items the filter (:mod:`albef.index.filters`, evaluated in
   SQLite) holds for, minus ``exclude``, in the same order, with how many items matched. The ranking is the
   exact ITC score (inner product of the stored embeddings) whatever the index type: a Flat index is searched
@@ -73,8 +77,9 @@ _CHUNK = 65_536  # rows per brute-force block
 @dataclass(frozen=True)
 class FilteredHits:
     """A filtered search: ``ids``/``scores`` in ranking order (score descending, ties by id ascending);
-    ``matched``: items of the kind the filter holds for (before ``exclude``); ``exact``: ranked by exact ITC
-    scores (False: by the ANN index searched with the matching ids as a selector)."""
+    ``matched``: items of the kind the filter holds for (before ``exclude``); ``exact``: every match was
+    scored, so these are the exact top k (False: candidates from the ANN index searched with the matching ids
+    as a selector; their scores are exact ITC scores all the same, re-scored where the codes are lossy)."""
 
     scores: np.ndarray
     ids: np.ndarray
@@ -123,6 +128,8 @@ class IndexReader:
                 ann.set_params(idx, entry.get("params") or {})
                 self._indexes[kind] = idx
         self._segments: dict[str, Segment] = {}
+        self._id_maps: dict[str, list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
+        self._rescore = {kind: ann.rescore_factor(manifest["ann"].get(kind)) for kind in _KINDS}
         self.embed_dim = int(manifest["bundle"]["embed_dim"])
         self.image_tokens_shape = tuple(manifest["bundle"]["image_tokens_shape"])
         self.text_shape = (int(manifest["bundle"]["max_tokens"]), int(manifest["bundle"]["text_width"]))
@@ -163,7 +170,18 @@ class IndexReader:
         index = self._indexes.get(kind)
         if index is None:
             return (np.full((q.shape[0], k), -np.inf, np.float32), np.full((q.shape[0], k), -1, np.int64))
-        return ann.search(index, q, int(k), threads=self.search_threads)
+        return self._ann_search(kind, index, q, int(k))
+
+    def _ann_search(
+        self, kind: Kind, index: Any, q: np.ndarray, k: int, params: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS search of ``kind``; re-scored from the stored embeddings where its codes are lossy."""
+        factor = self._rescore[kind]
+        if factor is None:
+            return ann.search(index, q, k, threads=self.search_threads, params=params)
+        return ann.search_rescored(
+            index, q, k, factor, lambda ids: self._embeddings(kind, ids), self.search_threads, params
+        )
 
     # -- filtered search -----------------------------------------------------------------------------------
     def matching(self, kind: Kind, flt: filters.Filter) -> np.ndarray:
@@ -189,7 +207,7 @@ class IndexReader:
         if len(allowed) == 0 or index is None:
             return FilteredHits(np.zeros(0, np.float32), np.zeros(0, np.int64), len(found.ids), True)
         if fam == "flat" or (fam != "other" and len(allowed) > self.filter_exact_max):
-            hits = self._selector_search(index, fam, q, int(k), allowed)
+            hits = self._selector_search(kind, index, fam, q, int(k), allowed)
             if hits is not None:
                 return FilteredHits(hits[0], hits[1], len(found.ids), fam == "flat")
         scores, ids = self._brute_force(kind, q, int(k), found, keep)
@@ -220,10 +238,10 @@ class IndexReader:
         return found
 
     def _selector_search(
-        self, index: Any, fam: str, q: np.ndarray, k: int, allowed: np.ndarray
+        self, kind: Kind, index: Any, fam: str, q: np.ndarray, k: int, allowed: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The index searched with ``allowed`` as its id selector, widened when it finds fewer than
-        ``min(k, len(allowed))``; None if even the widest search does."""
+        """The index searched with ``allowed`` as its id selector (re-scored where its codes are lossy),
+        widened when it finds fewer than ``min(k, len(allowed))``; None if even the widest search does."""
         sel = ann.faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
         want = min(k, len(allowed))
         try:
@@ -232,7 +250,7 @@ class IndexReader:
             return None
         for step in range(WIDEN_STEPS + 1 if fam != "flat" else 1):
             params = _selector_params(index, fam, sel, None if base is None else base * 4**step)
-            scores, ids = ann.search(index, q[None, :], k, threads=self.search_threads, params=params)
+            scores, ids = self._ann_search(kind, index, q[None, :], k, params)
             if int((ids[0] >= 0).sum()) >= want:
                 n = want
                 return scores[0, :n].copy(), ids[0, :n].copy()
@@ -290,6 +308,51 @@ class IndexReader:
             for j, (pos, _) in enumerate(pairs):
                 out[pos] = block[j]
         return out  # type: ignore[return-value]
+
+    def _embeddings(self, kind: Kind, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored ITC embeddings float32 [m, D] of ``ids``, in the order given: rows of the memory-mapped
+        ``<kind>_emb.npy`` of this version's segments, found by the segments' own id arrays (no SQLite, no
+        lock), for re-scoring a lossy index's candidates. It does not check that an item is live in this
+        version (a deleted item's row is still in its segment; a search never names one): ``KeyError`` only
+        for ids no segment holds. :meth:`vector` is the checked lookup."""
+        _check_kind(kind)
+        want = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(want), self.embed_dim), np.float32)
+        todo = np.ones(len(want), bool)
+        for name, sorted_ids, order in self._id_map(kind):
+            if not todo.any():
+                break
+            cand = np.flatnonzero(todo)
+            pos = np.minimum(np.searchsorted(sorted_ids, want[cand]), len(sorted_ids) - 1)
+            hit = sorted_ids[pos] == want[cand]
+            if not hit.any():
+                continue
+            rows = pos[hit] if order is None else order[pos[hit]]
+            out[cand[hit]] = self._segment(name).array(f"{kind}_emb")[rows]
+            todo[cand[hit]] = False
+        if todo.any():
+            raise KeyError(f"not {kind} items of this index: {want[todo][:10].tolist()}")
+        return out
+
+    def _id_map(self, kind: Kind) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+        """Per segment of this version: (name, its ids of ``kind`` ascending, the rows in that order or None
+        when the rows are in id order already, as a build writes them). Rows of deleted items are in it; a
+        search never names them."""
+        found = self._id_maps.get(kind)
+        if found is None:
+            found = []
+            for name in self.manifest["segments"]:
+                sid = self._segment(name).array(f"{kind}_ids")
+                if len(sid) == 0:
+                    continue
+                if bool(np.all(sid[1:] > sid[:-1])):
+                    found.append((name, sid, None))
+                else:
+                    order = np.argsort(sid, kind="stable")
+                    found.append((name, np.asarray(sid[order]), order))
+            with self._lock:
+                self._id_maps[kind] = found
+        return found
 
     def vector(self, kind: Kind, item_id: int) -> np.ndarray:
         _check_kind(kind)
@@ -355,6 +418,7 @@ class IndexReader:
             self._conn.close()
             self._indexes.clear()
             self._segments.clear()
+            self._id_maps.clear()
 
     def __enter__(self) -> IndexReader:
         return self
