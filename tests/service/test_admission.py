@@ -19,19 +19,14 @@ from albef.service.batching import MicroBatcher
 from albef.service.domain_errors import NotFound, Overloaded
 from albef.service.engine import SearchEngine, SearchRequest, Stages
 from albef.service.errors import api_error
+from tests.helpers.engine_doubles import FakeBundle
 from tests.helpers.service import index_items, live_server, settings
 
 
-class _Tokenizer:
-    def __call__(self, texts: list[str], clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        return np.ones((len(texts), 4), np.int64), np.ones((len(texts), 4), np.int64)
-
-
-class _GatedBundle:
-    """A bundle double whose text encoder waits for ``gate``; it counts its encoder and ITM calls."""
+class _GatedBundle(FakeBundle):
+    """The bundle double with a text encoder that waits for ``gate``; it counts what it encoded."""
 
     bundle_id = "gated"
-    tokenizer = _Tokenizer()
 
     def __init__(self) -> None:
         self.gate = threading.Event()
@@ -43,12 +38,7 @@ class _GatedBundle:
         for _ in range(len(ids)):
             self.entered.release()
         assert self.gate.wait(20)
-        return np.ones((len(ids), 2), np.float32), np.zeros((len(ids), 4, 3), np.float32)
-
-    def itm_scores(
-        self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray
-    ) -> np.ndarray:
-        return np.stack([np.zeros(len(image_tokens)), image_tokens[:, 0, 0]], axis=1).astype(np.float32)
+        return super().encode_ids(ids, mask)
 
 
 class _Reader:

@@ -31,6 +31,7 @@ from albef.service.engine import (
 )
 from albef.service.errors import api_error
 from albef.service.routes.items import public_item
+from tests.helpers.engine_doubles import FakeBundle
 
 
 def test_match_probability_is_the_softmax_of_class_one() -> None:
@@ -90,27 +91,6 @@ def test_search_errors_get_their_status_at_the_edge(exc: SearchError, status: in
 
 
 # -- the stages of a search, on doubles of the bundle and the index ----------------------------------------
-class _Tokenizer:
-    def __call__(self, texts: Sequence[str], clean: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        assert not clean, "the engine cleans the text itself"
-        return np.ones((len(texts), 4), np.int64), np.ones((len(texts), 4), np.int64)
-
-
-class _Bundle:
-    """Embeddings are constant; the ITM class-1 logit of a pair is the candidate's first token feature."""
-
-    bundle_id = "fake"
-    tokenizer = _Tokenizer()
-
-    def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return np.ones((len(ids), 2), np.float32), np.zeros((len(ids), 4, 3), np.float32)
-
-    def itm_scores(
-        self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray
-    ) -> np.ndarray:
-        return np.stack([np.zeros(len(image_tokens)), image_tokens[:, 0, 0]], axis=1).astype(np.float32)
-
-
 class _Reader:
     """Six images: ids 10..15 with ITC scores ITC and ITM logits ITM; one text, id 20."""
 
@@ -139,7 +119,7 @@ class _Reader:
 
 
 def _search(*, keywords: bool = False, **fields: Any) -> SearchResult:
-    bundle = _Bundle()
+    bundle = FakeBundle()
     stages = Stages(bundle, batch_max_size=1)  # type: ignore[arg-type]
     try:
         engine = SearchEngine(bundle, stages)  # type: ignore[arg-type]
