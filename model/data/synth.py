@@ -346,14 +346,21 @@ def _ambiguity(records: list[dict], scenes: list[Scene], split: str) -> float:
     return round(hits / total, 4) if total else 0.0
 
 
+def image_scenes(data_dir: str | Path) -> dict[str, Scene]:
+    """Resolved image path -> its :class:`Scene` (with its group), from the generator's ``scenes.json``."""
+    scenes_file = Path(data_dir) / "scenes.json"
+    if not scenes_file.is_file():
+        raise FileNotFoundError(f"{scenes_file}: no scenes.json (groups come from `albef data synth` data)")
+    root = scenes_file.parent
+    return {
+        str((root / r["image"]).resolve()): scene_from_record(r) for r in json.loads(scenes_file.read_text())
+    }
+
+
 def image_groups(data_dir: str | Path) -> dict[str, int]:
     """Resolved image path -> scene group, from the generator's ``scenes.json`` in ``data_dir``.
 
     Images of one group are hard negatives of each other (every caption is checked false of its
     group-mates); training uses this to draw known negatives (``train.group_negatives``).
     """
-    scenes_file = Path(data_dir) / "scenes.json"
-    if not scenes_file.is_file():
-        raise FileNotFoundError(f"{scenes_file}: no scenes.json (groups come from `albef data synth` data)")
-    root = scenes_file.parent
-    return {str((root / r["image"]).resolve()): int(r["group"]) for r in json.loads(scenes_file.read_text())}
+    return {path: scene.group for path, scene in image_scenes(data_dir).items()}

@@ -59,8 +59,7 @@ def save_training_state(tr: Any) -> None:
             "world_size": world_size(),
             "optimizer": tr.optimizer.state_dict(),
             "scheduler": tr.scheduler.state_dict(),
-            "momentum": tr.objective.momentum_encoders.state_dict(),
-            "queues": tr.objective.queues.state_dict(),
+            **tr.objective.extra_state(),
             "rng": rngs,
             "config": tr.cfg,
             "bad_items": tr.bad_items,
@@ -97,8 +96,7 @@ def load_training_state(tr: Any) -> bool:
     if not tr.model.with_mlm:
         weights = {k: v for k, v in weights.items() if not k.startswith("text_encoder.cls.")}
     load_strict(tr.model, weights)
-    tr.objective.momentum_encoders.load_state_dict(state["momentum"])
-    tr.objective.queues.load_state_dict(state["queues"])
+    tr.objective.load_extra_state(state)
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.step = int(state["step"])

@@ -11,6 +11,8 @@ MLM when enabled).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -62,6 +64,14 @@ class AlbefObjective(nn.Module):
         self.itm_pairs_weight = float(itm_pairs_weight)
         self.momentum_encoders = MomentumEncoders(model)
         self.queues = FeatureQueues(model.config.embed_dim, queue_size)
+
+    def extra_state(self) -> dict[str, object]:
+        """What a checkpoint holds besides the model: the momentum encoders and the queues."""
+        return {"momentum": self.momentum_encoders.state_dict(), "queues": self.queues.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.momentum_encoders.load_state_dict(state["momentum"])
+        self.queues.load_state_dict(state["queues"])
 
     def forward(
         self,

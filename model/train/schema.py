@@ -103,6 +103,15 @@ class AugmentGroup(_Group):
 
 
 class TrainGroup(_Group):
+    objective: Literal["albef", "truth"] = Field(
+        "albef",
+        description="albef: the official ITC (momentum distillation, queue) + ITM with mined negatives | "
+        "truth: ITC and ITM on labels from the synthetic generator's semantics (TruthObjective; whole "
+        "groups per batch)",
+    )
+    truth_random_negatives: int = Field(
+        4, ge=0, description="objective truth: random in-batch images each caption meets besides its group"
+    )
     batch_size: PositiveInt = Field(32, description="per process")
     grad_accum: PositiveInt = Field(1, description="micro-batches per optimizer step")
     epochs: PositiveInt = Field(1, description="passes over the data (unless max_steps is set)")
@@ -206,6 +215,14 @@ class TrainingSchema(BaseModel):
     def _check_combinations(self) -> TrainingSchema:
         if self.train.mlm and self.mode != "pretrain":
             raise ValueError("train.mlm needs mode: pretrain (the official retrieval fine-tuning has no MLM)")
+        if self.train.objective == "truth":
+            if self.mode != "retrieval" or self.train.mlm:
+                raise ValueError("train.objective truth is a retrieval objective (mode: retrieval, no MLM)")
+            if self.train.scratch_warmup_steps or self.train.group_negatives or self.debug.dump_queues:
+                raise ValueError(
+                    "train.objective truth has no momentum encoders, queues or mined negatives: set "
+                    "train.scratch_warmup_steps and train.group_negatives to 0, debug.dump_queues off"
+                )
         if not self.data.train and not self.data.synth:
             raise ValueError("no training data: set data.train (annotation files) or data.synth")
         return self

@@ -97,9 +97,12 @@ class Trainer:
         mc = self.model.config
         aug = AugmentConfig.from_dict(self.cfg["augment"])
         transform = TrainTransform(mc.vision.image_res, mc.mean, mc.std, aug)
-        self.groups = (
-            self._groups(items, d["train"]) if float(self.cfg["train"]["group_negatives"]) > 0 else None
-        )
+        t = self.cfg["train"]
+        truth = t["objective"] == "truth"
+        scenes = self._scenes(items, d["train"]) if truth or float(t["group_negatives"]) > 0 else None
+        self.groups = [s.group for s in scenes] if scenes is not None else None
+        # objective truth: the scene of each image (idx), to label every in-batch pair
+        self.scene_of = dict(zip(idx, scenes, strict=True)) if truth and scenes is not None else None
         self.dataset = PairDataset(
             items,
             idx,
@@ -115,20 +118,20 @@ class Trainer:
         )
 
     @staticmethod
-    def _groups(items: list[Any], train_files: list[str]) -> list[int]:
-        """The scene group of every pair, from the generator's scenes.json beside the training files."""
-        from albef.model.data.synth import image_groups
+    def _scenes(items: list[Any], train_files: list[str]) -> list[Any]:
+        """The generator's scene (with its group) of every pair, from scenes.json beside the training files."""
+        from albef.model.data.synth import image_scenes
 
-        known: dict[str, int] = {}
+        known: dict[str, Any] = {}
         for f in train_files:
             folder = Path(f) if Path(f).is_dir() else Path(f).parent
-            known.update(image_groups(folder))
-        # PairItem.image is already absolute and resolved, like the keys of image_groups
+            known.update(image_scenes(folder))
+        # PairItem.image is already absolute and resolved, like the keys of image_scenes
         missing = [str(it.image) for it in items if str(it.image) not in known]
         if missing:
             raise ValueError(
-                f"train.group_negatives: {len(missing)} training images have no group in scenes.json "
-                f"(first: {missing[0]})"
+                f"train.group_negatives / train.objective truth: {len(missing)} training images have no "
+                f"scene in scenes.json (first: {missing[0]})"
             )
         return [known[str(it.image)] for it in items]
 
@@ -144,23 +147,28 @@ class Trainer:
         if m["temp"] is not None:
             with torch.no_grad():
                 model.temp.fill_(float(m["temp"]))
-        from albef.model.train.objective import AlbefObjective
-
         self.model = model
-        self.objective = AlbefObjective(
-            model,
-            self.cfg["mode"],
-            t["queue_size"],
-            t["momentum"],
-            t["distill"],
-            t["itm"],
-            t["mlm"],
-            t["mlm_probability"],
-            t["clamp_temp"],
-            t["itm_in_warmup"],
-            float(t["group_negatives"]),
-            float(t["itm_pairs_weight"]),
-        ).to(self.device)
+        if t["objective"] == "truth":
+            from albef.model.train.truth_objective import TruthObjective
+
+            self.objective = TruthObjective(model, int(t["truth_random_negatives"])).to(self.device)
+        else:
+            from albef.model.train.objective import AlbefObjective
+
+            self.objective = AlbefObjective(
+                model,
+                self.cfg["mode"],
+                t["queue_size"],
+                t["momentum"],
+                t["distill"],
+                t["itm"],
+                t["mlm"],
+                t["mlm_probability"],
+                t["clamp_temp"],
+                t["itm_in_warmup"],
+                float(t["group_negatives"]),
+                float(t["itm_pairs_weight"]),
+            ).to(self.device)
         self.objective.train()
 
     def _build_tokenizer(self) -> None:
@@ -359,7 +367,11 @@ class Trainer:
             with torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg["train"]["bf16"])
             ):
-                out = net(image, ids, mask, idx, alpha, warm, group)
+                if self.scene_of is not None:
+                    true, false = self._truth(batch["caption"], batch["idx"])
+                    out = net(image, ids, mask, true, false, batch["group"].to(self.device))
+                else:
+                    out = net(image, ids, mask, idx, alpha, warm, group)
             (out["loss"] / accum).backward()
         self._meter.add(out, alpha)
         if batch["bad"]:
@@ -368,6 +380,15 @@ class Trainer:
                 log.warning("unreadable image replaced by the next item", extra={"item": b})
         if self.cfg["debug"]["dump_queues"]:
             self._dump(out, idx)
+
+    def _truth(self, captions: list[str], idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[texts, images] bool: each caption clearly true / false of each batch image (its scene's meaning)."""
+        from albef.model.data.truth import truth_table
+
+        assert self.scene_of is not None
+        scenes = [self.scene_of[int(i)] for i in idx]
+        table = truth_table(scenes, captions, [s.group for s in scenes])
+        return torch.from_numpy(table.true).to(self.device), torch.from_numpy(table.false).to(self.device)
 
     def _optimizer_step(self) -> None:
         clip = self.cfg["train"]["grad_clip"]
