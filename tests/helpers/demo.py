@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from albef.demo import DEMO_SYNTH
 from tests.helpers import REPO
 
 # A smaller gallery than the demo's (3000 scenes): same generator and seed, the 10% test split = 30 images.
-TEST_SYNTH = {"images": 300, "seed": 0, "size": 128}
+TEST_SYNTH = {**DEMO_SYNTH, "images": 300}
 ARTIFACTS = REPO / "test-artifacts"
 
 

@@ -31,7 +31,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-QUERY = "a small blue circle above a large red circle"  # a caption of the gallery
+QUERY = "a small red triangle above a large red circle"  # a caption of the gallery
 API_KEY = "s3cret-demo-key"
 # The page's defaults (index.html): k=12, rerank on, rerank_k=32.
 PAGE_OPTIONS = {"k": 12, "rerank": True, "rerank_k": 32}
