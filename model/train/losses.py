@@ -54,6 +54,15 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
 
 
+def masked_soft_cross_entropy(logits: Tensor, positives: Tensor) -> Tensor:
+    """:func:`soft_cross_entropy` against each row's positives sharing the target mass equally; rows without a
+    positive are left out (0 when there is none)."""
+    has = positives.sum(1) > 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    return soft_cross_entropy(logits[has], positives[has] / positives[has].sum(1, keepdim=True))
+
+
 def itc_loss(
     sim_i2t: Tensor,
     sim_t2i: Tensor,

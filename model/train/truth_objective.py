@@ -26,19 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from albef.model.albef import ALBEF
+from albef.model.train.losses import masked_soft_cross_entropy
 
 # The in-batch ITC temperature's range (the parameter itself is left free, as in the official retrieval).
 TEMP_RANGE = (0.01, 0.5)
-
-
-def masked_soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy against each row's positives sharing the target mass equally; rows without a positive
-    are left out (0 when there is none)."""
-    has = targets.sum(1) > 0
-    if not bool(has.any()):
-        return logits.sum() * 0.0
-    t = targets[has] / targets[has].sum(1, keepdim=True)
-    return -(F.log_softmax(logits[has], 1) * t).sum(1).mean()
 
 
 def itm_candidates(group: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -110,6 +101,4 @@ class TruthObjective(nn.Module):
             "loss_mlm": zero,
             "itm_acc": itm_acc,
             "n_neg": torch.tensor(float(B * (n - 1))),
-            "image_feat_m": image_feat.detach(),
-            "text_feat_m": text_feat.detach(),
         }

@@ -54,7 +54,7 @@ from albef.model.config import get_config
 from albef.model.data.scenes import FALSE, TRUE, Clause, caption_truth, parse_caption, scene_from_record
 from albef.model.image import normalize, resize
 from albef.model.text import AlbefTokenizer, default_vocab_path, pre_caption
-from albef.model.train.truth_objective import masked_soft_cross_entropy
+from albef.model.train.losses import masked_soft_cross_entropy
 
 CONFIG = Path(__file__).resolve().parents[2] / "model" / "configs" / "albef-tiny-synth.json"
 GROUP = 4

@@ -11,7 +11,8 @@ from albef.model.albef import ALBEF
 from albef.model.config import get_config
 from albef.model.data.scenes import Obj, Scene
 from albef.model.data.truth import truth_table
-from albef.model.train.truth_objective import TruthObjective, itm_candidates, masked_soft_cross_entropy
+from albef.model.train.losses import masked_soft_cross_entropy
+from albef.model.train.truth_objective import TruthObjective, itm_candidates
 
 
 def test_candidates_hold_every_group_mate_then_random_others() -> None:
