@@ -171,8 +171,8 @@ class Segment:
         return (self.path / f"{name}.npy").is_file()
 
     def image_tokens(self, rows: np.ndarray) -> np.ndarray:
-        """float32 [k, N, W] for the given rows (dequantised if stored as int8)."""
+        """[k, N, W] for the given rows: float16 as stored, or float32 dequantised from int8."""
         tok = self.array("image_tokens")[rows]
         if tok.dtype == np.int8:
             return dequantize_int8(tok, self.array("image_scales")[rows])
-        return tok.astype(np.float32)
+        return np.asarray(tok)

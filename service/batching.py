@@ -10,7 +10,9 @@ The queue is bounded: ``submit`` raises :class:`~albef.service.domain_errors.Ove
 items are already waiting, so overload turns into quick 503s instead of unbounded memory and latency. ``max_cost=1`` turns batching off
 (one item per call, still off the event loop and still bounded). ``wait_if(n)``, when given, is asked before
 a batch of ``n`` items waits for more: False runs it at once (the caller knows nobody else is coming, e.g. a
-lone query), so the wait costs latency only when it can buy a bigger batch.
+lone query), so the wait costs latency only when it can buy a bigger batch. ``run_here(item)`` runs one item
+in the calling thread instead (a lone search already in a worker thread: no hand-over to the worker and
+back); it and the worker never run ``fn`` at the same time.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class MicroBatcher(Generic[T, R]):
         self._queue: deque[tuple[T, Future[R]]] = deque()
         self._cv = threading.Condition()
         self._closed = False
+        # Held while fn runs, by the worker or by run_here: one model call of this stage at a time.
+        self._busy = threading.Lock()
         self.batches = 0  # calls of fn so far
         self.items = 0  # items served so far
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
@@ -85,6 +89,14 @@ class MicroBatcher(Generic[T, R]):
 
     async def __call__(self, item: T) -> R:
         return await asyncio.wrap_future(self.submit(item))
+
+    def run_here(self, item: T) -> R:
+        """Run one item now, in the calling thread, as a batch of its own: for a caller that is already off
+        the event loop and knows nobody could join the batch (it skips the hand-over to the worker and back).
+        It waits while the worker runs a batch; errors are raised here."""
+        with self._busy:
+            (result,) = self._execute([item])
+        return result
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker after the items already queued are served."""
@@ -120,32 +132,43 @@ class MicroBatcher(Generic[T, R]):
                 self._cv.wait(remaining)
             return batch
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            # A future cancelled by its waiter (client gone) is dropped before it costs model time.
-            live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            t0 = time.perf_counter()
-            try:
-                results = self.fn([item for item, _ in live])
-                if len(results) != len(live):
-                    raise RuntimeError(
-                        f"batch fn of {self.name} returned {len(results)} results for {len(live)}"
-                    )
-            except BaseException as exc:  # noqa: BLE001 - handed to every waiter, the worker keeps running
-                for _, fut in live:
-                    fut.set_exception(exc)
-            else:
-                for (_, fut), res in zip(live, results, strict=True):
-                    fut.set_result(res)
+    def _execute(self, items: list[T]) -> Sequence[R]:
+        """``fn`` over one batch, with the counters and the metrics hook (the caller holds ``_busy``)."""
+        t0 = time.perf_counter()
+        try:
+            results = self.fn(items)
+            if len(results) != len(items):
+                raise RuntimeError(
+                    f"batch fn of {self.name} returned {len(results)} results for {len(items)}"
+                )
+        finally:
             self.batches += 1
-            self.items += len(live)
+            self.items += len(items)
             if self._on_batch is not None:
                 try:
-                    self._on_batch(self.name, len(live), time.perf_counter() - t0)
+                    self._on_batch(self.name, len(items), time.perf_counter() - t0)
                 except Exception:  # noqa: BLE001 - metrics must never break serving
                     log.exception("batch metrics hook failed")
+        return results
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:  # wait for work before taking the model: run_here may hold it meanwhile
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+            with self._busy:
+                batch = self._take_batch()
+                if batch is None:
+                    return
+                # A future cancelled by its waiter (client gone) is dropped before it costs model time.
+                live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+                if not live:
+                    continue
+                try:
+                    results = self._execute([item for item, _ in live])
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter, the worker keeps running
+                    for _, fut in live:
+                        fut.set_exception(exc)
+                else:
+                    for (_, fut), res in zip(live, results, strict=True):
+                        fut.set_result(res)

@@ -19,7 +19,10 @@ One search (either direction) is three stages:
    after the re-ranked head have none and are dropped too. The result counts what each threshold cut.
 
 A query text is cleaned here, once (:func:`clean_query_text`), and tokenized as cleaned. Model calls go through
-:class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run in worker threads. Failures
+:class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run in worker threads. A search
+admitted while no other is in flight runs all its steps in one worker thread instead (:class:`_Steps`): nobody
+could share its batches, and each hand-over between the event loop and a thread costs 50-150 us, about a
+tenth of a tiny model's whole query; the steps and the code are the same either way. Failures
 are :mod:`albef.service.domain_errors`; the HTTP layer gives them their status codes. Nothing here imports torch.
 """
 
@@ -123,6 +126,10 @@ class Stages:
                 self.metrics.rejections.labels(stage=batcher.name).inc()
             raise
 
+    def run_here(self, batcher: MicroBatcher, item: Any) -> Any:
+        """One item through a stage's batch function in the calling thread (see :class:`_Steps`)."""
+        return batcher.run_here(item)
+
     # -- public (awaitable) -------------------------------------------------------------------------------
     async def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One text's ids/mask ``[L]`` -> (embedding ``[D]``, token features ``[L,H]``)."""
@@ -132,17 +139,16 @@ class Stages:
         """One image's pixels ``[3,R,R]`` -> (embedding ``[D]``, token features ``[N,W]``)."""
         return await self._call(self.image, pixels)
 
-    async def itm_t2i(
-        self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray
-    ) -> np.ndarray:
-        """One text ``[L,H]``/``[L]`` against K images ``[K,N,W]`` -> logits ``[K,2]``."""
-        return await self._call(self.itm, ("t2i", (text_tokens, text_mask), image_tokens))
+    # -- re-rank jobs of the ``itm`` batcher (logits ``[K, 2]`` each) -----------------------------------------
+    @staticmethod
+    def t2i_job(text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray) -> Any:
+        """One text ``[L,H]``/``[L]`` against K images ``[K,N,W]``."""
+        return ("t2i", (text_tokens, text_mask), image_tokens)
 
-    async def itm_i2t(
-        self, image_tokens: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray
-    ) -> np.ndarray:
-        """One image ``[N,W]`` against K texts ``[K,L,H]``/``[K,L]`` -> logits ``[K,2]`` (K/V computed once)."""
-        return await self._call(self.itm, ("i2t", image_tokens, (text_tokens, text_mask)))
+    @staticmethod
+    def i2t_job(image_tokens: np.ndarray, text_tokens: np.ndarray, text_mask: np.ndarray) -> Any:
+        """One image ``[N,W]`` against K texts ``[K,L,H]``/``[K,L]`` (its K/V computed once)."""
+        return ("i2t", image_tokens, (text_tokens, text_mask))
 
     # -- batch functions (worker threads) -----------------------------------------------------------------
     def _encode_texts(
@@ -246,6 +252,37 @@ def _wall_ms(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = (time.perf_counter() - t0) * 1000.0
 
 
+class _Steps:
+    """How one search's steps run. Awaited (``here=False``): a model call waits in its stage's micro-batcher
+    queue and runs on the stage's worker, blocking work (index reads, decoding) in a worker thread. Here
+    (``here=True``, for a lone search, inside one worker thread): every step runs in that thread, one after
+    another, so the search's coroutine never suspends and :func:`_run_to_end` drives it to its result."""
+
+    def __init__(self, stages: Stages, *, here: bool) -> None:
+        self.stages = stages
+        self.here = here
+
+    async def model(self, batcher: MicroBatcher, item: Any) -> Any:
+        if self.here:
+            return self.stages.run_here(batcher, item)
+        return await self.stages._call(batcher, item)
+
+    async def blocking(self, fn: Callable[[], Any]) -> Any:
+        if self.here:
+            return fn()
+        return await asyncio.to_thread(fn)
+
+
+def _run_to_end(coro: Any) -> Any:
+    """The result of a coroutine that never suspends (its steps ran here)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("a search step suspended outside the event loop")
+
+
 class SearchEngine:
     """Searches one index reader with one bundle. ``reader`` is passed per call (hot swaps)."""
 
@@ -269,10 +306,12 @@ class SearchEngine:
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self._in_flight = 0
+        self._here = 0  # of which lone searches running all their steps in one thread (no batcher queues)
         self._admit_lock = threading.Lock()
         if metrics is not None:
             metrics.rejections.labels(stage="search")  # a zero sample from the start, as the other stages
-        stages.in_flight = lambda: self._in_flight
+        # company for an encoder batch can only come from searches that use the batchers
+        stages.in_flight = lambda: self._in_flight - self._here
         # Uploads are decoded in worker threads before they reach the image encoder's bounded queue; bound the
         # decodes waiting or running too, so that an upload flood is answered with 503 like the other stages
         # instead of queueing without limit in the thread pool.
@@ -293,16 +332,35 @@ class SearchEngine:
                 field="min_match_probability",
             )
         t_start = time.perf_counter()
-        self._admit()
+        if not self._admit():
+            try:
+                return await self._search(reader, request, _Steps(self.stages, here=False), t_start)
+            finally:
+                self._leave()
+
+        def alone() -> SearchResult:
+            try:
+                return _run_to_end(self._search(reader, request, _Steps(self.stages, here=True), t_start))
+            finally:
+                self._leave(here=True)
+
         try:
-            timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
-            timer = StageTimer(self.metrics, timings)
-            with _wall_ms(timings, "encode"):
-                q = await self._encode(reader, request, timer)
-            cands = await self._candidates(reader, request, q, timer)
-            logits = await self._rerank(reader, request, q, cands, timer)
-        finally:
-            self._leave()
+            done = asyncio.get_running_loop().run_in_executor(None, alone)
+        except BaseException:
+            self._leave(here=True)
+            raise
+        # A cancelled waiter (client gone) does not stop the thread: the search finishes there and leaves.
+        return await done
+
+    async def _search(
+        self, reader: IndexView, request: SearchRequest, steps: _Steps, t_start: float
+    ) -> SearchResult:
+        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
+        timer = StageTimer(self.metrics, timings)
+        with _wall_ms(timings, "encode"):
+            q = await self._encode(reader, request, steps, timer)
+        cands = await self._candidates(reader, request, q, steps, timer)
+        logits = await self._rerank(request, q, cands, steps, timer)
         out = _assemble(request, q, cands, logits)
         timings["total"] = (time.perf_counter() - t_start) * 1000.0
         out.timings_ms = {key: round(v, 3) for key, v in timings.items() if not math.isnan(v)}
@@ -313,46 +371,51 @@ class SearchEngine:
         """Searches admitted and not finished."""
         return self._in_flight
 
-    def _admit(self) -> None:
-        """Let one more search in, or refuse it with :class:`Overloaded` (503 + Retry-After at the edge)."""
+    def _admit(self) -> bool:
+        """Let one more search in, or refuse it with :class:`Overloaded` (503 + Retry-After at the edge).
+        True when no other search is in flight: this one then runs its steps in one thread."""
         with self._admit_lock:
-            if self._in_flight >= self.max_in_flight:
-                refused = True
-            else:
+            refused = self._in_flight >= self.max_in_flight
+            if not refused:
                 self._in_flight += 1
-                refused = False
+                alone = self._in_flight == 1
+                self._here += alone
         if refused:
             if self.metrics is not None:
                 self.metrics.rejections.labels(stage="search").inc()
             raise Overloaded("search", self.stages.itm.retry_after_s)
+        return alone
 
-    def _leave(self) -> None:
+    def _leave(self, *, here: bool = False) -> None:
         with self._admit_lock:
             self._in_flight -= 1
+            self._here -= here
 
     # -- stage 1: the query -------------------------------------------------------------------------------
-    async def _encode(self, reader: IndexView, request: SearchRequest, timer: StageTimer) -> _Query:
+    async def _encode(
+        self, reader: IndexView, request: SearchRequest, steps: _Steps, timer: StageTimer
+    ) -> _Query:
         if request.item_id is not None:
-            return await self._item_query(reader, int(request.item_id), request.query_kind)
+            return await self._item_query(reader, int(request.item_id), request.query_kind, steps)
         if request.direction == "t2i":
             assert request.text is not None
             cleaned = clean_query_text(request.text)
             with timer("encode_text"):
-                q = await self._text_query(cleaned)
+                q = await self._text_query(cleaned, steps)
             q.echo = {"kind": "text", "text": request.text}
             return q
         assert request.image is not None
         with timer("encode_image"):
-            q = await self._image_query(request.image, timer)
+            q = await self._image_query(request.image, steps, timer)
         q.echo = {"kind": "image", "bytes": len(request.image)}
         return q
 
-    async def _text_query(self, cleaned: str) -> _Query:
+    async def _text_query(self, cleaned: str, steps: _Steps) -> _Query:
         ids, mask = self.bundle.tokenizer([cleaned], clean=False)  # microseconds; not worth a thread hop
-        emb, tok = await self.stages.encode_text(ids[0], mask[0])
+        emb, tok = await steps.model(self.stages.text, (ids[0], mask[0]))
         return _Query(emb, tok, mask[0])
 
-    async def _image_query(self, data: bytes, timer: StageTimer) -> _Query:
+    async def _image_query(self, data: bytes, steps: _Steps, timer: StageTimer) -> _Query:
         def prepare() -> np.ndarray:
             img = decode_upload(data, self.uploads)  # upright already, if the policy says so
             return self.bundle.preprocess([img], exif_transpose=False)[0]
@@ -363,13 +426,13 @@ class SearchEngine:
             raise Overloaded("decode", self.stages.image.retry_after_s)
         try:
             with timer("decode"):
-                pixels = await asyncio.to_thread(prepare)
+                pixels = await steps.blocking(prepare)
         finally:
             self._decode_slots.release()
-        emb, tok = await self.stages.encode_image(pixels)
+        emb, tok = await steps.model(self.stages.image, pixels)
         return _Query(emb, tok)
 
-    async def _item_query(self, reader: IndexView, item_id: int, kind: Kind) -> _Query:
+    async def _item_query(self, reader: IndexView, item_id: int, kind: Kind, steps: _Steps) -> _Query:
         def lookup() -> _Query:
             item = reader.item(item_id)
             if item is None:
@@ -381,19 +444,19 @@ class SearchEngine:
             emb = reader.vector(kind, item_id)
             echo = {"kind": kind, "item_id": item_id}
             if kind == "text":
-                tok, mask = reader.text_features([item_id])
+                tok, mask = reader.text_features([item_id], dtype=None)
                 return _Query(emb, tok[0], mask[0], echo)
-            return _Query(emb, reader.image_tokens([item_id])[0], None, echo)
+            return _Query(emb, reader.image_tokens([item_id], dtype=None)[0], None, echo)
 
-        return await asyncio.to_thread(lookup)
+        return await steps.blocking(lookup)
 
     # -- stage 2: the ITC candidates (and the re-rank head's features, in the same worker thread) -----------
     async def _candidates(
-        self, reader: IndexView, request: SearchRequest, q: _Query, timer: StageTimer
+        self, reader: IndexView, request: SearchRequest, q: _Query, steps: _Steps, timer: StageTimer
     ) -> _Candidates:
-        """The ANN candidates, then (when re-ranking) the stored features of the re-rank head: one hop off
-        the event loop for both, the gather straight after the search that names the ids."""
-        return await asyncio.to_thread(self._candidates_now, reader, request, q, timer)
+        """The ANN candidates, then (when re-ranking) the stored features of the re-rank head: one blocking
+        step for both, the gather straight after the search that names the ids."""
+        return await steps.blocking(lambda: self._candidates_now(reader, request, q, timer))
 
     def _candidates_now(
         self, reader: IndexView, request: SearchRequest, q: _Query, timer: StageTimer
@@ -427,14 +490,17 @@ class SearchEngine:
         if request.rerank and ids:
             head = ids[: request.rerank_k]
             with _wall_ms(timer.timings, "features"), timer("features"):
+                # as stored (float16): the runtime casts them in ONNX Runtime, far faster than numpy
                 cands.features = (
-                    reader.image_tokens(head) if request.target == "image" else reader.text_features(head)
+                    reader.image_tokens(head, dtype=None)
+                    if request.target == "image"
+                    else reader.text_features(head, dtype=None)
                 )
         return cands
 
     # -- stage 3: the ITM re-rank of the head -----------------------------------------------------------------
     async def _rerank(
-        self, reader: IndexView, request: SearchRequest, q: _Query, cands: _Candidates, timer: StageTimer
+        self, request: SearchRequest, q: _Query, cands: _Candidates, steps: _Steps, timer: StageTimer
     ) -> np.ndarray | None:
         """The ITM logits ``[H, 2]`` of the first ``rerank_k`` candidates, or None when not re-ranking. The
         ``rerank`` timing spans the head's feature gather (done with the candidates) and the ITM call."""
@@ -443,9 +509,10 @@ class SearchEngine:
         feats = cands.features
         with _wall_ms(timer.timings, "rerank"), timer("rerank"):
             if request.direction == "t2i":
-                logits = await self.stages.itm_t2i(q.tokens, q.mask, feats)
+                job = self.stages.t2i_job(q.tokens, q.mask, feats)
             else:
-                logits = await self.stages.itm_i2t(q.tokens, feats[0], feats[1])
+                job = self.stages.i2t_job(q.tokens, feats[0], feats[1])
+            logits = await steps.model(self.stages.itm, job)
         timer.timings["rerank"] += timer.timings.get("features", 0.0)
         return logits
 

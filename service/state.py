@@ -85,6 +85,7 @@ def _warm_up(bundle: ModelBundle) -> None:
     ids, mask = bundle.tokenize(["warm up"])
     _, text_tokens = bundle.encode_ids(ids, mask)
     bundle.itm_scores(text_tokens, mask, image_tokens)
+    bundle.itm_scores(text_tokens, mask, np.repeat(image_tokens, 8, axis=0).astype(np.float16))  # as stored
     bundle.itm_scores_for_image(bundle.image_kv(image_tokens), text_tokens, mask)
 
 

@@ -230,6 +230,19 @@ def test_add_delete_versions_and_retention(
         new_ids = [it["id"] for it in r.items(range(20, 40))]
         assert new_ids == list(range(20, 28))  # ids continue after the first build
         assert r.manifest["segments"] == ["seg-000001", "seg-000002"]
+        # a gather across both segments keeps the order asked for; dtype=None gives the stored float16
+        imgs = [it["id"] for it in r.items(range(40)) if it["kind"] == "image"]
+        mixed = [imgs[-1], imgs[0], imgs[-2], imgs[1]]  # new, old, new, old
+        as_stored = r.image_tokens(mixed, dtype=None)
+        assert as_stored.dtype == np.float16
+        one_by_one = np.concatenate([r.image_tokens([i]) for i in mixed])
+        assert r.image_tokens(mixed).dtype == np.float32
+        np.testing.assert_array_equal(r.image_tokens(mixed), one_by_one)
+        np.testing.assert_array_equal(as_stored.astype(np.float32), one_by_one)
+        texts = [it["id"] for it in r.items(range(40)) if it["kind"] == "text"]
+        tok, mask = r.text_features([texts[-1], texts[0]], dtype=None)
+        assert tok.dtype == np.float16 and mask.dtype == np.int64
+        np.testing.assert_array_equal(tok.astype(np.float32), r.text_features([texts[-1], texts[0]])[0])
     # the reader opened before the add still serves version 1
     assert old.count("image") == 8 and old.item(0) is not None
     # delete one image and one text

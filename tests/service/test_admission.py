@@ -50,7 +50,7 @@ class _Reader:
     def search(self, kind: str, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return np.array([[0.9, 0.8, 0.7]], np.float32)[:, :k], np.array([[1, 2, 3]], np.int64)[:, :k]
 
-    def image_tokens(self, ids: list[int]) -> np.ndarray:
+    def image_tokens(self, ids: list[int], dtype: Any = np.float32) -> np.ndarray:
         out = np.zeros((len(ids), 2, 3), np.float32)
         out[:, 0, 0] = ids
         return out

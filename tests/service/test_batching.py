@@ -197,3 +197,42 @@ def _wait(cond: Any, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.005)
+
+
+def test_run_here_runs_in_the_calling_thread_and_never_beside_the_worker() -> None:
+    threads: list[str] = []
+    running = [0]
+    overlap = [False]
+    gate = threading.Event()
+
+    def fn(items: list[int]) -> list[int]:
+        running[0] += 1
+        overlap[0] |= running[0] > 1
+        threads.append(threading.current_thread().name)
+        if items == [1]:
+            gate.wait(10)  # the worker holds the model while run_here is called
+        running[0] -= 1
+        return [x + 100 for x in items]
+
+    seen: list[tuple[str, int, float]] = []
+    b = MicroBatcher("t", fn, max_cost=4, max_wait_ms=0, queue_max=10, on_batch=lambda *a: seen.append(a))
+    try:
+        assert b.run_here(7) == 107 and threads == [threading.current_thread().name]
+        queued = b.submit(1)
+        deadline = time.monotonic() + 10
+        while len(threads) < 2:  # the worker has taken item 1
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        with ThreadPoolExecutor(1) as pool:
+            here = pool.submit(b.run_here, 2)
+            time.sleep(0.05)
+            assert not here.done()  # it waits for the worker's batch
+            gate.set()
+            assert here.result(10) == 102 and queued.result(10) == 101
+        assert threads[1] == "batch-t" and threads[2] != "batch-t" and not overlap[0]
+        with pytest.raises(RuntimeError, match="returned 0 results"):
+            b.fn = lambda items: []
+            b.run_here(3)
+    finally:
+        b.close()
+    assert b.batches == 4 and b.items == 4 and [s[1] for s in seen] == [1, 1, 1, 1]

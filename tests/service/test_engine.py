@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,7 +106,7 @@ class _Reader:
         found = sorted(self.ITC, key=lambda i: -self.ITC[i])[:k][::-1]  # any order: the engine sorts
         return np.array([[self.ITC[i] for i in found]], np.float32), np.array([found], np.int64)
 
-    def image_tokens(self, ids: Sequence[int]) -> np.ndarray:
+    def image_tokens(self, ids: Sequence[int], dtype: Any = np.float32) -> np.ndarray:
         out = np.zeros((len(ids), 2, 3), np.float32)
         out[:, 0, 0] = [self.ITM[i] for i in ids]
         return out
@@ -155,3 +156,59 @@ def test_item_queries_raise_domain_errors() -> None:
     assert (wk.value.item_id, wk.value.kind, wk.value.wanted) == (12, "image", "text")
     with pytest.raises(BadQuery, match="no words"):
         _search(text="?!")
+
+
+class _ThreadRecordingBundle(FakeBundle):
+    """The double, noting the thread of each model call; encoding waits for ``gate`` when it is cleared."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def encode_ids(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(("encode", threading.current_thread().name))
+        assert self.gate.wait(20)
+        return super().encode_ids(ids, mask)
+
+    def itm_scores(self, text_tokens: Any, text_mask: Any, image_tokens: Any) -> np.ndarray:
+        self.calls.append(("itm", threading.current_thread().name))
+        return super().itm_scores(text_tokens, text_mask, image_tokens)
+
+
+def test_a_lone_search_runs_its_steps_in_one_thread_and_concurrent_ones_share_the_batchers() -> None:
+    bundle = _ThreadRecordingBundle()
+    stages = Stages(bundle, batch_max_size=8, batch_max_wait_ms=50)  # type: ignore[arg-type]
+    engine = SearchEngine(bundle, stages)  # type: ignore[arg-type]
+    reader: Any = _Reader()
+
+    async def scenario() -> tuple[list[SearchResult], list[SearchResult]]:
+        alone = [await engine.search(reader, "t2i", text="a red circle", k=5, rerank_k=3)]
+        lone_calls = list(bundle.calls)
+        assert [c for c, _ in lone_calls] == ["encode", "itm"]
+        assert lone_calls[0][1] == lone_calls[1][1] and not lone_calls[0][1].startswith("batch-")
+        assert stages.text.batches == 1 and stages.itm.batches == 1  # counted as batches of one
+        bundle.calls.clear()
+        bundle.gate.clear()  # the first search holds the encoder: the others arrive while it is in flight
+        first = asyncio.create_task(engine.search(reader, "t2i", text="a red circle", k=5, rerank_k=3))
+        while not bundle.calls:
+            await asyncio.sleep(0.001)
+        rest = [
+            asyncio.create_task(engine.search(reader, "t2i", text=f"a red circle {i}", k=5, rerank_k=3))
+            for i in range(3)
+        ]
+        while engine.in_flight < 4:
+            await asyncio.sleep(0.001)
+        bundle.gate.set()
+        return alone, [await first, *await asyncio.gather(*rest)]
+
+    try:
+        alone, together = asyncio.run(scenario())
+    finally:
+        bundle.gate.set()
+        stages.close()
+    assert all(r.ids == alone[0].ids == [11, 12, 10, 13, 14] for r in together)
+    later = [name for call, name in bundle.calls[1:] if call == "encode"]
+    assert later and all(name == "batch-encode_text" for name in later)  # the three waited in the batcher
+    assert stages.text.items == 5 and stages.text.batches < 5  # and shared a batch
+    assert engine.in_flight == 0 and engine._here == 0
