@@ -6,7 +6,8 @@ configuration at 96 px, random weights, an index of ``--images`` synthetic image
 candidates). Each answer's ``timings_ms`` is the server's own clock (HTTP parsing and JSON are outside it).
 After each answer, while the server idles, this process times the same query's raw compute on the same
 bundle and index with the same thread count: ``encode_ids`` of the query and ``itm_scores`` of the query
-against its candidates' stored features (gathered in between, untimed). ``ratio`` = median total / median
+against its candidates' stored features (gathered and cast to float32 in between, untimed: the compute is
+the graphs alone). ``ratio`` = median total / median
 raw compute; ``ratio_per_query_median`` the median of the per-query ratios.
 
     python bench/bench_overhead.py            # about a minute
@@ -55,7 +56,7 @@ class Raw:
         emb, tok = self.bundle.encode_ids(ids, mask)
         t1 = time.perf_counter()
         _, found = self.reader.search("image", emb, self.rerank_k)
-        images = self.reader.image_tokens([int(x) for x in found[0] if x >= 0], dtype=None)  # as served
+        images = self.reader.image_tokens([int(x) for x in found[0] if x >= 0])  # float32: the graph alone
         t2 = time.perf_counter()
         self.bundle.itm_scores(tok, mask, images)
         t3 = time.perf_counter()

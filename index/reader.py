@@ -129,6 +129,7 @@ class IndexReader:
                 self._indexes[kind] = idx
         self._segments: dict[str, Segment] = {}
         self._id_maps: dict[str, list[tuple[str, np.ndarray, np.ndarray | None]]] = {}
+        self._all_live: dict[str, bool] = {}
         self._rescore = {kind: ann.rescore_factor(manifest["ann"].get(kind)) for kind in _KINDS}
         self.embed_dim = int(manifest["bundle"]["embed_dim"])
         self.image_tokens_shape = tuple(manifest["bundle"]["image_tokens_shape"])
@@ -286,33 +287,68 @@ class IndexReader:
                     self._segments[name] = seg
         return seg
 
-    def _locate(self, kind: str, ids: Sequence[int]) -> list[tuple[str, int]]:
-        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
+    def _parts(self, kind: str, ids: Sequence[int]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Where the live items ``ids`` are: per segment, (name, positions in ``ids``, rows), or ``KeyError``
+        naming ids that are not live items of ``kind`` in this version. When the version has no deleted rows
+        (its live count is every segment row, as after builds and adds) the segments' own id arrays answer
+        (no SQLite, no lock: 10-20 us for a re-rank head instead of 50-150); else SQLite's locations."""
+        want = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self._every_row_live(kind):
+            return self._segment_rows(kind, want)
         with self._lock:
-            locs = metadata.locations(self._conn, kind, ids)
-        missing = [i for i in ids if i not in locs]
+            locs = metadata.locations(self._conn, kind, want.tolist())
+        missing = [i for i in want.tolist() if i not in locs]
         if missing:
             raise KeyError(f"not {kind} items of this index: {missing[:10]}")
-        return [locs[i] for i in ids]
+        by_seg: dict[str, tuple[list[int], list[int]]] = {}
+        for pos, i in enumerate(want.tolist()):
+            seg, row = locs[i]
+            where, rows = by_seg.setdefault(seg, ([], []))
+            where.append(pos)
+            rows.append(row)
+        return [(seg, np.array(w, np.int64), np.array(r, np.int64)) for seg, (w, r) in by_seg.items()]
+
+    def _every_row_live(self, kind: str) -> bool:
+        """Whether every segment row of ``kind`` is a live item of this version (no deletions since)."""
+        live = self._all_live.get(kind)
+        if live is None:
+            rows = sum(int(self._segment(n).info[f"n_{kind}s"]) for n in self.manifest["segments"])
+            live = rows == int(self.manifest.get("counts", {}).get(kind, -1))
+            self._all_live[kind] = live
+        return live
+
+    def _segment_rows(self, kind: str, want: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """(name, positions in ``want``, rows) per segment by the segments' own id arrays; ``KeyError`` for ids
+        no segment holds. A deleted item's row is still in its segment: callers check liveness first."""
+        parts: list[tuple[str, np.ndarray, np.ndarray]] = []
+        todo = np.ones(len(want), bool)
+        for name, sorted_ids, order in self._id_map(kind):  # type: ignore[arg-type]
+            if not todo.any():
+                break
+            cand = np.flatnonzero(todo)
+            pos = np.minimum(np.searchsorted(sorted_ids, want[cand]), len(sorted_ids) - 1)
+            hit = sorted_ids[pos] == want[cand]
+            if not hit.any():
+                continue
+            parts.append((name, cand[hit], pos[hit] if order is None else order[pos[hit]]))
+            todo[cand[hit]] = False
+        if todo.any():
+            raise KeyError(f"not {kind} items of this index: {want[todo][:10].tolist()}")
+        return parts
 
     def _gather(self, kind: str, ids: Sequence[int], fetch: Any) -> np.ndarray:
         """Rows of each id in the order given, stacked: one fancy-index read per segment, written into place
         (with one segment, as most indexes have, the read is already the answer)."""
-        locs = self._locate(kind, ids)
-        by_seg: dict[str, tuple[list[int], list[int]]] = {}
-        for pos, (seg, row) in enumerate(locs):
-            where, rows = by_seg.setdefault(seg, ([], []))
-            where.append(pos)
-            rows.append(row)
+        parts = self._parts(kind, ids)
+        if len(parts) == 1:
+            return np.asarray(fetch(self._segment(parts[0][0]), parts[0][2]))
         out: np.ndarray | None = None
-        for seg, (where, rows) in by_seg.items():
-            block = np.asarray(fetch(self._segment(seg), np.array(rows, dtype=np.int64)))
-            if len(by_seg) == 1:
-                return block
+        for seg, where, rows in parts:
+            block = np.asarray(fetch(self._segment(seg), rows))
             if out is None:
-                out = np.empty((len(locs), *block.shape[1:]), block.dtype)
+                out = np.empty((len(ids), *block.shape[1:]), block.dtype)
             out[where] = block
-        assert out is not None  # locs is never empty here: callers return early for no ids
+        assert out is not None  # callers return early for no ids
         return out
 
     def _embeddings(self, kind: Kind, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -324,20 +360,8 @@ class IndexReader:
         _check_kind(kind)
         want = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = np.empty((len(want), self.embed_dim), np.float32)
-        todo = np.ones(len(want), bool)
-        for name, sorted_ids, order in self._id_map(kind):
-            if not todo.any():
-                break
-            cand = np.flatnonzero(todo)
-            pos = np.minimum(np.searchsorted(sorted_ids, want[cand]), len(sorted_ids) - 1)
-            hit = sorted_ids[pos] == want[cand]
-            if not hit.any():
-                continue
-            rows = pos[hit] if order is None else order[pos[hit]]
-            out[cand[hit]] = self._segment(name).array(f"{kind}_emb")[rows]
-            todo[cand[hit]] = False
-        if todo.any():
-            raise KeyError(f"not {kind} items of this index: {want[todo][:10].tolist()}")
+        for name, where, rows in self._segment_rows(kind, want):
+            out[where] = self._segment(name).array(f"{kind}_emb")[rows]
         return out
 
     def _id_map(self, kind: Kind) -> list[tuple[str, np.ndarray, np.ndarray | None]]:

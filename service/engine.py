@@ -225,6 +225,9 @@ class SearchResult:
     filter: dict[str, Any] | None = None  # {"matched": items the filter holds for, "exact": bool}
 
 
+_Tokens = tuple[np.ndarray, np.ndarray]  # a query text's token ids and mask [L]
+
+
 @dataclass
 class _Query:
     emb: np.ndarray
@@ -332,15 +335,21 @@ class SearchEngine:
                 field="min_match_probability",
             )
         t_start = time.perf_counter()
+        # A query text is cleaned and tokenized here, on the event loop (microseconds): a text without words
+        # is refused before it takes a place, and the steps start from token ids.
+        text = (
+            self._tokenize(request.text) if request.item_id is None and request.direction == "t2i" else None
+        )
         if not self._admit():
             try:
-                return await self._search(reader, request, _Steps(self.stages, here=False), t_start)
+                return await self._search(reader, request, text, _Steps(self.stages, here=False), t_start)
             finally:
                 self._leave()
 
         def alone() -> SearchResult:
             try:
-                return _run_to_end(self._search(reader, request, _Steps(self.stages, here=True), t_start))
+                steps = _Steps(self.stages, here=True)
+                return _run_to_end(self._search(reader, request, text, steps, t_start))
             finally:
                 self._leave(here=True)
 
@@ -353,12 +362,12 @@ class SearchEngine:
         return await done
 
     async def _search(
-        self, reader: IndexView, request: SearchRequest, steps: _Steps, t_start: float
+        self, reader: IndexView, request: SearchRequest, text: _Tokens | None, steps: _Steps, t_start: float
     ) -> SearchResult:
         timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
         timer = StageTimer(self.metrics, timings)
         with _wall_ms(timings, "encode"):
-            q = await self._encode(reader, request, steps, timer)
+            q = await self._encode(reader, request, text, steps, timer)
         cands = await self._candidates(reader, request, q, steps, timer)
         logits = await self._rerank(request, q, cands, steps, timer)
         out = _assemble(request, q, cands, logits)
@@ -392,28 +401,30 @@ class SearchEngine:
             self._here -= here
 
     # -- stage 1: the query -------------------------------------------------------------------------------
+    def _tokenize(self, text: str | None) -> _Tokens:
+        assert text is not None
+        ids, mask = self.bundle.tokenizer([clean_query_text(text)], clean=False)
+        return ids[0], mask[0]
+
     async def _encode(
-        self, reader: IndexView, request: SearchRequest, steps: _Steps, timer: StageTimer
+        self,
+        reader: IndexView,
+        request: SearchRequest,
+        text: _Tokens | None,
+        steps: _Steps,
+        timer: StageTimer,
     ) -> _Query:
         if request.item_id is not None:
             return await self._item_query(reader, int(request.item_id), request.query_kind, steps)
-        if request.direction == "t2i":
-            assert request.text is not None
-            cleaned = clean_query_text(request.text)
+        if text is not None:
             with timer("encode_text"):
-                q = await self._text_query(cleaned, steps)
-            q.echo = {"kind": "text", "text": request.text}
-            return q
+                emb, tok = await steps.model(self.stages.text, text)
+            return _Query(emb, tok, text[1], {"kind": "text", "text": request.text})
         assert request.image is not None
         with timer("encode_image"):
             q = await self._image_query(request.image, steps, timer)
         q.echo = {"kind": "image", "bytes": len(request.image)}
         return q
-
-    async def _text_query(self, cleaned: str, steps: _Steps) -> _Query:
-        ids, mask = self.bundle.tokenizer([cleaned], clean=False)  # microseconds; not worth a thread hop
-        emb, tok = await steps.model(self.stages.text, (ids[0], mask[0]))
-        return _Query(emb, tok, mask[0])
 
     async def _image_query(self, data: bytes, steps: _Steps, timer: StageTimer) -> _Query:
         def prepare() -> np.ndarray:

@@ -233,6 +233,7 @@ def test_add_delete_versions_and_retention(
         # a gather across both segments keeps the order asked for; dtype=None gives the stored float16
         imgs = [it["id"] for it in r.items(range(40)) if it["kind"] == "image"]
         mixed = [imgs[-1], imgs[0], imgs[-2], imgs[1]]  # new, old, new, old
+        assert r._every_row_live("image")  # no deletions: rows are found by the segments' id arrays
         as_stored = r.image_tokens(mixed, dtype=None)
         assert as_stored.dtype == np.float16
         one_by_one = np.concatenate([r.image_tokens([i]) for i in mixed])
@@ -254,8 +255,11 @@ def test_add_delete_versions_and_retention(
         assert 0 not in found[0].tolist()
         _, found = r.search("text", old.vector("image", 0), 20)
         assert 8 not in found[0].tolist()
+        assert not r._every_row_live("image")  # a deleted row is in its segment: SQLite says what is live
         with pytest.raises(KeyError):
             r.image_tokens([0])
+        alive = [it["id"] for it in r.items(range(20)) if it["kind"] == "image"][:3]
+        np.testing.assert_array_equal(r.image_tokens(alive), old.image_tokens(alive))
     old.close()
     # retention: two versions kept, segments still used by them survive
     assert layout.list_versions(idx) == ["000002", "000003"]
