@@ -95,7 +95,7 @@ class MicroBatcher(Generic[T, R]):
         the event loop and knows nobody could join the batch (it skips the hand-over to the worker and back).
         It waits while the worker runs a batch; errors are raised here."""
         with self._busy:
-            (result,) = self._execute([item])
+            (result,), _ = self._execute([item])
         return result
 
     def close(self, timeout: float = 5.0) -> None:
@@ -132,8 +132,9 @@ class MicroBatcher(Generic[T, R]):
                 self._cv.wait(remaining)
             return batch
 
-    def _execute(self, items: list[T]) -> Sequence[R]:
-        """``fn`` over one batch, with the counters and the metrics hook (the caller holds ``_busy``)."""
+    def _execute(self, items: list[T]) -> tuple[Sequence[R], float]:
+        """``fn`` over one batch and its seconds, with the counters and the metrics hook (the caller holds
+        ``_busy``)."""
         t0 = time.perf_counter()
         try:
             results = self.fn(items)
@@ -142,14 +143,15 @@ class MicroBatcher(Generic[T, R]):
                     f"batch fn of {self.name} returned {len(results)} results for {len(items)}"
                 )
         finally:
+            seconds = time.perf_counter() - t0
             self.batches += 1
             self.items += len(items)
             if self._on_batch is not None:
                 try:
-                    self._on_batch(self.name, len(items), time.perf_counter() - t0)
+                    self._on_batch(self.name, len(items), seconds)
                 except Exception:  # noqa: BLE001 - metrics must never break serving
                     log.exception("batch metrics hook failed")
-        return results
+        return results, seconds
 
     def _loop(self) -> None:
         while True:
@@ -165,10 +167,11 @@ class MicroBatcher(Generic[T, R]):
                 if not live:
                     continue
                 try:
-                    results = self._execute([item for item, _ in live])
+                    results, seconds = self._execute([item for item, _ in live])
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter, the worker keeps running
                     for _, fut in live:
                         fut.set_exception(exc)
                 else:
                     for (_, fut), res in zip(live, results, strict=True):
+                        fut.batch_seconds = seconds  # type: ignore[attr-defined]  # the whole batch's fn time
                         fut.set_result(res)

@@ -118,17 +118,26 @@ class Stages:
         """Whether a batch of ``batch`` items may get company: more searches are in flight than it holds."""
         return self.in_flight is None or self.in_flight() > batch
 
-    async def _call(self, batcher: MicroBatcher, item: Any) -> Any:
+    async def _call(self, batcher: MicroBatcher, item: Any, timings: dict[str, float] | None = None) -> Any:
+        """One item through a stage's batcher; ``timings["model"]`` (ms) gains its batch's model time."""
         try:
-            return await batcher(item)
+            fut = batcher.submit(item)
         except Overloaded:
             if self.metrics is not None:
                 self.metrics.rejections.labels(stage=batcher.name).inc()
             raise
+        out = await asyncio.wrap_future(fut)
+        if timings is not None:
+            timings["model"] = timings.get("model", 0.0) + getattr(fut, "batch_seconds", 0.0) * 1000.0
+        return out
 
-    def run_here(self, batcher: MicroBatcher, item: Any) -> Any:
+    def run_here(self, batcher: MicroBatcher, item: Any, timings: dict[str, float] | None = None) -> Any:
         """One item through a stage's batch function in the calling thread (see :class:`_Steps`)."""
-        return batcher.run_here(item)
+        t0 = time.perf_counter()
+        out = batcher.run_here(item)
+        if timings is not None:
+            timings["model"] = timings.get("model", 0.0) + (time.perf_counter() - t0) * 1000.0
+        return out
 
     # -- public (awaitable) -------------------------------------------------------------------------------
     async def encode_text(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,11 +273,12 @@ class _Steps:
     def __init__(self, stages: Stages, *, here: bool) -> None:
         self.stages = stages
         self.here = here
+        self.timings: dict[str, float] | None = None  # gains "model": the ms of the search's model calls
 
     async def model(self, batcher: MicroBatcher, item: Any) -> Any:
         if self.here:
-            return self.stages.run_here(batcher, item)
-        return await self.stages._call(batcher, item)
+            return self.stages.run_here(batcher, item, self.timings)
+        return await self.stages._call(batcher, item, self.timings)
 
     async def blocking(self, fn: Callable[[], Any]) -> Any:
         if self.here:
@@ -364,7 +374,8 @@ class SearchEngine:
     async def _search(
         self, reader: IndexView, request: SearchRequest, text: _Tokens | None, steps: _Steps, t_start: float
     ) -> SearchResult:
-        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0}
+        timings: dict[str, float] = {"encode": 0.0, "ann": 0.0, "rerank": 0.0, "model": 0.0}
+        steps.timings = timings
         timer = StageTimer(self.metrics, timings)
         with _wall_ms(timings, "encode"):
             q = await self._encode(reader, request, text, steps, timer)

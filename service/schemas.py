@@ -135,6 +135,11 @@ class Timings(BaseModel):
     ann: float = Field(description="FAISS search, ms")
     rerank: float = Field(description="feature fetch + ITM head, ms")
     total: float = Field(description="whole request, ms")
+    model: float = Field(
+        0.0,
+        description="of the total, the model calls (query encoder, ITM head), ms; a call shared with other "
+        "searches (micro-batching) counts whole",
+    )
 
 
 class Cut(BaseModel):

@@ -55,6 +55,14 @@ def test_flat_search_is_exact_with_deterministic_ties_and_padding() -> None:
     assert set(found[0].tolist()) == set(exact.tolist())
     s, f = ann.search(index, x[:2], 250)
     assert (f[:, 200:] == -1).all() and np.isneginf(s[:, 200:]).all() and (f[:, :200] >= 0).all()
+    # without ties or pads FAISS's order is taken as it is: the same as the exact rule
+    q = clustered(5, seed=9)
+    s, f = ann.search(index, q, 7)
+    for row in range(len(q)):
+        sc = x @ q[row]
+        order = np.lexsort((ids, -sc))[:7]
+        assert f[row].tolist() == ids[order].tolist()
+        np.testing.assert_allclose(s[row], sc[order], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("factory", ["HNSW16", "IVF32,Flat", "IVF32,PQ8x4"])

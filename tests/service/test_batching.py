@@ -135,8 +135,28 @@ def test_concurrent_requests_are_batched_and_equal_sequential_answers(
         with srv.client() as c:
             calls0, items0 = _batch_counts(c.get("/metrics").text, "encode_text")
         assert (calls0, items0) == (len(texts), len(texts))  # one at a time: batches of 1
-        with ThreadPoolExecutor(len(texts)) as pool:
-            concurrent = list(pool.map(lambda t: _search(srv.url, t), texts))
+        # the first search holds the encoder (a search alone runs its steps in its own thread); the others
+        # arrive meanwhile and wait in the batcher, as a burst would
+        batcher, gate, entered = srv.state.stages.text, threading.Event(), threading.Event()
+        real_fn = batcher.fn
+
+        def held(items: list[Any]) -> Any:
+            entered.set()
+            assert gate.wait(20)
+            return real_fn(items)
+
+        batcher.fn = held
+        try:
+            with ThreadPoolExecutor(len(texts)) as pool:
+                first = pool.submit(_search, srv.url, texts[0])
+                assert entered.wait(20)
+                rest = [pool.submit(_search, srv.url, t) for t in texts[1:]]
+                _wait(lambda: srv.state.engine.in_flight == len(texts))
+                gate.set()
+                concurrent = [first.result(30), *(f.result(30) for f in rest)]
+        finally:
+            gate.set()
+            batcher.fn = real_fn
         with srv.client() as c:
             m = c.get("/metrics").text
         calls, items = _batch_counts(m, "encode_text")
