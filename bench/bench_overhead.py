@@ -127,8 +127,13 @@ def main() -> int:
                 "served_ms_median": {key: median([x.get(key, 0.0) for x in srv]) for key in STAGES},
                 "raw_ms_median": {key: median([x[key] for x in compute]) for key in compute[0]},
                 # the same request's model calls (timings_ms.model): what the service adds around them
-                "ratio_in_situ": round(total / median([x["model"] for x in srv]), 2),
-                "ratio_in_situ_per_query_median": median([x["total"] / x["model"] for x in srv]),
+                # (servers before timings_ms.model had no such figure: None)
+                "ratio_in_situ": round(total / in_situ, 2)
+                if (in_situ := median([x.get("model", 0.0) for x in srv]))
+                else None,
+                "ratio_in_situ_per_query_median": median([x["total"] / x["model"] for x in srv])
+                if in_situ
+                else None,
                 # a hot loop of the same calls in another process: also how much slower they run when served
                 "ratio_to_hot_loop": round(total / median([x["encode_plus_itm"] for x in compute]), 2),
                 "load_before": load_before,
@@ -150,7 +155,9 @@ def main() -> int:
         "encode_ids and itm_scores calls in this process after the round's served block, the server idle; "
         "medians per round",
         "rounds": rounds,
-        "ratio_in_situ_median": round(float(np.median([x["ratio_in_situ"] for x in rounds])), 2),
+        "ratio_in_situ_median": median([x["ratio_in_situ"] for x in rounds])
+        if rounds[0]["ratio_in_situ"]
+        else None,
         "ratio_to_hot_loop_median": round(float(np.median([x["ratio_to_hot_loop"] for x in rounds])), 2),
     }
     write_result(args.out, report)

@@ -140,6 +140,7 @@ def test_search_reranks_the_head_and_keeps_the_tail_in_itc_order() -> None:
     assert res.itm == [3.0, 3.0, 1.0, None, None] and res.prob[3:] == [None, None]
     assert res.query == {"kind": "text", "text": "a red circle"}
     assert list(res.timings_ms)[:3] == ["encode", "ann", "rerank"] and "total" in res.timings_ms
+    assert 0 < res.timings_ms["model"] <= res.timings_ms["total"]  # the model calls, inside the total
     # without re-ranking: ITC order, ties by id; excluded ids leave the candidates
     plain = _search(text="a red circle", k=4, rerank=False, exclude=[11])
     assert plain.ids == [10, 12, 13, 14] and plain.itm == [None] * 4
@@ -208,6 +209,8 @@ def test_a_lone_search_runs_its_steps_in_one_thread_and_concurrent_ones_share_th
         bundle.gate.set()
         stages.close()
     assert all(r.ids == alone[0].ids == [11, 12, 10, 13, 14] for r in together)
+    # a batched search counts its batches' model time: the first one held the encoder for all of them
+    assert all(0 < r.timings_ms["model"] <= r.timings_ms["total"] for r in [*alone, *together])
     later = [name for call, name in bundle.calls[1:] if call == "encode"]
     assert later and all(name == "batch-encode_text" for name in later)  # the three waited in the batcher
     assert stages.text.items == 5 and stages.text.batches < 5  # and shared a batch
