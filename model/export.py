@@ -12,7 +12,7 @@ traced separately, float32 only, and held to torch autograd within the same tole
 leaves it out (the bundle then serves search but not ``/v1/explain``).
 
 Faster variants: ``int8`` (:mod:`albef.model.quantize`: MatMul/Gemm weights int8 in a 7-bit range,
-activations quantised on the fly), validated on the machine that exports it against
+activations quantised on the fly; every graph, or with the ``rerank`` scope only the re-ranking graphs), validated on the machine that exports it against
 :data:`~albef.model.quantize.INT8_BOUNDS`; a variant that misses them is not shipped (the manifest says
 why). ``bf16`` is shipped only if ONNX Runtime on this CPU runs bf16 MatMul faster than fp32; otherwise the
 probe's result is recorded in the manifest instead.
@@ -83,6 +83,7 @@ from albef.model.export_variants import (
     drop_failed_int8,
     probe_bf16,
 )
+from albef.model.quantize import check_scope
 from albef.model.runtime import VARIANTS
 
 __all__ = [
@@ -149,6 +150,7 @@ def export_bundle(
     evaluator: Evaluator | None = None,
     tolerance: float = FP32_TOLERANCE,
     int8_per_channel: bool = False,
+    int8_scope: str = "all",
     progress: bool = True,
     explain: bool = True,
     explain_layer: int | None = None,
@@ -159,10 +161,13 @@ def export_bundle(
     (e.g. R@1 on the synthetic benchmark); its result is stored under ``variants[v]["eval"]``.
     ``explain_layer``: the fusion layer (0-based among them) whose cross-attention the explain graph
     explains; default :func:`default_explain_layer` (the official third, or the second-to-last of fewer).
+    ``int8_scope``: ``"all"`` quantises every graph, ``"rerank"`` only the re-ranking graphs (the int8
+    variant then shares fp32's encoders, features and indexes; see :mod:`albef.model.quantize`).
     """
     from albef.progress import progress_bar
 
     variants = _checked_variants(variants)
+    check_scope(int8_scope)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists (use overwrite/--force to replace it)")
@@ -186,7 +191,7 @@ def export_bundle(
             _add_explain(job, explain_layer, tolerance)
         for v in variants:
             if v != "fp32":
-                _add_variant(job, v, int8_per_channel)
+                _add_variant(job, v, int8_per_channel, int8_scope)
         if evaluator is not None:
             _evaluate(job, evaluator)
         manifest = _finish(job)
@@ -244,11 +249,11 @@ def _add_explain(job: _Job, layer: int | None, tolerance: float) -> None:
     job.bar.update()
 
 
-def _add_variant(job: _Job, variant: str, int8_per_channel: bool) -> None:
+def _add_variant(job: _Job, variant: str, int8_per_channel: bool, int8_scope: str) -> None:
     job.bar.set_postfix_str(variant)
     with job.timed(f"{variant}_s"):
         if variant == "int8":
-            add_int8(job.tmp, job.manifest, job.files32, job.ref, int8_per_channel)
+            add_int8(job.tmp, job.manifest, job.files32, job.ref, int8_per_channel, int8_scope)
         elif variant == "bf16":
             decide_bf16(job.manifest)
     job.bar.update()

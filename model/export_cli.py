@@ -8,6 +8,7 @@ from pathlib import Path
 
 from albef.errors import CLIError, UsageError
 from albef.model.export_defaults import DEFAULT_OPSET, FP32_TOLERANCE
+from albef.model.quantize import INT8_SCOPES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--int8-per-channel",
         action="store_true",
         help="int8 weights with one scale per output channel (slower export)",
+    )
+    p.add_argument(
+        "--int8-scope",
+        choices=INT8_SCOPES,
+        default="all",
+        help="int8 for every graph (all, default) or only the re-ranking graphs (rerank: the encoders stay "
+        "fp32, so features and indexes are fp32's)",
     )
     p.add_argument(
         "--explain-layer",
@@ -119,6 +127,7 @@ def export_command(args: argparse.Namespace) -> int:
             evaluator=evaluator,
             tolerance=args.tolerance,
             int8_per_channel=args.int8_per_channel,
+            int8_scope=args.int8_scope,
             explain=not args.no_explain,
             explain_layer=args.explain_layer,
         )
@@ -158,7 +167,8 @@ def export_command(args: argparse.Namespace) -> int:
     if "int8" in manifest["variants"]:
         q = manifest["variants"]["int8"]["validation"]
         print(  # noqa: T201
-            f"int8 vs fp32 on {q['cpu']['model']} ({q['cpu']['int8_kernel']} int8 kernel): min cosine "
+            f"int8 ({manifest['variants']['int8']['scope']} scope) vs fp32 on {q['cpu']['model']} "
+            f"({q['cpu']['int8_kernel']} int8 kernel): min cosine "
             f"image {q['image_emb_min_cos']:.4f} text {q['text_emb_min_cos']:.4f}, ITM logit max diff "
             f"{q['itm_logits']:.3f}; within the bounds"
         )

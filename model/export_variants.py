@@ -26,19 +26,28 @@ log = logging.getLogger("albef.model.export")
 
 
 def add_int8(
-    tmp: Path, manifest: dict[str, Any], files32: dict[str, str], ref: dict[str, Any], per_channel: bool
+    tmp: Path,
+    manifest: dict[str, Any],
+    files32: dict[str, str],
+    ref: dict[str, Any],
+    per_channel: bool,
+    scope: str = "all",
 ) -> None:
-    """Quantise the fp32 graphs in ``tmp`` and record the int8 variant with its validation figures."""
-    files = quantize_int8(tmp, files32, per_channel)
+    """Quantise the fp32 graphs in ``tmp`` that ``scope`` covers and record the int8 variant with its
+    validation figures."""
+    files = quantize_int8(tmp, files32, per_channel, scope)
     manifest["variants"]["int8"] = {
         "files": files,
-        "weights": int8_scheme(per_channel),
+        "weights": int8_scheme(per_channel, scope),
+        "scope": scope,
         "per_channel": per_channel,
         "reduce_range": True,
     }
     write_manifest(tmp, manifest)  # validation loads the bundle through the runtime
     figures = validate(ref, tmp, "int8")
-    figures["max_int8_weight"] = max(max_int8_weight(tmp / f) for f in files.values())
+    figures["max_int8_weight"] = max(
+        (max_int8_weight(tmp / f) for f in set(files.values()) - set(files32.values())), default=0
+    )
     manifest["variants"]["int8"]["validation"] = {
         **figures,
         "cpu": cpu_info(),
@@ -60,13 +69,17 @@ def drop_failed_int8(tmp: Path, manifest: dict[str, Any]) -> None:
     int8 = manifest["variants"].get("int8")
     if int8 is None or not int8["validation"]["failed"]:
         return
-    for name in int8["files"].values():
+    fp32_files = set(manifest["variants"]["fp32"]["files"].values())
+    for name in set(int8["files"].values()) - fp32_files:  # a rerank-scope variant shares fp32's encoders
         (tmp / name).unlink(missing_ok=True)
     del manifest["variants"]["int8"]
+    alternative = "fp32 (shipped); see docs/cpu.md"
+    if int8.get("scope", "all") == "all":
+        alternative = "fp32 (shipped), or export with --int8-scope rerank (fp32 encoders); see docs/cpu.md"
     manifest["variants_not_shipped"]["int8"] = {
         "reason": "missed its accuracy bounds on this machine: " + "; ".join(int8["validation"]["failed"]),
         "validation": int8["validation"],
-        "alternative": "fp32 (shipped); see docs/cpu.md",
+        "alternative": alternative,
     }
     log.warning(
         "int8 variant not shipped",

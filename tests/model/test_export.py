@@ -110,11 +110,53 @@ def test_cli_export_and_bf16_decision(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+def test_rerank_scope_int8_shares_fp32_encoders(
+    tiny_checkpoint: Path, vocab_path: Path, tmp_path: Path, capsys
+) -> None:
+    """``--int8-scope rerank``: the int8 variant's encoders are fp32's own files (same features, so the
+    same indexes), its re-ranking graphs are integer; the manifest says so and the runtime serves it."""
+    from albef.model.runtime import Bundle
+
+    out = tmp_path / "bundle"
+    argv = ["export", str(tiny_checkpoint), str(out), "--vocab", str(vocab_path), "--no-explain"]
+    assert run_cli(*argv, "--int8-scope", "rerank") == 0
+    assert "int8 (rerank scope) vs fp32" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    f32, int8 = manifest["variants"]["fp32"]["files"], manifest["variants"]["int8"]
+    assert int8["scope"] == "rerank" and "re-ranking graphs" in int8["weights"]
+    assert {r: int8["files"][r] for r in ("image_encoder", "text_encoder")} == {
+        "image_encoder": "image_encoder.onnx",
+        "text_encoder": "text_encoder.onnx",
+    }
+    assert not list(out.glob("*_encoder.int8.onnx"))
+    for role in ("itm", "itm_short", "image_kv", "itm_kv"):
+        ops = {n.op_type for n in onnx.load(str(out / int8["files"][role])).graph.node}
+        assert int8["files"][role] == f"{role}.int8.onnx" and "MatMulInteger" in ops
+    val = int8["validation"]
+    assert val["image_emb_min_cos"] == pytest.approx(1.0) and val["failed"] == []
+    assert 0 < val["max_int8_weight"] <= 64
+    b32, b8 = Bundle.load(out, variant="fp32"), Bundle.load(out, variant="int8")
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)) for _ in range(2)]
+    e32, tok32 = b32.encode_images(images)
+    e8, _ = b8.encode_images(images)
+    np.testing.assert_array_equal(e32, e8)
+    ttok, mask = b32.encode_texts(["a red square", "two blue circles"])[1:]
+    img = np.repeat(tok32[:1], 2, axis=0)
+    assert 0 < np.abs(b32.itm_scores(ttok, mask, img) - b8.itm_scores(ttok, mask, img)).max() < 0.05
+    assert set(f32.values()) < set(manifest["files"])
+
+
 def test_cli_rejects_bad_arguments(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
     assert run_cli("export", str(tmp_path / "nope"), str(tmp_path / "o")) == 1
     assert "checkpoint not found" in capsys.readouterr().err
     assert run_cli("export", str(tiny_checkpoint), str(tmp_path / "o"), "--variants", "fp32,fp8") == 2
     assert "fp8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse's own check of the choices
+        run_cli("export", str(tiny_checkpoint), str(tmp_path / "o"), "--int8-scope", "encoders")
+    assert exc.value.code == 2 and "invalid choice: 'encoders'" in capsys.readouterr().err
     assert (
         run_cli("export", str(tiny_checkpoint), str(tmp_path / "o"), "--vocab", str(tmp_path / "v.txt")) == 1
     )

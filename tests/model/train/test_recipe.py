@@ -130,8 +130,9 @@ def test_shipped_checkpoint_exports_int8_only_within_its_bounds(
 ) -> None:
     """A fresh `pip install -e '.[train]'` has no vocab package: the shipped folder carries its vocab.txt. The
     int8 variant ships only when it meets every bound on this CPU, re-ranking agreement on unseen scenes
-    included; otherwise the manifest names the bound it missed. (On the AVX-512 VNNI EPYC the shipped model's
-    sharper ITM logits deviate 0.19 under int8, beyond the 0.05 bound, so only fp32 ships there.)"""
+    included; otherwise the manifest names the bound it missed. (On the AVX-512 VNNI EPYC, int8 encoders
+    keep 0.97 of the image->text top-1s, below 0.99, so int8 of every graph is refused there.) With int8
+    re-ranking graphs and fp32 encoders (scope ``rerank``) it ships, and keeps >= 99% of the top-1s."""
     import hashlib
 
     from albef.model.export import export_bundle, make_evaluator
@@ -139,28 +140,36 @@ def test_shipped_checkpoint_exports_int8_only_within_its_bounds(
     from albef.model.quantize import INT8_BOUNDS
 
     monkeypatch.setenv("ALBEF_VOCAB", str(tmp_path / "absent-vocab.txt"))
-    out = tmp_path / "bundle"
-    manifest = export_bundle(
-        create_model(None, SHIPPED),
-        out,
-        variants=["fp32", "int8"],
-        checkpoint=SHIPPED,
-        progress=False,
-        evaluator=make_evaluator(fresh_scenes, k_test=16),
-    )
-    digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
-    assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
-    assert "fp32" in manifest["variants"]
-    if "int8" not in manifest["variants"]:
-        refused = manifest["variants_not_shipped"]["int8"]
-        assert "missed its accuracy bounds" in refused["reason"] and refused["validation"]["failed"]
-        return
-    val = manifest["variants"]["int8"]["validation"]
-    assert val["failed"] == []
-    for d in ("t2i", "i2t"):
-        assert val[f"rerank_top1_agreement_{d}"] >= INT8_BOUNDS.min_rerank_top1_agreement
-        assert val[f"rerank_top1_strict_agreement_{d}"] <= val[f"rerank_top1_agreement_{d}"]
-    assert "scores" not in manifest["variants"]["int8"]["eval"]
+    for scope in ("all", "rerank"):
+        out = tmp_path / f"bundle-{scope}"
+        manifest = export_bundle(
+            create_model(None, SHIPPED),
+            out,
+            variants=["fp32", "int8"],
+            checkpoint=SHIPPED,
+            progress=False,
+            evaluator=make_evaluator(fresh_scenes, k_test=16),
+            int8_scope=scope,
+            explain=False,
+        )
+        digest = hashlib.sha256((out / "vocab.txt").read_bytes()).hexdigest()
+        assert digest == "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
+        assert "fp32" in manifest["variants"]
+        if scope == "all" and "int8" not in manifest["variants"]:
+            refused = manifest["variants_not_shipped"]["int8"]
+            assert "missed its accuracy bounds" in refused["reason"] and refused["validation"]["failed"]
+            assert "--int8-scope rerank" in refused["alternative"]
+            assert not list(out.glob("*.int8.onnx"))
+            continue
+        val = manifest["variants"]["int8"]["validation"]
+        assert val["failed"] == []
+        for d in ("t2i", "i2t"):
+            assert val[f"rerank_top1_agreement_{d}"] >= INT8_BOUNDS.min_rerank_top1_agreement
+            assert val[f"rerank_top1_strict_agreement_{d}"] <= val[f"rerank_top1_agreement_{d}"]
+        assert "scores" not in manifest["variants"]["int8"]["eval"]
+    # the rerank scope's int8 variant ranks with fp32's ITC features: its ITC figures are fp32's
+    int8_eval, fp32_eval = manifest["variants"]["int8"]["eval"], manifest["variants"]["fp32"]["eval"]
+    assert int8_eval["itc"] == fp32_eval["itc"]
 
 
 def test_experimental_pairs_recipe_is_valid() -> None:
