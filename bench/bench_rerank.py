@@ -28,8 +28,8 @@ exported fp32 with our int8 graphs beside it, scored by the official protocol th
 test splits, int8 against fp32: re-ranking top-1 agreement (:func:`albef.model.export_validate.rerank_agreement`,
 near and strict) of the int8 re-ranking graphs on fp32 features and shortlists (``int8_itm``: what
 ``--int8-scope rerank`` ships), and of int8 for every graph (its encoders change the features and the ITC
-shortlist too), with the int8 validation figures and the bounds they miss. On the demo's split (seed 0: 300 images, 1200 captions,
-k 16) and bench_int8's (seed 5: 32 images, 124 captions, k 8); the second also under ``qemu-x86_64 -cpu
+shortlist too), with the int8 validation figures and the bounds they miss. On the demo's split (seed 0:
+300 images, 1200 captions, k 16) and bench_int8's (seed 5: 32 images, 124 captions, k 8); the second also under ``qemu-x86_64 -cpu
 EPYC-Rome`` (AVX2, no VNNI: ONNX Runtime's other int8 kernel) when qemu-user is installed.
 
     python bench/bench_rerank.py                     # about 8-10 minutes on a quiet 2-core machine
@@ -246,8 +246,7 @@ def prepare_agreement(root: Path) -> None:
     """The shipped checkpoint exported fp32, with int8 graphs of our scheme beside it (written here, since an
     export does not ship int8 for a model that misses a bound, and the agreement is measured either way): the
     variants ``int8`` (every graph) and ``int8_itm`` (int8 re-ranking graphs, fp32 encoders: the ``rerank``
-    scope), and the synthetic
-    splits."""
+    scope), and the synthetic splits."""
     from albef.model.data.synth import generate
     from albef.model.export import export_bundle, write_manifest
     from albef.model.export_validate import torch_reference, validate

@@ -12,10 +12,10 @@ traced separately, float32 only, and held to torch autograd within the same tole
 leaves it out (the bundle then serves search but not ``/v1/explain``).
 
 Faster variants: ``int8`` (:mod:`albef.model.quantize`: MatMul/Gemm weights int8 in a 7-bit range,
-activations quantised on the fly; every graph, or with the ``rerank`` scope only the re-ranking graphs), validated on the machine that exports it against
-:data:`~albef.model.quantize.INT8_BOUNDS`; a variant that misses them is not shipped (the manifest says
-why). ``bf16`` is shipped only if ONNX Runtime on this CPU runs bf16 MatMul faster than fp32; otherwise the
-probe's result is recorded in the manifest instead.
+activations quantised on the fly; every graph, or with the ``rerank`` scope only the re-ranking graphs),
+validated on the machine that exports it against :data:`~albef.model.quantize.INT8_BOUNDS`; a variant that
+misses them is not shipped (the manifest says why). ``bf16`` is shipped only if ONNX Runtime on this CPU runs
+bf16 MatMul faster than fp32; otherwise the probe's result is recorded in the manifest instead.
 
 This module runs the steps; each job has its own module: the adapters and their I/O
 (:mod:`.export_adapters`), the ONNX graphs (:mod:`.export_onnx`), validation (:mod:`.export_validate`),

@@ -26,6 +26,7 @@ from albef.model.data.synth import generate
 from albef.model.export import export_bundle, rerank_agreement, runtime_score_matrices, write_manifest
 from albef.model.export_validate import torch_reference, validate
 from albef.model.factory import create_model
+from albef.model.quantize import ENCODER_ROLES
 from albef.model.runtime import Bundle
 
 CKPT = Path("model/weights/albef-tiny-synth")
@@ -81,7 +82,7 @@ def quantize(
 
 
 def _encoders_and(kind: str) -> Callable[[str, str], bool]:
-    return lambda r, c: r in ("image_encoder", "text_encoder") or c == kind
+    return lambda r, c: r in ENCODER_ROLES or c == kind
 
 
 RULES: dict[str, Callable[[str, str], bool]] = {
@@ -93,7 +94,7 @@ RULES: dict[str, Callable[[str, str], bool]] = {
     "fp32_ffn_down": lambda r, c: c == "ffn_down",
     "fp32_attn_out": lambda r, c: c == "attn_out",
     "fp32_heads_ffn_down": lambda r, c: c in ("head", "ffn_down"),
-    "fp32_encoders": lambda r, c: r in ("image_encoder", "text_encoder"),
+    "fp32_encoders": lambda r, c: r in ENCODER_ROLES,
     "fp32_text_encoder_image_ffn_down": lambda r, c: (
         r == "text_encoder" or (r == "image_encoder" and c == "ffn_down")
     ),
