@@ -19,7 +19,13 @@ Figures: pairs/s and the ratio to eager; FLOPs per pair of each form (:mod:`albe
 products, checked against torch's FLOP counter in the tests); the achieved GFLOP/s against the same run's ONNX
 Runtime GEMM peak (``bench/gemm.py``'s 2048^3 MatMul; for int8, the weight products at the int8 peak and the
 activation products, float32 in every variant, at the fp32 peak, i.e. the time the mix would take at the two
-peaks, over the time it took); the export's own validation of the base graphs at 384 px (torch vs ONNX
+peaks, over the time it took), twice: against the run's best peak (the best of those MatMuls at the start and
+the end of the run) and against **paired peaks**, the target's figure: around each query's fp32 and int8 calls
+the first ``--gemm-n`` MatMul runs once before and once after in both precisions, with the runtime's session
+options, the better of the two counts, and the rate is the median over the queries of each query's against
+its own. This VM's GEMM rate moves by a quarter or more within a minute (ONNX Runtime int8 2048^3: medians of
+1064 and 620 GOP/s a minute apart at load 0.5), so a peak minutes away says as much about the machine then as
+about our graphs; the export's own validation of the base graphs at 384 px (torch vs ONNX
 Runtime); the targets at k = 32. Results to ``bench/results/rerank.json`` with the CPU model and flags, the
 load average before and after, and the command.
 
@@ -55,7 +61,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the bench folder, when imported
 from common import write_result  # noqa: E402
-from gemm import ort_fp32_gemm_gflops, ort_int8_gemm_gops, torch_gemm_gflops  # noqa: E402
+from gemm import OrtGemmProbe, ort_fp32_gemm_gflops, ort_int8_gemm_gops, torch_gemm_gflops  # noqa: E402
 
 TARGETS = {  # at k = 32 (issue 15)
     "t2i_fp32_vs_eager": 4.0,
@@ -133,13 +139,17 @@ def measure(
     img: np.ndarray,
     tok: np.ndarray,
     mask: np.ndarray,
+    probes: dict[str, OrtGemmProbe],
 ) -> dict[str, Any]:
-    """Median seconds per query of eager / fp32 / int8, interleaved, and what the queries held."""
+    """Median seconds per query of eager / fp32 / int8, interleaved, what the queries held, and each query's
+    paired GEMM peaks: ``probes`` (fp32, int8) timed just before and just after its fp32 and int8 calls, the
+    better of the two for each."""
     import torch
 
     images = img[np.arange(k) % len(img)]
     times: dict[str, list[float]] = {"eager": [], "fp32": [], "int8": []}
     lengths: list[list[int]] = []
+    paired: list[dict[str, float]] = []
     timg = torch.from_numpy(images)
     # text queries spread over the captions' length distribution (its quantiles), so that their mean length is
     # the captions' mean and not that of a few first ones
@@ -177,12 +187,15 @@ def measure(
                 ours(bundles[v])
         if r < eager_reps:
             times["eager"].append(_timed(ref))
+        before = {v: probe.rate() for v, probe in probes.items()}
         for v in ("fp32", "int8"):
             times[v].append(_timed(lambda v=v: ours(bundles[v])))
+        paired.append({v: round(max(before[v], probe.rate()), 1) for v, probe in probes.items()})
     return {
         "seconds": {v: statistics.median(ts) for v, ts in times.items()},
         "all": times,
         "lengths": lengths,
+        "paired_peaks": paired,
     }
 
 
@@ -232,6 +245,18 @@ def figures(
     }
     if alt_q is not None:
         out["gflop_per_pair"][f"ours_if_{alt}"] = round(statistics.mean(q.flops for q in alt_q) / k / 1e9, 3)
+    # Each query against the peaks sampled around it: this VM's GEMM rate moves by a quarter or more within a
+    # minute, so a peak from the start or end of the run says as much about the machine then as about ours.
+    fp32_r, int8_r = [], []
+    for q, pk, t32, t8 in zip(per_query, m["paired_peaks"], m["all"]["fp32"], m["all"]["int8"], strict=True):
+        fp32_r.append(q.flops / t32 / (pk["fp32"] * 1e9))
+        int8_r.append((2 * q.weight / (pk["int8"] * 1e9) + 2 * q.activation / (pk["fp32"] * 1e9)) / t8)
+    out["efficiency_paired"] = {
+        "fp32_vs_ort_fp32_peak": round(statistics.median(fp32_r), 3),
+        "int8_vs_ort_mixed_peak": round(statistics.median(int8_r), 3),
+        "per_query": {"fp32": [round(x, 3) for x in fp32_r], "int8": [round(x, 3) for x in int8_r]},
+        "peaks": m["paired_peaks"],
+    }
     return refigure(out, peaks, torch_peak)
 
 
@@ -384,11 +409,18 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         texts = captions(max(ks) * max(args.reps, 2), seed=1)
         _, tok, mask = bundles["fp32"].encode_texts(texts)
         eager = Eager(model)
+        # the paired peaks: the first size of --gemm-n, with the runtime's session options (no spinning)
+        probes = {
+            "fp32": OrtGemmProbe(gemm_n[0], args.threads, int8=False, spinning=False),
+            "int8": OrtGemmProbe(gemm_n[0], args.threads, int8=True, spinning=False),
+        }
         with torch.no_grad():  # warm-up of the eager path
             eager.t2i(torch.from_numpy(tok[:1]), torch.from_numpy(mask[:1]), torch.from_numpy(img[:2]))
         for k in ks:
             for direction in ("t2i", "i2t"):
-                m = measure(k, direction, args.reps, eager_reps.get(k, 1), eager, bundles, img, tok, mask)
+                m = measure(
+                    k, direction, args.reps, eager_reps.get(k, 1), eager, bundles, img, tok, mask, probes
+                )
                 f = figures(k, direction, m, dims, peaks, torch_peak)
                 results[f"{direction}_k{k}"] = f
                 print(  # noqa: T201
@@ -396,7 +428,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
                     f"{f['pairs_per_s']['fp32']:7.2f} ({f['vs_eager']['fp32']}x) int8 "
                     f"{f['pairs_per_s']['int8']:7.2f} ({f['vs_eager']['int8']}x); GFLOP/pair "
                     f"{f['gflop_per_pair']['ours']} vs {f['gflop_per_pair']['eager_official']}; "
-                    f"efficiency {f['efficiency']}",
+                    f"efficiency {f['efficiency']}; paired "
+                    f"{ {k: v for k, v in f['efficiency_paired'].items() if k.endswith('peak')} }",
                     flush=True,
                 )
         validation = {
@@ -425,9 +458,15 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
             got = f["vs_eager"][v]
             targets[f"{d}_{v}_vs_eager"] = {"got": got, "target": want, "met": got >= want}
         for key in ("fp32_vs_ort_fp32_peak", "int8_vs_ort_mixed_peak"):
-            got = f["efficiency"][key]
+            # judged against the paired peaks; the figure against the run's best peak is kept beside it
+            got = f["efficiency_paired"][key]
             want = TARGETS["efficiency"]
-            targets[f"{d}_{key}"] = {"got": got, "target": want, "met": got >= want}
+            targets[f"{d}_{key}"] = {
+                "got": got,
+                "target": want,
+                "met": got >= want,
+                "against_best_peak_of_run": f["efficiency"][key],
+            }
     return {
         "what": "ITM re-ranking, base configuration (random weights, seed 0): the official eager fp32 loop vs "
         "our ONNX graphs (fp32, int8) through the runtime; pairs/s, FLOPs per pair, achieved rate vs the same "
@@ -468,7 +507,7 @@ def refigure(f: dict[str, Any], peaks: dict[str, float], torch_peak: float) -> d
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", default="16,32,128")
-    p.add_argument("--reps", type=int, default=5, help="queries per (k, direction) for our graphs")
+    p.add_argument("--reps", type=int, default=15, help="queries per (k, direction) for our graphs")
     p.add_argument("--eager-reps", default="16:3,32:3,128:1", help="k:queries of the (slow) eager loop")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-res", type=int, default=384)
