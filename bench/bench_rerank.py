@@ -12,8 +12,12 @@ weights (seed 0), k in {16, 32, 128}, both directions:
 
 Inputs: 16 images of random pixels through the base image encoder (cycled when k > 16: the arithmetic does
 not depend on the values) and captions of the synthetic benchmark's grammar through the base text encoder, so
-the texts have real lengths (recorded; text queries are taken at the quantiles of the captions' lengths). Each measurement is the median over ``--reps`` queries; eager, fp32
-and int8 are interleaved query by query, so that a change of machine load hits all three alike.
+the texts have real lengths (recorded; text queries are taken at the quantiles of the captions' lengths).
+Each measurement is the median over ``--reps`` queries; eager, fp32 and int8 are interleaved query by query,
+so that a change of machine load hits all three alike. The eager loop, too slow for as many queries, runs in
+``--eager-reps`` of the rounds, spread evenly over them; the ratio a target is judged on is **paired**: each
+eager query against our calls of its own round, the median over those rounds (the ratio of the medians is kept
+beside it: with eager queries seconds apart from most of ours, it moved by a third between runs).
 
 Figures: pairs/s and the ratio to eager; FLOPs per pair of each form (:mod:`albef.model.itm_flops`: matrix
 products, checked against torch's FLOP counter in the tests); the achieved GFLOP/s against the same run's ONNX
@@ -148,6 +152,8 @@ def measure(
 
     images = img[np.arange(k) % len(img)]
     times: dict[str, list[float]] = {"eager": [], "fp32": [], "int8": []}
+    # the (slow) eager queries spread evenly over the rounds, each beside that round's fp32 and int8 calls
+    eager_rounds = sorted({int((i + 0.5) * reps / eager_reps) for i in range(min(eager_reps, reps))})
     lengths: list[list[int]] = []
     paired: list[dict[str, float]] = []
     timg = torch.from_numpy(images)
@@ -185,7 +191,7 @@ def measure(
         if r == 0:  # warm-up: first-run allocations and ONNX Runtime's arena for these shapes
             for v in ("fp32", "int8"):
                 ours(bundles[v])
-        if r < eager_reps:
+        if r in eager_rounds:
             times["eager"].append(_timed(ref))
         before = {v: probe.rate() for v, probe in probes.items()}
         for v in ("fp32", "int8"):
@@ -194,6 +200,7 @@ def measure(
     return {
         "seconds": {v: statistics.median(ts) for v, ts in times.items()},
         "all": times,
+        "eager_rounds": eager_rounds,
         "lengths": lengths,
         "paired_peaks": paired,
     }
@@ -236,6 +243,16 @@ def figures(
         },
         "pairs_per_s": {v: round(k / s[v], 2) for v in ("eager", "fp32", "int8")},
         "vs_eager": {v: round(s["eager"] / s[v], 2) for v in ("fp32", "int8")},
+        # each eager query against our calls of the same round (moments apart), the median over those rounds
+        "vs_eager_paired": {
+            v: round(
+                statistics.median(
+                    e / m["all"][v][r] for e, r in zip(m["all"]["eager"], m["eager_rounds"], strict=True)
+                ),
+                2,
+            )
+            for v in ("fp32", "int8")
+        },
         "achieved_gflops": {
             "eager": round(official.flops / s["eager"] / 1e9, 1),
             "fp32": round((weight + act) / s["fp32"] / 1e9, 1),
@@ -427,7 +444,7 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
                 print(  # noqa: T201
                     f"{direction} k={k:<4} pairs/s eager {f['pairs_per_s']['eager']:7.2f} fp32 "
                     f"{f['pairs_per_s']['fp32']:7.2f} ({f['vs_eager']['fp32']}x) int8 "
-                    f"{f['pairs_per_s']['int8']:7.2f} ({f['vs_eager']['int8']}x); GFLOP/pair "
+                    f"{f['pairs_per_s']['int8']:7.2f} ({f['vs_eager']['int8']}x; paired {f['vs_eager_paired']}); GFLOP/pair "
                     f"{f['gflop_per_pair']['ours']} vs {f['gflop_per_pair']['eager_official']}; "
                     f"efficiency {f['efficiency']}; paired "
                     f"{ {k: v for k, v in f['efficiency_paired'].items() if k.endswith('peak')} }",
@@ -456,8 +473,14 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
             continue
         for v in ("fp32", "int8"):
             want = TARGETS[f"{d}_{v}_vs_eager"]
-            got = f["vs_eager"][v]
-            targets[f"{d}_{v}_vs_eager"] = {"got": got, "target": want, "met": got >= want}
+            # judged on the paired ratio, as the rates are; the ratio of the medians is kept beside it
+            got = f["vs_eager_paired"][v]
+            targets[f"{d}_{v}_vs_eager"] = {
+                "got": got,
+                "target": want,
+                "met": got >= want,
+                "ratio_of_medians": f["vs_eager"][v],
+            }
         for key in ("fp32_vs_ort_fp32_peak", "int8_vs_ort_mixed_peak"):
             # judged against the paired peaks; the figure against the run's best peak is kept beside it
             got = f["efficiency_paired"][key]
@@ -520,7 +543,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ks", default="16,32,128")
     p.add_argument("--reps", type=int, default=15, help="queries per (k, direction) for our graphs")
-    p.add_argument("--eager-reps", default="16:3,32:3,128:1", help="k:queries of the (slow) eager loop")
+    p.add_argument("--eager-reps", default="16:3,32:5,128:1", help="k:queries of the (slow) eager loop")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image-res", type=int, default=384)
     p.add_argument("--gemm-n", default="2048,4096", help="sizes of the peak GEMMs (n^3), comma-separated")
