@@ -133,6 +133,12 @@ def _timed(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
+def eager_rounds(reps: int, eager_reps: int) -> list[int]:
+    """The rounds (of ``reps``) that also time the slow eager loop: ``eager_reps`` of them, spread evenly, so
+    that each eager query sits beside that round's fp32 and int8 calls and they span the case as ours do."""
+    return sorted({int((i + 0.5) * reps / eager_reps) for i in range(min(eager_reps, reps))})
+
+
 def measure(
     k: int,
     direction: str,
@@ -152,8 +158,7 @@ def measure(
 
     images = img[np.arange(k) % len(img)]
     times: dict[str, list[float]] = {"eager": [], "fp32": [], "int8": []}
-    # the (slow) eager queries spread evenly over the rounds, each beside that round's fp32 and int8 calls
-    eager_rounds = sorted({int((i + 0.5) * reps / eager_reps) for i in range(min(eager_reps, reps))})
+    rounds_eager = eager_rounds(reps, eager_reps)
     lengths: list[list[int]] = []
     paired: list[dict[str, float]] = []
     timg = torch.from_numpy(images)
@@ -191,7 +196,7 @@ def measure(
         if r == 0:  # warm-up: first-run allocations and ONNX Runtime's arena for these shapes
             for v in ("fp32", "int8"):
                 ours(bundles[v])
-        if r in eager_rounds:
+        if r in rounds_eager:
             times["eager"].append(_timed(ref))
         before = {v: probe.rate() for v, probe in probes.items()}
         for v in ("fp32", "int8"):
@@ -200,7 +205,7 @@ def measure(
     return {
         "seconds": {v: statistics.median(ts) for v, ts in times.items()},
         "all": times,
-        "eager_rounds": eager_rounds,
+        "eager_rounds": rounds_eager,
         "lengths": lengths,
         "paired_peaks": paired,
     }
