@@ -66,6 +66,8 @@ class OrtGemmProbe:
         from onnx import TensorProto, helper, numpy_helper
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from albef.model.runtime import session_options
+
         rng = np.random.default_rng(0)
         w = (rng.standard_normal((n, n)) * 0.02).astype(np.float32)
         graph = helper.make_graph(
@@ -85,9 +87,7 @@ class OrtGemmProbe:
                     str(path), str(Path(tmp) / "q.onnx"), weight_type=QuantType.QInt8, reduce_range=True
                 )
                 path = Path(tmp) / "q.onnx"
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+            so = session_options(threads, spinning=spinning)
             self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.run()  # warm-up (allocations, kernel selection)
 

@@ -112,6 +112,27 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def session_options(
+    intra_op_threads: int | None = None, inter_op_threads: int | None = None, *, spinning: bool = False
+) -> Any:
+    """The ONNX Runtime session options of the runtime's sessions (full graph optimisation; thread counts as
+    given, else ONNX Runtime's), for anything that must run graphs as the runtime does (benches, experiments).
+
+    Idle intra-op threads sleep unless ``spinning``: a spinning pool keeps a core busy after every run, and on a
+    small machine the service's other threads (the next stage, the event loop) then wait for it (measured: a
+    served tiny text->image query 7-9 ms spinning, 3.6-3.8 ms not)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if intra_op_threads is not None:
+        so.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads is not None:
+        so.inter_op_num_threads = int(inter_op_threads)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return so
+
+
 def _as_f32(x: Any) -> np.ndarray:
     a = np.asarray(x)
     if a.dtype != np.float32:
@@ -242,16 +263,7 @@ class Bundle:
             if sess is None:
                 import onnxruntime as ort
 
-                so = ort.SessionOptions()
-                if self.intra_op_threads is not None:
-                    so.intra_op_num_threads = int(self.intra_op_threads)
-                if self.inter_op_threads is not None:
-                    so.inter_op_num_threads = int(self.inter_op_threads)
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                # Idle intra-op threads sleep instead of spinning: a spinning pool keeps a core busy after every
-                # run, and on a small machine the service's other threads (the next stage, the event loop)
-                # then wait for it (measured: a served tiny text->image query 7-9 ms spinning, 3.6-3.8 ms not).
-                so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+                so = session_options(self.intra_op_threads, self.inter_op_threads, spinning=self.spinning)
                 graph = CAST_GRAPH if role == CAST_ROLE else self.path / self._files[role]
                 sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
                 self._sessions[role] = sess

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from albef.model.factory import create_model
 from albef.model.quantize import quantize_int8
+from albef.model.runtime import session_options
 
 
 class Plain(nn.Module):
@@ -81,9 +82,7 @@ def main() -> int:
             )
         files[name] = f"{name}.onnx"
     int8 = quantize_int8(out, files)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = session_options(2)
     sessions = {}
     for name in files:
         for variant, f in (("fp32", files[name]), ("int8", int8[name])):

@@ -26,13 +26,13 @@ from onnx import GraphProto
 from onnx import TensorProto as T
 from onnx import helper as h
 
+from albef.model.runtime import session_options
+
 B, M, K, N = 32, 132, 768, 577  # images, heads x text rows, image width, image tokens
 
 
 def session(graph: GraphProto) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = session_options(2, 1)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 

@@ -27,14 +27,12 @@ from albef.model.data.synth import captions_for, make_scenes
 from albef.model.export_onnx import export_graphs
 from albef.model.factory import create_model
 from albef.model.quantize import quantize_int8
+from albef.model.runtime import session_options
 from albef.model.text import AlbefTokenizer, default_vocab_path
 
 
 def session(path: Path, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so = session_options(threads)
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
