@@ -514,6 +514,8 @@ def run_speed(args: argparse.Namespace) -> dict[str, Any]:
         "targets_at_k32": targets,
         "loadavg_before": load_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_note": f"before: the machine before the run; after: includes the run's own {args.threads} "
+        "busy threads, so about that many on a quiet machine",
         "seconds": round(time.perf_counter() - t_start, 1),
     }
 
