@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from albef.model.config import get_config
-from albef.model.itm_flops import dims_of
+from albef.model.itm_flops import dims_of, i2t_query_macs
 from tests.helpers import REPO
 
 
@@ -43,3 +43,22 @@ def test_eager_ratio_is_paired_by_round(bench) -> None:
     f = bench.figures(4, "i2t", m, dims, {"fp32_gflops": 100.0, "int8_gops": 200.0}, 100.0)
     assert f["vs_eager_paired"] == {"fp32": 10.0, "int8": 20.0}  # 4/0.4 and 2/0.2; 4/0.2 and 2/0.1
     assert f["vs_eager"] == {"fp32": 7.5, "int8": 15.0}  # the ratio of the medians, kept beside it
+
+
+def test_eager_ceiling_is_the_paired_ratio_at_the_paired_peaks(bench) -> None:
+    dims = dims_of(get_config("albef-tiny"))
+    m = {
+        "seconds": {"eager": 3.0, "fp32": 0.4, "int8": 0.2},
+        "all": {"eager": [4.0, 2.0], "fp32": [0.4, 1.0, 0.2], "int8": [0.2, 0.5, 0.1]},
+        "eager_rounds": [0, 2],
+        "lengths": [[10] * 4] * 3,
+        "paired_peaks": [{"fp32": 100.0, "int8": 200.0}] * 3,
+    }
+    f = bench.figures(4, "i2t", m, dims, {"fp32_gflops": 100.0, "int8_gops": 200.0}, 100.0)
+    q = i2t_query_macs(dims, [10] * 4)
+    # every product at the peak: fp32 all at 100 GFLOP/s; int8 the weight products at 200 GOP/s
+    at_peak = {"fp32": q.flops / 100e9, "int8": 2 * q.weight / 200e9 + 2 * q.activation / 100e9}
+    for v in ("fp32", "int8"):
+        want = sorted(e / at_peak[v] for e in m["all"]["eager"])
+        assert f["vs_eager_ceiling_paired"][v] == pytest.approx(sum(want) / 2, rel=1e-3)
+        assert f["vs_eager_ceiling_paired"][v] > f["vs_eager_paired"][v]  # our calls ran below the peaks
