@@ -10,10 +10,10 @@ prints each one's largest logit difference from fp32.
 
 Measured on the AVX2-only EPYC, two runs (load 0.2, 0.75): fp32 502 / 593 ms, int8 428 / 508 ms, rewritten
 408 / 503 ms (1-5% off int8; max |logit - fp32| 0.014 int8, 0.021 rewritten, random weights). The integer
-products save ~13 ms a layer, but quantising 32 x 577 x 768 image-token values in the graph costs most of
-it back (abs, max, divide, round, cast: each a pass over 57 MB), and a per-row quantiser for the left
-operand would cost ~8 ms a layer more. Not built: 5% does not carry the 8x target, and its error on a
-trained base model cannot be measured here (our trained checkpoint is the tiny one).
+products save ~15 ms a layer (int8_score_product.py), but quantising 32 x 577 x 768 image-token values in
+the graph costs most of it back (abs, max, divide, round, cast: each a pass over 57 MB), and a per-row
+quantiser for the left operand would add passes of its own. Not built: 5% does not carry the 8x target,
+and its error on a trained base model cannot be measured here (our trained checkpoint is the tiny one).
 
     python scripts/experiments/int8_score_graph.py [--bundle DIR]   # a base bundle; exported if not given
 """
