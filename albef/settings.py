@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="most searches in flight at once; beyond it a search gets 503 with Retry-After before "
-        "any decode or model work (default: queue_max, so no stage queue can refuse an admitted search)",
+        "its body is read (no parsing, decode or model work; default: queue_max, so no stage queue can refuse an admitted search)",
     )
 
     # -- request limits ---------------------------------------------------------------------------------

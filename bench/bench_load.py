@@ -228,6 +228,7 @@ def main() -> int:
                 else None,
                 "time_to_503_ms": r["latency_503_ms"],
                 "accepted_latency_ms": {q: r["latency_ms"][q] for q in ("p50", "p99")},
+                "accepted_server_total_ms": r["server_total_ms"],
                 "throughput_ok_rps": r["throughput_ok_rps"],
             }
             for r in results

@@ -18,7 +18,12 @@ from albef.service import errors, web
 from albef.service.explain import Explainer
 from albef.service.images import configure_pillow
 from albef.service.metrics import Metrics
-from albef.service.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from albef.service.middleware import (
+    ApiKeyMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    SearchDoorMiddleware,
+)
 from albef.service.routes import explain, health, index, items, metrics, search
 from albef.service.state import ServiceState
 from albef.settings import Settings
@@ -61,6 +66,10 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
 
     # add_middleware wraps: the last one added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    searches = frozenset(r.path for r in search.router.routes if "POST" in getattr(r, "methods", ()))
+    app.add_middleware(
+        SearchDoorMiddleware, state=state, paths=searches
+    )  # after the key check, before the body
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(

@@ -391,19 +391,33 @@ class SearchEngine:
         """Searches admitted and not finished."""
         return self._in_flight
 
+    @property
+    def full(self) -> bool:
+        """Every search place is taken: the door's rule (:meth:`_admit` holds it under the lock)."""
+        return self._in_flight >= self.max_in_flight
+
+    def refuse_if_full(self) -> None:
+        """Raise :class:`Overloaded` now if every place is taken: a look without the lock, for callers that
+        can refuse a search before they have read it (the HTTP layer); :meth:`search` still decides."""
+        if self.full:
+            raise self._refusal()
+
+    def _refusal(self) -> Overloaded:
+        if self.metrics is not None:
+            self.metrics.rejections.labels(stage="search").inc()
+        return Overloaded("search", self.stages.itm.retry_after_s)
+
     def _admit(self) -> bool:
         """Let one more search in, or refuse it with :class:`Overloaded` (503 + Retry-After at the edge).
         True when no other search is in flight: this one then runs its steps in one thread."""
         with self._admit_lock:
-            refused = self._in_flight >= self.max_in_flight
+            refused = self.full
             if not refused:
                 self._in_flight += 1
                 alone = self._in_flight == 1
                 self._here += alone
         if refused:
-            if self.metrics is not None:
-                self.metrics.rejections.labels(stage="search").inc()
-            raise Overloaded("search", self.stages.itm.retry_after_s)
+            raise self._refusal()
         return alone
 
     def _leave(self, *, here: bool = False) -> None:

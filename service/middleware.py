@@ -1,4 +1,5 @@
-"""Pure ASGI middlewares: API key, request body limit, request metrics with the access log and request ids.
+"""Pure ASGI middlewares: API key, the search door, request body limit, request metrics with the access log
+and request ids.
 
 Pure ASGI (not ``BaseHTTPMiddleware``) so that they add no task or stream copies per request.
 """
@@ -12,7 +13,8 @@ import time
 import uuid
 from typing import Any
 
-from albef.service.errors import PayloadTooLargeError, error_body
+from albef.service.domain_errors import Overloaded
+from albef.service.errors import PayloadTooLargeError, api_error, error_body
 from albef.service.metrics import Metrics
 
 Scope = dict[str, Any]
@@ -86,6 +88,38 @@ class ApiKeyMiddleware:
             ),
             [(b"www-authenticate", b"Bearer")],
         )
+
+
+class SearchDoorMiddleware:
+    """A search that arrives while every search place is taken gets its 503 + Retry-After here, before its
+    body is read, routed, validated or tokenized (:meth:`SearchEngine.refuse_if_full`, the engine's rule).
+
+    Why here and not only in the engine: under a flood of clients that retry at once, every refusal also costs
+    the event loop, which the admitted searches need between their steps; refused inside the app, a request
+    went through routing, validation and the exception handlers first (docs/cpu.md has the load figures).
+    The engine's own check stays the one that admits."""
+
+    def __init__(self, app: ASGIApp, state: Any, paths: frozenset[str]) -> None:
+        self.app = app
+        self.state = state  # the ServiceState: its engine appears once the bundle and index are loaded
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        engine = self.state.engine
+        if (
+            engine is not None
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in self.paths
+        ):
+            try:
+                engine.refuse_if_full()
+            except Overloaded as exc:
+                err = api_error(exc)
+                headers = [(k.lower().encode(), v.encode()) for k, v in (err.headers or {}).items()]
+                await _send_json(send, err.status, error_body(err.code, err.message), headers)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

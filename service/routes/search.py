@@ -135,8 +135,10 @@ async def _respond(
     )
 
 
-def _require_json(request: Request) -> None:
-    """415 for a body that is not JSON (FastAPI would otherwise report it as a confusing validation error)."""
+async def _require_json(request: Request) -> None:
+    """415 for a body that is not JSON (FastAPI would otherwise report it as a confusing validation error).
+    Async, as every dependency here: FastAPI runs a sync one in its thread pool, a hop per request that under
+    a flood of requests had 40 threads contending for the GIL with the ones doing the searches."""
     if not is_json(media_type(request)):
         raise ApiError(415, "unsupported_media_type", "send the search as application/json")
 

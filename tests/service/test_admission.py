@@ -1,5 +1,5 @@
 """Admission at the door (issue 15, part 2): under saturation a search is refused with 503 + Retry-After before
-it spends any decode or encoder time, and an admitted one is never refused later by a stage queue; a lone
+it spends any decode or encoder time (over HTTP, before its body is read), and an admitted one is never refused later by a stage queue; a lone
 query does not wait out the micro-batching window."""
 
 from __future__ import annotations
@@ -160,12 +160,24 @@ def test_saturated_service_answers_503_at_the_door(service_index: Path) -> None:
                 assert r.json()["error"]["code"] == "overloaded"
                 upload = c.post("/v1/search/texts", files={"image": ("q.png", _png(), "image/png")})
                 assert upload.status_code == 503  # refused before its upload is decoded
+                # refused before its body is even parsed: a malformed one gets the 503, not its 422
+                bad = c.post(
+                    "/v1/search/images", content=b"{not json", headers={"content-type": "application/json"}
+                )
+                assert bad.status_code == 503 and bad.headers["retry-after"] == "3"
+                assert bad.json() == {
+                    "error": {"code": "overloaded", "message": r.json()["error"]["message"]}
+                }
                 m = c.get("/metrics").text
-                assert 'albef_queue_rejections_total{stage="search"} 2.0' in m
+                assert 'albef_queue_rejections_total{stage="search"} 3.0' in m
                 assert 'albef_queue_rejections_total{stage="encode_text"} 0.0' in m
                 assert calls[0] == 1 and batcher.depth == 1  # one encoding, one admitted search queued
                 gate.set()
                 assert all(f.result(timeout=30).status_code == 200 for f in admitted)
+                bad = c.post(
+                    "/v1/search/images", content=b"{not json", headers={"content-type": "application/json"}
+                )
+                assert bad.status_code == 422  # with places free, the same body reaches validation
             assert engine.in_flight == 0
         finally:
             gate.set()
