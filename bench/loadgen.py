@@ -1,8 +1,8 @@
 """A closed-loop HTTP load generator for the search service, meant to run as its own process.
 
-``concurrency`` clients (asyncio tasks, each with its own httpx client and connection) each send a request,
-wait for the answer, and send the next, until ``requests`` have been sent or ``duration`` seconds have passed, whichever
-comes first. Queries are text->image searches of synthetic-style captions (seeded), optionally mixed with
+``concurrency`` clients (asyncio tasks, each with its own keep-alive HTTP/1.1 connection, :class:`Connection`)
+each send a request, wait for the answer, and send the next, until ``requests`` have been sent or
+``duration`` seconds have passed, whichever comes first. Queries are text->image searches of synthetic-style captions (seeded), optionally mixed with
 image->text uploads of small generated images. The summary (JSON, to stdout or ``--out``) counts answers by
 status, transport errors, 503s without ``Retry-After``, latency percentiles of the 200s and the 503s, and
 those of the server's own ``timings_ms.total`` of the 200s (what the server spent, without this process's lag).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import random
@@ -22,8 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 COLOURS = ("red", "green", "blue", "yellow", "purple")
 SHAPES = ("circle", "square", "triangle")
@@ -64,6 +64,101 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(s[i], 3)
 
 
+class HttpError(Exception):
+    """A transport failure of one request (connection refused, reset or closed mid-answer, timeout)."""
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection to the server, on asyncio streams.
+
+    Why not httpx here: in one process of 128 clients its client code took ~4 ms of CPU per request and made
+    this process, not the server, the bottleneck on a 2-core machine; writing prepared request bytes and
+    reading each answer by its Content-Length costs a small fraction of that. Answers are what uvicorn sends
+    (status line, headers, a Content-Length body); a chunked or close-delimited one is read too."""
+
+    def __init__(self, host: str, port: int, timeout: float) -> None:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        try:
+            return await asyncio.wait_for(self._request(raw), self.timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as exc:
+            await self.close()
+            raise HttpError(type(exc).__name__) from exc
+
+    async def _request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(raw)
+        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                parts.append(await self.reader.readexactly(size + 2))
+            await self.reader.readuntil(b"\r\n")
+            body = b"".join(p[:-2] for p in parts)
+        else:
+            body = await self.reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+def prepared_requests(
+    url: str, texts: list[str], images: list[bytes], k: int, rerank_k: int, api_key: str | None
+) -> tuple[str, int, list[bytes], list[bytes]]:
+    """(host, port, text->image requests, image->text upload requests) as the bytes sent."""
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    extra = f"X-API-Key: {api_key}\r\n" if api_key else ""
+
+    def raw(path: str, ctype: str, body: bytes) -> bytes:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n"
+        )
+        return head.encode() + body
+
+    t2i = [
+        raw(
+            "/v1/search/images",
+            "application/json",
+            json.dumps({"text": t, "k": k, "rerank_k": rerank_k}).encode(),
+        )
+        for t in texts
+    ]
+    boundary = "loadgen-boundary-7f3a"
+
+    def form(png: bytes) -> bytes:
+        fields = "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n{v}\r\n'
+            for n, v in (("k", k), ("rerank_k", rerank_k))
+        )
+        file_head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        )
+        return fields.encode() + file_head.encode() + png + f"\r\n--{boundary}--\r\n".encode()
+
+    i2t = [raw("/v1/search/texts", f"multipart/form-data; boundary={boundary}", form(png)) for png in images]
+    return host, port, t2i, i2t
+
+
 async def run_load(
     url: str,
     *,
@@ -79,7 +174,7 @@ async def run_load(
 ) -> dict[str, Any]:
     texts = captions(64, seed)
     images = small_pngs(8, seed) if image_share > 0 else []
-    headers = {"X-API-Key": api_key} if api_key else {}
+    host, port, t2i, i2t = prepared_requests(url, texts, images, k, rerank_k, api_key)
     status: Counter[str] = Counter()
     codes: Counter[str] = Counter()
     lat_ok: list[float] = []
@@ -90,50 +185,39 @@ async def run_load(
     sent = 0
     t_start = time.perf_counter()
     deadline = t_start + duration
-    # One client per task: tasks sharing one httpx pool made this process the bottleneck past ~32 clients (a
-    # core busy at 46 requests/s with 128 clients, against 172/s with a client each; httpx issue 3215).
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
 
-    async def client_loop(cid: int, client: httpx.AsyncClient) -> None:
+    async def client_loop(cid: int) -> None:
         nonlocal sent, missing_retry_after
         rng = random.Random(seed * 1000 + cid)
-        while sent < requests and time.perf_counter() < deadline:
-            sent += 1
-            t0 = time.perf_counter()
-            try:
-                if images and rng.random() < image_share:
-                    r = await client.post(
-                        "/v1/search/texts",
-                        files={"image": ("q.png", rng.choice(images), "image/png")},
-                        data={"k": str(k), "rerank_k": str(rerank_k)},
-                    )
-                else:
-                    r = await client.post(
-                        "/v1/search/images", json={"text": rng.choice(texts), "k": k, "rerank_k": rerank_k}
-                    )
-            except httpx.HTTPError as exc:
-                transport[type(exc).__name__] += 1
-                continue
-            ms = (time.perf_counter() - t0) * 1000.0
-            status[str(r.status_code)] += 1
-            if r.status_code == 200:
-                lat_ok.append(ms)
-                server_ok.append(float(r.json()["timings_ms"]["total"]))
-            else:
+        conn = Connection(host, port, timeout)
+        try:
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                raw = rng.choice(i2t) if i2t and rng.random() < image_share else rng.choice(t2i)
+                t0 = time.perf_counter()
                 try:
-                    codes[r.json()["error"]["code"]] += 1
+                    code, headers, body = await conn.request(raw)
+                except HttpError as exc:
+                    transport[str(exc)] += 1
+                    continue
+                ms = (time.perf_counter() - t0) * 1000.0
+                status[str(code)] += 1
+                if code == 200:
+                    lat_ok.append(ms)
+                    server_ok.append(float(json.loads(body)["timings_ms"]["total"]))
+                    continue
+                try:
+                    codes[json.loads(body)["error"]["code"]] += 1
                 except (ValueError, KeyError, TypeError):
                     codes["<not the error shape>"] += 1
-                if r.status_code == 503:
+                if code == 503:
                     lat_503.append(ms)
-                    if "retry-after" not in r.headers:
+                    if "retry-after" not in headers:
                         missing_retry_after += 1
+        finally:
+            await conn.close()
 
-    async def one_client(cid: int) -> None:
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits) as client:
-            await client_loop(cid, client)
-
-    await asyncio.gather(*(one_client(i) for i in range(concurrency)))
+    await asyncio.gather(*(client_loop(i) for i in range(concurrency)))
     elapsed = time.perf_counter() - t_start
     n_ok = status.get("200", 0)
     return {
