@@ -18,11 +18,11 @@ One search (either direction) is three stages:
    only) then keeps the re-ranked candidates whose match probability is at least that; the candidates
    after the re-ranked head have none and are dropped too. The result counts what each threshold cut.
 
-A query text is cleaned here, once (:func:`clean_query_text`), and tokenized as cleaned. Model calls go through
-:class:`Stages` (micro-batched, see :mod:`albef.service.batching`); index reads run in worker threads. A search
-admitted while no other is in flight runs all its steps in one worker thread instead (:class:`_Steps`): nobody
-could share its batches, and each hand-over between the event loop and a thread costs 50-150 us, about a
-tenth of a tiny model's whole query; the steps and the code are the same either way. Failures
+A query text is cleaned here, once (:func:`clean_query_text`), and tokenized as cleaned. Every admitted search
+runs its steps in its own thread (:class:`_Steps`), so the event loop only starts it and takes its result:
+model calls go through :class:`Stages` (micro-batched with other searches' calls, see
+:mod:`albef.service.batching`) and the thread waits for them; a search admitted while no other is in flight
+runs its model calls in its own thread too (nobody could share its batches). Failures
 are :mod:`albef.service.domain_errors`; the HTTP layer gives them their status codes. Nothing here imports torch.
 """
 
@@ -34,6 +34,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -118,17 +119,25 @@ class Stages:
         """Whether a batch of ``batch`` items may get company: more searches are in flight than it holds."""
         return self.in_flight is None or self.in_flight() > batch
 
-    async def _call(self, batcher: MicroBatcher, item: Any, timings: dict[str, float] | None = None) -> Any:
-        """One item through a stage's batcher; ``timings["model"]`` (ms) gains its batch's model time."""
+    def submit(self, batcher: MicroBatcher, item: Any) -> Future[Any]:
+        """One item into a stage's batcher queue (:class:`Overloaded`, counted, when the queue is full)."""
         try:
-            fut = batcher.submit(item)
+            return batcher.submit(item)
         except Overloaded:
             if self.metrics is not None:
                 self.metrics.rejections.labels(stage=batcher.name).inc()
             raise
-        out = await asyncio.wrap_future(fut)
-        if timings is not None:
+
+    @staticmethod
+    def _model_ms(fut: Future[Any], timings: dict[str, float] | None) -> None:
+        if timings is not None:  # gains the batch's model time
             timings["model"] = timings.get("model", 0.0) + getattr(fut, "batch_seconds", 0.0) * 1000.0
+
+    async def _call(self, batcher: MicroBatcher, item: Any, timings: dict[str, float] | None = None) -> Any:
+        """One item through a stage's batcher, awaited; ``timings["model"]`` (ms) gains its batch's time."""
+        fut = self.submit(batcher, item)
+        out = await asyncio.wrap_future(fut)
+        self._model_ms(fut, timings)
         return out
 
     def run_here(self, batcher: MicroBatcher, item: Any, timings: dict[str, float] | None = None) -> Any:
@@ -264,26 +273,59 @@ def _wall_ms(timings: dict[str, float], key: str) -> Iterator[None]:
     timings[key] = (time.perf_counter() - t0) * 1000.0
 
 
+class Abandoned(Exception):  # noqa: N818 - a state, not an error: its search's client has gone
+    """A search whose client has gone stops before its next step."""
+
+
 class _Steps:
-    """How one search's steps run. Awaited (``here=False``): a model call waits in its stage's micro-batcher
-    queue and runs on the stage's worker, blocking work (index reads, decoding) in a worker thread. Here
-    (``here=True``, for a lone search, inside one worker thread): every step runs in that thread, one after
-    another, so the search's coroutine never suspends and :func:`_run_to_end` drives it to its result."""
+    """How one search's steps run: all of them in the search's own thread, one after another, so the
+    search's coroutine never suspends and :func:`_run_to_end` drives it to its result. A model call waits in
+    its stage's micro-batcher queue (batched with other searches' items) and the thread blocks on it; a lone
+    search (``here=True``) runs it through the stage's batch function in its own thread instead (nobody could
+    share its batch, and the hand-over would cost more than it saves).
+
+    Why not on the event loop: between its steps a search would need the loop, which under a flood of
+    requests is busy answering them; an admitted search then waited for it after every step (docs/cpu.md).
+    ``abandon()`` (the client is gone) drops a step still queued in a batcher, and no later step starts."""
 
     def __init__(self, stages: Stages, *, here: bool) -> None:
         self.stages = stages
         self.here = here
         self.timings: dict[str, float] | None = None  # gains "model": the ms of the search's model calls
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._queued: Future[Any] | None = None
 
     async def model(self, batcher: MicroBatcher, item: Any) -> Any:
         if self.here:
+            self._check()
             return self.stages.run_here(batcher, item, self.timings)
-        return await self.stages._call(batcher, item, self.timings)
+        with self._lock:
+            if self._abandoned:
+                raise Abandoned
+            fut = self._queued = self.stages.submit(batcher, item)
+        try:
+            out = fut.result()
+        except CancelledError:
+            raise Abandoned from None
+        finally:
+            self._queued = None
+        self.stages._model_ms(fut, self.timings)
+        return out
 
     async def blocking(self, fn: Callable[[], Any]) -> Any:
-        if self.here:
-            return fn()
-        return await asyncio.to_thread(fn)
+        self._check()
+        return fn()
+
+    def _check(self) -> None:
+        if self._abandoned:
+            raise Abandoned
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            if self._queued is not None:
+                self._queued.cancel()  # only while it waits in the queue; a running batch finishes
 
 
 def _run_to_end(coro: Any) -> Any:
@@ -330,6 +372,8 @@ class SearchEngine:
         # instead of queueing without limit in the thread pool.
         img = stages.image
         self._decode_slots = threading.BoundedSemaphore(img.queue_max + img.max_cost)
+        # One thread per place: an admitted search never waits for a thread (they are started on demand).
+        self._threads = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="search")
 
     async def search(
         self, reader: IndexView, request: SearchRequest | Direction, /, **fields: Any
@@ -350,26 +394,29 @@ class SearchEngine:
         text = (
             self._tokenize(request.text) if request.item_id is None and request.direction == "t2i" else None
         )
-        if not self._admit():
-            try:
-                return await self._search(reader, request, text, _Steps(self.stages, here=False), t_start)
-            finally:
-                self._leave()
+        alone = self._admit()
+        steps = _Steps(self.stages, here=alone)
 
-        def alone() -> SearchResult:
+        def run() -> SearchResult:
             try:
-                steps = _Steps(self.stages, here=True)
                 return _run_to_end(self._search(reader, request, text, steps, t_start))
             finally:
-                self._leave(here=True)
+                self._leave(here=alone)
 
         try:
-            done = asyncio.get_running_loop().run_in_executor(None, alone)
+            done = asyncio.get_running_loop().run_in_executor(self._threads, run)
         except BaseException:
-            self._leave(here=True)
+            self._leave(here=alone)
             raise
-        # A cancelled waiter (client gone) does not stop the thread: the search finishes there and leaves.
-        return await done
+        try:
+            return await done
+        except asyncio.CancelledError:
+            steps.abandon()  # the client is gone: the thread stops before its next step and leaves
+            raise
+
+    def close(self) -> None:
+        """Let the search threads end (searches in flight finish first)."""
+        self._threads.shutdown(wait=False)
 
     async def _search(
         self, reader: IndexView, request: SearchRequest, text: _Tokens | None, steps: _Steps, t_start: float

@@ -251,6 +251,8 @@ class ServiceState:
                 log.exception("index poll failed")
 
     def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
         if self.stages is not None:
             self.stages.close()
         if self._handle is not None:

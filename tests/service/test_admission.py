@@ -99,6 +99,80 @@ def test_the_door_refuses_beyond_max_in_flight_before_any_encoding() -> None:
         stages.close()
 
 
+class _ScoredBundle(_GatedBundle):
+    """The gated double that sets ``scored`` once its ITM head has been called ``searches`` times."""
+
+    def __init__(self, searches: int) -> None:
+        super().__init__()
+        self.searches, self.calls, self.scored = searches, 0, threading.Event()
+
+    def itm_scores(self, *args: Any) -> np.ndarray:
+        out = super().itm_scores(*args)
+        self.calls += 1  # the rerank stage runs one call at a time
+        if self.calls == self.searches:
+            self.scored.set()
+        return out
+
+
+def test_admitted_searches_do_not_need_the_event_loop_between_their_steps() -> None:
+    # A busy event loop (under a flood it answers refusals) must not hold up the searches it has let in.
+    bundle = _ScoredBundle(searches=2)
+    stages = Stages(bundle, batch_max_size=1, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
+    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
+    reader: Any = _Reader()
+
+    async def scenario() -> None:
+        tasks = [
+            asyncio.create_task(engine.search(reader, "t2i", text=f"a red circle {i}")) for i in range(2)
+        ]
+        while engine.in_flight < 2:
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(bundle.entered.acquire)
+        bundle.gate.set()
+        # The loop is blocked from here (a synchronous wait on it): both searches must go from their encoder
+        # through the ANN search to their ITM call without it.
+        assert bundle.scored.wait(10)
+        results = await asyncio.gather(*tasks)
+        assert [r.ids for r in results] == [[3, 2, 1], [3, 2, 1]]
+        assert engine.in_flight == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        bundle.gate.set()
+        stages.close()
+        engine.close()
+
+
+def test_a_search_whose_client_left_drops_its_queued_step_and_leaves() -> None:
+    bundle = _GatedBundle()
+    stages = Stages(bundle, batch_max_size=1, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
+    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
+    reader: Any = _Reader()
+
+    async def scenario() -> None:
+        first = asyncio.create_task(engine.search(reader, "t2i", text="a red circle"))
+        await asyncio.to_thread(bundle.entered.acquire)  # the first holds the encoder
+        gone = asyncio.create_task(engine.search(reader, "t2i", text="a blue square"))
+        while stages.text.depth < 1:  # the second's encoding waits in the queue
+            await asyncio.sleep(0.001)
+        gone.cancel()  # its client has gone
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        bundle.gate.set()
+        assert (await first).ids == [3, 2, 1]
+        while engine.in_flight:  # the abandoned search's thread leaves its place
+            await asyncio.sleep(0.001)
+        assert bundle.encoded == 1  # its queued encoding never reached the model
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        bundle.gate.set()
+        stages.close()
+        engine.close()
+
+
 def test_max_in_flight_defaults_to_the_stage_queue_bound() -> None:
     bundle = _GatedBundle()
     stages = Stages(bundle, queue_max=5)  # type: ignore[arg-type]
