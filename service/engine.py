@@ -456,7 +456,7 @@ class SearchEngine:
 
     def _admit(self) -> bool:
         """Let one more search in, or refuse it with :class:`Overloaded` (503 + Retry-After at the edge).
-        True when no other search is in flight: this one then runs its steps in one thread."""
+        True when no other search is in flight: this one then runs its model calls in its own thread too."""
         with self._admit_lock:
             refused = self.full
             if not refused:
