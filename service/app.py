@@ -66,10 +66,9 @@ def create_app(settings: Settings | None = None, *, state: ServiceState | None =
 
     # add_middleware wraps: the last one added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    # the search door: inside the key check, before anything reads the body
     searches = frozenset(r.path for r in search.router.routes if "POST" in getattr(r, "methods", ()))
-    app.add_middleware(
-        SearchDoorMiddleware, state=state, paths=searches
-    )  # after the key check, before the body
+    app.add_middleware(SearchDoorMiddleware, state=state, paths=searches)
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(

@@ -94,10 +94,10 @@ class SearchDoorMiddleware:
     """A search that arrives while every search place is taken gets its 503 + Retry-After here, before its
     body is read, routed, validated or tokenized (:meth:`SearchEngine.refuse_if_full`, the engine's rule).
 
-    Why here and not only in the engine: under a flood of clients that retry at once, every refusal also costs
-    the event loop, which the admitted searches need between their steps; refused inside the app, a request
-    went through routing, validation and the exception handlers first (docs/cpu.md has the load figures).
-    The engine's own check stays the one that admits."""
+    Why here and not only in the engine: under a flood of clients that retry at once, the event loop reads and
+    answers every request, and refused inside the app a request went through routing, validation and the
+    exception handlers first (docs/cpu.md has the load figures). The engine's own check stays the one that
+    admits."""
 
     def __init__(self, app: ASGIApp, state: Any, paths: frozenset[str]) -> None:
         self.app = app
