@@ -5,8 +5,10 @@ query does not wait out the micro-batching window."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -59,14 +61,25 @@ class _Reader:
         return None
 
 
+@contextlib.contextmanager
+def _gated_engine(bundle: _GatedBundle, batch_max_size: int) -> Iterator[tuple[Stages, SearchEngine]]:
+    """Stages with a wide queue (only the door can refuse) and an engine of 2 places over ``bundle``; on the
+    way out the gate opens, so no thread is left waiting, and both close."""
+    stages = Stages(bundle, batch_max_size=batch_max_size, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
+    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
+    try:
+        yield stages, engine
+    finally:
+        bundle.gate.set()
+        stages.close()
+        engine.close()
+
+
 def test_the_door_refuses_beyond_max_in_flight_before_any_encoding() -> None:
     bundle = _GatedBundle()
-    # batching on and a wide stage queue: only the door can refuse here
-    stages = Stages(bundle, batch_max_size=4, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
-    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
     reader: Any = _Reader()
 
-    async def scenario() -> None:
+    async def scenario(engine: SearchEngine) -> None:
         first = [
             asyncio.create_task(engine.search(reader, "t2i", text=f"a red circle {i}")) for i in range(2)
         ]
@@ -92,11 +105,8 @@ def test_the_door_refuses_beyond_max_in_flight_before_any_encoding() -> None:
         assert engine.in_flight == 0
         assert (await engine.search(reader, "t2i", text="a green triangle")).ids == [3, 2, 1]
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        bundle.gate.set()
-        stages.close()
+    with _gated_engine(bundle, batch_max_size=4) as (_, engine):  # batching on: only the door can refuse
+        asyncio.run(scenario(engine))
 
 
 class _ScoredBundle(_GatedBundle):
@@ -117,11 +127,9 @@ class _ScoredBundle(_GatedBundle):
 def test_admitted_searches_do_not_need_the_event_loop_between_their_steps() -> None:
     # A busy event loop (under a flood it answers refusals) must not hold up the searches it has let in.
     bundle = _ScoredBundle(searches=2)
-    stages = Stages(bundle, batch_max_size=1, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
-    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
     reader: Any = _Reader()
 
-    async def scenario() -> None:
+    async def scenario(engine: SearchEngine) -> None:
         tasks = [
             asyncio.create_task(engine.search(reader, "t2i", text=f"a red circle {i}")) for i in range(2)
         ]
@@ -136,21 +144,15 @@ def test_admitted_searches_do_not_need_the_event_loop_between_their_steps() -> N
         assert [r.ids for r in results] == [[3, 2, 1], [3, 2, 1]]
         assert engine.in_flight == 0
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        bundle.gate.set()
-        stages.close()
-        engine.close()
+    with _gated_engine(bundle, batch_max_size=1) as (_, engine):
+        asyncio.run(scenario(engine))
 
 
 def test_a_search_whose_client_left_drops_its_queued_step_and_leaves() -> None:
     bundle = _GatedBundle()
-    stages = Stages(bundle, batch_max_size=1, batch_max_wait_ms=0, queue_max=50)  # type: ignore[arg-type]
-    engine = SearchEngine(bundle, stages, max_in_flight=2)  # type: ignore[arg-type]
     reader: Any = _Reader()
 
-    async def scenario() -> None:
+    async def scenario(stages: Stages, engine: SearchEngine) -> None:
         first = asyncio.create_task(engine.search(reader, "t2i", text="a red circle"))
         await asyncio.to_thread(bundle.entered.acquire)  # the first holds the encoder
         gone = asyncio.create_task(engine.search(reader, "t2i", text="a blue square"))
@@ -165,12 +167,8 @@ def test_a_search_whose_client_left_drops_its_queued_step_and_leaves() -> None:
             await asyncio.sleep(0.001)
         assert bundle.encoded == 1  # its queued encoding never reached the model
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        bundle.gate.set()
-        stages.close()
-        engine.close()
+    with _gated_engine(bundle, batch_max_size=1) as (stages, engine):
+        asyncio.run(scenario(stages, engine))
 
 
 def test_max_in_flight_defaults_to_the_stage_queue_bound() -> None:
