@@ -2,8 +2,8 @@
 
 ``concurrency`` clients (asyncio tasks, each with its own keep-alive HTTP/1.1 connection, :class:`Connection`)
 each send a request, wait for the answer, and send the next, until ``requests`` have been sent or
-``duration`` seconds have passed, whichever comes first. Queries are text->image searches of synthetic-style captions (seeded), optionally mixed with
-image->text uploads of small generated images. The summary (JSON, to stdout or ``--out``) counts answers by
+``duration`` seconds have passed, whichever comes first. Queries are text->image searches of synthetic-style
+captions (seeded), optionally mixed with image->text uploads of small generated images. The summary (JSON, to stdout or ``--out``) counts answers by
 status, transport errors, 503s without ``Retry-After``, latency percentiles of the 200s and the 503s, and
 those of the server's own ``timings_ms.total`` of the 200s (what the server spent, without this process's lag).
 
